@@ -1,0 +1,154 @@
+"""Short-lived broker work for the orchestrator and the CLI: declare and delete a lab's
+objects, send a control request to a site and wait for its answer, read queue depths."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from broker import names
+from emulator.errors import BrokerUnavailable, LabError
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+
+@contextmanager
+def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.client_properties = {"connection_name": name}
+    try:
+        conn = pika.BlockingConnection(params)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {_safe(url)}: {exc.__class__.__name__} {exc}",
+            hint="start RabbitMQ (rabbitmq-server -detached) or pass --amqp URL / SMSLAB_AMQP_URL",
+        ) from exc
+    try:
+        yield conn
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"broker error: {exc!r}") from exc
+    finally:
+        try:
+            if conn.is_open:
+                conn.close()
+        except (pika.exceptions.AMQPError, OSError):
+            pass
+
+
+def _safe(url: str) -> str:
+    params = pika.URLParameters(url)
+    return f"amqp://{params.host}:{params.port}{'/' + params.virtual_host if params.virtual_host != '/' else ''}"
+
+
+def check(url: str) -> None:
+    with blocking(url):
+        pass
+
+
+def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic") -> None:
+    with blocking(url) as conn:
+        ch = conn.channel()
+        ch.exchange_declare(names.exchange(lab), "direct", durable=True)
+        args = names.queue_arguments(queue_type)
+        for site in sites:
+            for queue, key in (
+                (names.site_queue(lab, site), names.site_key(site)),
+                (names.control_queue(lab, site), names.control_key(site)),
+            ):
+                ch.queue_declare(queue, durable=True, arguments=args)
+                ch.queue_bind(queue, names.exchange(lab), routing_key=key)
+        ch.queue_declare(names.dead_queue(lab), durable=True)
+        ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
+
+
+def delete_lab(url: str, lab: str, sites: list[str]) -> None:
+    with blocking(url) as conn:
+        ch = conn.channel()
+        for queue in [names.dead_queue(lab)] + [
+            q for s in sites for q in (names.site_queue(lab, s), names.control_queue(lab, s))
+        ]:
+            ch.queue_delete(queue)
+        ch.exchange_delete(names.exchange(lab))
+
+
+def queue_depths(url: str, lab: str, sites: list[str]) -> dict[str, int]:
+    depths: dict[str, int] = {}
+    with blocking(url) as conn:
+        for site in sites:
+            ch = conn.channel()
+            try:
+                frame = ch.queue_declare(names.site_queue(lab, site), passive=True)
+                depths[site] = frame.method.message_count
+            except pika.exceptions.ChannelClosedByBroker:
+                depths[site] = -1
+        ch = conn.channel()
+        try:
+            depths["dead"] = ch.queue_declare(names.dead_queue(lab), passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            depths["dead"] = -1
+    return depths
+
+
+def dead_letters(url: str, lab: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Read (and requeue) the dead letters of a lab, with the reasons sites gave."""
+    out: list[dict[str, Any]] = []
+    with blocking(url) as conn:
+        ch = conn.channel()
+        for _ in range(limit):
+            method, props, body = ch.basic_get(names.dead_queue(lab), auto_ack=False)
+            if method is None:
+                break
+            out.append({"headers": dict(props.headers or {}), "body": body.decode(errors="replace")})
+        ch.close()  # unacked -> requeued: reading dead letters does not consume them
+    return out
+
+
+def publish_raw(url: str, lab: str, site: str, body: bytes) -> None:
+    """Put raw bytes in a site's inbox (used to test malformed input)."""
+    with blocking(url) as conn:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish(names.exchange(lab), names.site_key(site), body,
+                         pika.BasicProperties(delivery_mode=2), mandatory=True)
+
+
+def control_request(
+    url: str, lab: str, site: str, command: dict[str, Any], timeout: float = 10.0
+) -> dict[str, Any]:
+    """Send a command to a running site and wait for its answer."""
+    with blocking(url) as conn:
+        ch = conn.channel()
+        reply = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        corr = uuid.uuid4().hex
+        ch.confirm_delivery()
+        try:
+            ch.basic_publish(
+                names.exchange(lab), names.control_key(site), json.dumps(command).encode(),
+                pika.BasicProperties(reply_to=reply, correlation_id=corr, expiration=str(int(timeout * 1000))),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError as exc:
+            raise LabError(
+                f"site {site} has no control queue in lab {lab}",
+                hint="is the lab up? (smslab status)",
+            ) from exc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            method, props, body = ch.basic_get(reply, auto_ack=True)
+            if method is not None and props.correlation_id == corr:
+                answer: dict[str, Any] = json.loads(body)
+                return answer
+            conn.process_data_events(time_limit=0.05)
+        raise LabError(
+            f"site {site} did not answer {command.get('cmd')!r} within {timeout:.0f}s",
+            hint=f"is it running? (smslab status; smslab start {site})",
+        )

@@ -1,0 +1,292 @@
+"""The site's broker transport: pika's SelectConnection with pipelined publisher confirms.
+
+A site runs single-threaded inside ``PikaTransport.run``: the I/O loop delivers messages,
+confirms and timers to a ``TransportHandler``. ``run`` returns when ``stop()`` is called and
+raises ``BrokerUnavailable`` when the connection is lost; the caller reconnects (tenacity).
+
+This module and ``broker.admin`` are the only places that import pika; pika's exceptions
+become ours here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from broker import names
+from emulator.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    queue: str  # "site" or "control"
+    tag: int
+    body: bytes
+    redelivered: bool
+    reply_to: str | None
+    correlation_id: str | None
+
+
+class TransportHandler(Protocol):
+    def on_ready(self) -> None: ...
+
+    def on_delivery(self, delivery: Delivery) -> None: ...
+
+    def on_confirm(self, token: Any, ok: bool) -> None: ...
+
+
+class Transport(Protocol):
+    """What the site runtime needs from a broker (an in-memory one can stand in)."""
+
+    def run(self, handler: TransportHandler) -> None: ...
+
+    def publish(self, routing_key: str, body: bytes, token: Any = None, *,
+                correlation_id: str | None = None) -> None: ...
+
+    def ack(self, tag: int, multiple: bool = False) -> None: ...
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def stop_threadsafe(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+def declare_args(queue_type: str) -> dict[str, Any]:
+    return dict(names.queue_arguments(queue_type))
+
+
+class PikaTransport:
+    def __init__(
+        self,
+        url: str,
+        *,
+        lab: str,
+        site: str,
+        prefetch: int = 500,
+        queue_type: str = "classic",
+        heartbeat: int = 10,
+    ) -> None:
+        self.lab = lab
+        self.site = site
+        self.prefetch = prefetch
+        self.queue_type = queue_type
+        params = pika.URLParameters(url)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 30
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": names.connection_name(lab, site)}
+        self.params = params
+        self._conn: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._handler: TransportHandler | None = None
+        self._pending: OrderedDict[int, Any] = OrderedDict()
+        self._returned: set[int] = set()
+        self._publish_seq = 0
+        self._stopping = False
+        self._error: str | None = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def run(self, handler: TransportHandler) -> None:
+        self._handler = handler
+        self._stopping = False
+        self._error = None
+        self._ready = False
+        self._pending.clear()
+        self._returned.clear()
+        self._publish_seq = 0
+        try:
+            self._conn = SelectConnection(
+                self.params,
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            self._conn.ioloop.start()
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(f"broker connection failed: {exc!r}") from exc
+        finally:
+            self._ready = False
+            self._channel = None
+        if self._error and not self._stopping:
+            raise BrokerUnavailable(self._error)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._ready = False
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.is_open:
+            conn.close()
+        elif conn.is_closed:
+            conn.ioloop.stop()
+
+    def stop_threadsafe(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.ioloop.add_callback_threadsafe(self.stop)
+
+    def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
+        self._error = f"cannot connect to the broker at {self.params.host}:{self.params.port}: {exc}"
+        assert self._conn is not None
+        self._conn.ioloop.stop()
+
+    def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
+        self._ready = False
+        if not self._stopping:
+            self._error = f"broker connection lost: {reason}"
+        assert self._conn is not None
+        self._conn.ioloop.stop()
+
+    def _on_connection_open(self, conn: Any) -> None:
+        conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.exchange_declare(
+            names.exchange(self.lab), "direct", durable=True,
+            callback=lambda _f: self._declare_queues(),
+        )
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        # A channel closed by the broker is a bug (406, 404...) or a forced close; either way
+        # the connection is useless to us now: close it and let the caller reconnect.
+        self._ready = False
+        if not self._stopping:
+            self._error = f"broker closed the channel: {reason}"
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+
+    def _declare_queues(self) -> None:
+        assert self._channel is not None
+        ch = self._channel
+        lab, site = self.lab, self.site
+        args = declare_args(self.queue_type)
+        steps: list[Callable[[Callable[[Any], None]], None]] = [
+            lambda cb: ch.queue_declare(names.site_queue(lab, site), durable=True,
+                                        arguments=args, callback=cb),
+            lambda cb: ch.queue_bind(names.site_queue(lab, site), names.exchange(lab),
+                                     routing_key=names.site_key(site), callback=cb),
+            lambda cb: ch.queue_declare(names.control_queue(lab, site), durable=True,
+                                        arguments=args, callback=cb),
+            lambda cb: ch.queue_bind(names.control_queue(lab, site), names.exchange(lab),
+                                     routing_key=names.control_key(site), callback=cb),
+            lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True, callback=cb),
+            lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
+                                     routing_key=names.DEAD_KEY, callback=cb),
+            lambda cb: ch.confirm_delivery(self._on_confirm, callback=cb),
+            lambda cb: ch.basic_qos(prefetch_count=self.prefetch, callback=cb),
+        ]
+
+        def run_step(index: int) -> None:
+            if index == len(steps):
+                self._start_consuming()
+                return
+            steps[index](lambda _frame: run_step(index + 1))
+
+        run_step(0)
+
+    def _start_consuming(self) -> None:
+        assert self._channel is not None and self._handler is not None
+        self._channel.basic_consume(
+            names.site_queue(self.lab, self.site), self._make_consumer("site")
+        )
+        self._channel.basic_consume(
+            names.control_queue(self.lab, self.site), self._make_consumer("control")
+        )
+        self._ready = True
+        self._handler.on_ready()
+
+    def _make_consumer(self, queue: str) -> Callable[..., None]:
+        def on_message(_ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+            assert self._handler is not None
+            self._handler.on_delivery(
+                Delivery(
+                    queue=queue,
+                    tag=method.delivery_tag,
+                    body=body,
+                    redelivered=bool(method.redelivered),
+                    reply_to=props.reply_to,
+                    correlation_id=props.correlation_id,
+                )
+            )
+
+        return on_message
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def publish(self, routing_key: str, body: bytes, token: Any = None, *,
+                correlation_id: str | None = None) -> None:
+        """Publish persistently with ``mandatory``; ``on_confirm(token, ok)`` follows."""
+        if self._channel is None or not self._ready:
+            raise BrokerUnavailable("not connected to the broker")
+        self._publish_seq += 1
+        self._pending[self._publish_seq] = token
+        props = BasicProperties(
+            delivery_mode=2, message_id=str(self._publish_seq), correlation_id=correlation_id,
+        )
+        try:
+            self._channel.basic_publish(
+                names.exchange(self.lab), routing_key, body, props, mandatory=True
+            )
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Answer a control request (the default exchange routes to the reply queue)."""
+        if self._channel is None or not self._ready:
+            return
+        self._publish_seq += 1
+        self._pending[self._publish_seq] = None
+        self._channel.basic_publish(
+            "", reply_to, body, BasicProperties(correlation_id=correlation_id,
+                                                message_id=str(self._publish_seq)),
+        )
+
+    def _on_return(self, _ch: Channel, _method: Any, props: BasicProperties, _body: bytes) -> None:
+        if props.message_id is not None:
+            self._returned.add(int(props.message_id))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ok = isinstance(method, Basic.Ack)
+        tag = method.delivery_tag
+        done = [t for t in self._pending if t <= tag] if method.multiple else [tag]
+        assert self._handler is not None
+        for t in done:
+            token = self._pending.pop(t, None)
+            returned = t in self._returned
+            self._returned.discard(t)
+            if token is not None:
+                self._handler.on_confirm(token, ok and not returned)
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        if self._channel is not None and self._channel.is_open:
+            self._channel.basic_ack(tag, multiple=multiple)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> object:
+        assert self._conn is not None
+        return self._conn.ioloop.call_later(delay, fn)

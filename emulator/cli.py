@@ -1,0 +1,234 @@
+"""``smslab``: the command line. Errors print what was wrong and what to do, no traceback
+(unless ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from broker import admin
+from emulator import orchestrator, status
+from emulator.errors import LabError, SmslabError
+from emulator.lab import DEFAULT_LAB_DIR, LabDir
+
+Handler = Callable[[argparse.Namespace, LabDir], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def amqp_url(args: argparse.Namespace) -> str:
+    return args.amqp or os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
+
+
+def known_site(lab_dir: LabDir, code: str) -> str:
+    code = code.upper()
+    lab_dir.load().topology.site(code)  # raises "unknown site" with the list
+    return code
+
+
+# -- lab lifetime ---------------------------------------------------------------------------
+
+
+@command("up")
+def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = orchestrator.up(Path(args.topology), lab_dir, amqp_url(args), timeout=args.timeout,
+                           progress=say)
+    say(f"lab {info.lab_id} is up: {len(info.topology.sites)} sites active (smslab status)")
+    if args.foreground:
+        say("staying attached; Ctrl-C brings the lab down")
+        stop = {"now": False}
+
+        def on_signal(_s: int, _f: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["now"]:
+            time.sleep(0.5)
+            for code in info.topology.depth_order():
+                if lab_dir.pid(code) is None and not stop["now"]:
+                    say(f"site {code} is not running")
+        orchestrator.down(lab_dir, progress=say)
+    return 0
+
+
+@command("down")
+def cmd_down(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = orchestrator.down(lab_dir, keep=args.keep, progress=say)
+    say(f"lab {info.lab_id} is down")
+    return 0
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = lab_dir.load()
+    snapshot = status.collect(lab_dir, info)
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+    else:
+        say(status.render(snapshot))
+    return 0
+
+
+@command("kill")
+def cmd_kill(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.kill(lab_dir, code)
+    say(f"site {code} killed (SIGKILL to pid {pid})")
+    return 0
+
+
+@command("stop")
+def cmd_stop(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.stop(lab_dir, code)
+    say(f"site {code} stopped (pid {pid})")
+    return 0
+
+
+@command("start")
+def cmd_start(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=say)
+    say(f"site {code} started (pid {pid})")
+    return 0
+
+
+# -- talking to a running site --------------------------------------------------------------
+
+
+def control(lab_dir: LabDir, code: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    info = lab_dir.load()
+    answer = admin.control_request(info.amqp_url, info.lab_id, code, cmd, timeout=timeout)
+    if not answer.get("ok", False):
+        raise LabError(f"{code}: {answer.get('error')}", hint=answer.get("hint"))
+    return answer
+
+
+@command("workload")
+def cmd_workload(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = lab_dir.load()
+    codes = [known_site(lab_dir, s) for s in args.sites] or info.topology.depth_order()
+    for code in codes:
+        control(lab_dir, code, {"cmd": f"{args.action}-workload"})
+    say(f"workload {args.action}d at {', '.join(codes)}")
+    return 0
+
+
+@command("create")
+def cmd_create(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    obj = control(lab_dir, code, {"cmd": "create", "kind": args.kind, "name": args.name})["object"]
+    say(obj["id"] if not args.json else json.dumps(obj))
+    return 0
+
+
+@command("update")
+def cmd_update(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    obj = control(lab_dir, code, {"cmd": "update", "id": args.id, "name": args.name})["object"]
+    say(json.dumps(obj) if args.json else f"{obj['id']} revision {obj['revision']}")
+    return 0
+
+
+@command("delete")
+def cmd_delete(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    obj = control(lab_dir, code, {"cmd": "delete", "id": args.id})["object"]
+    say(f"{obj['id']} deleted (revision {obj['revision']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smslab",
+        description="A lab emulator of an SMS 2.0 site hierarchy over RabbitMQ.",
+    )
+    p.add_argument("--lab", default=os.environ.get("SMSLAB_LAB", DEFAULT_LAB_DIR),
+                   help=f"lab directory (default {DEFAULT_LAB_DIR}, or SMSLAB_LAB)")
+    p.add_argument("--amqp", default=None,
+                   help="broker URL (default SMSLAB_AMQP_URL or amqp://guest:guest@localhost:5672/%%2F)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("up", help="bring a lab up from a topology file")
+    s.add_argument("topology")
+    s.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C brings it down")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every site")
+    s = sub.add_parser("down", help="stop every site and delete the lab's broker objects")
+    s.add_argument("--keep", action="store_true", help="keep the lab directory (stores, logs)")
+    s = sub.add_parser("status", help="the tree, sites and links")
+    s.add_argument("--json", action="store_true")
+    for name, text in (("kill", "SIGKILL a site"), ("stop", "stop a site gracefully")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("site")
+    s = sub.add_parser("start", help="start a stopped or killed site")
+    s.add_argument("site")
+    s.add_argument("--timeout", type=float, default=30.0)
+    add_start_options(s)
+    s = sub.add_parser("workload", help="pause or resume the workload generators")
+    s.add_argument("action", choices=["pause", "resume"])
+    s.add_argument("sites", nargs="*", help="sites (default: all)")
+    s = sub.add_parser("create", help="create a package, advertisement or collection at a site")
+    s.add_argument("site")
+    s.add_argument("kind", choices=["package", "advertisement", "collection"])
+    s.add_argument("--name")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("update", help="update an object at the site that owns it")
+    s.add_argument("site")
+    s.add_argument("id")
+    s.add_argument("--name")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("delete", help="delete an object at the site that owns it")
+    s.add_argument("site")
+    s.add_argument("id")
+    add_more_commands(sub)
+    return p
+
+
+def add_start_options(s: argparse.ArgumentParser) -> None:
+    """Extension point: options of ``start`` added by later modules."""
+
+
+def add_more_commands(sub: Any) -> None:
+    """Extension point: sub-commands registered by later modules."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    lab_dir = LabDir(args.lab)
+    try:
+        return COMMANDS[args.command](args, lab_dir)
+    except SmslabError as exc:
+        if args.debug:
+            raise
+        print(f"smslab: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"smslab: hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The lab directory: everything of one lab (topology, site stores, backups, logs, history).
+
+    <lab dir>/lab.json                 LabInfo: lab id, broker URL, topology
+    <lab dir>/sites/<CODE>/site.db     the site's store (SQLite, WAL)
+    <lab dir>/sites/<CODE>/clients.db  its simulated clients (not part of the site: never restored)
+    <lab dir>/sites/<CODE>/site.pid    pid of the running site process
+    <lab dir>/sites/<CODE>/site.log    its log
+    <lab dir>/backups/<ID>/            one backup: site.db + backup.json
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from emulator.errors import ConfigError, LabError
+from emulator.topology import Topology
+
+DEFAULT_LAB_DIR = ".smslab"
+
+
+class LabInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lab_id: str
+    amqp_url: str
+    created: float
+    topology: Topology
+
+
+def new_lab_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+class LabDir:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).resolve()
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "lab.json"
+
+    def exists(self) -> bool:
+        return self.info_path.exists()
+
+    def load(self) -> LabInfo:
+        if not self.info_path.exists():
+            raise LabError(
+                f"no lab in {self.path}",
+                hint="bring one up with: smslab up TOPOLOGY (or pass --lab DIR)",
+            )
+        try:
+            return LabInfo.model_validate_json(self.info_path.read_bytes())
+        except ValidationError as exc:
+            raise ConfigError(f"{self.info_path} is not a valid lab file: {exc}") from exc
+
+    def save(self, info: LabInfo) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.info_path.with_suffix(".tmp")
+        tmp.write_text(info.model_dump_json(indent=2))
+        os.replace(tmp, self.info_path)
+
+    def site_dir(self, code: str) -> Path:
+        return self.path / "sites" / code
+
+    def site_db(self, code: str) -> Path:
+        return self.site_dir(code) / "site.db"
+
+    def clients_db(self, code: str) -> Path:
+        return self.site_dir(code) / "clients.db"
+
+    def pid_file(self, code: str) -> Path:
+        return self.site_dir(code) / "site.pid"
+
+    def log_file(self, code: str) -> Path:
+        return self.site_dir(code) / "site.log"
+
+    def backups_dir(self) -> Path:
+        return self.path / "backups"
+
+    def pid(self, code: str) -> int | None:
+        """The pid of the site's process if it is alive, else None."""
+        try:
+            pid = int(self.pid_file(code).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        if _is_zombie(pid):
+            return None
+        return pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def now() -> float:
+    return time.time()

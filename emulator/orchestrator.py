@@ -1,0 +1,191 @@
+"""Bring a lab up and down, and start, stop and kill its site processes.
+
+The orchestrator talks to sites only through process signals, the broker (control
+requests) and the lab directory; it never imports the site runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from broker import admin
+from emulator.errors import LabError
+from emulator.lab import LabDir, LabInfo, new_lab_id
+from emulator.topology import Topology, load_topology
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 60.0,
+       progress: Progress = _quiet) -> LabInfo:
+    topology = load_topology(topology_path)  # refused here, before anything starts
+    if lab_dir.exists():
+        old = lab_dir.load()
+        running = [c for c in old.topology.depth_order() if lab_dir.pid(c)]
+        if running:
+            raise LabError(
+                f"a lab ({old.lab_id}) is already up in {lab_dir.path} with {len(running)} site(s) running",
+                hint=f"smslab --lab {lab_dir.path} down, or use another --lab DIR",
+            )
+        shutil.rmtree(lab_dir.path)
+    admin.check(amqp_url)
+    info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_url=amqp_url, created=time.time(),
+                   topology=topology)
+    lab_dir.save(info)
+    (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
+    codes = topology.depth_order()
+    admin.declare_lab(amqp_url, info.lab_id, codes, topology.settings.queue_type)
+    progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
+    for code in codes:
+        spawn(lab_dir, code)
+    wait_attached(lab_dir, info, codes, timeout=timeout, progress=progress)
+    return info
+
+
+def spawn(lab_dir: LabDir, code: str) -> int:
+    if lab_dir.pid(code):
+        raise LabError(f"site {code} is already running (pid {lab_dir.pid(code)})",
+                       hint=f"smslab stop {code} first")
+    site_dir = lab_dir.site_dir(code)
+    site_dir.mkdir(parents=True, exist_ok=True)
+    log = open(lab_dir.log_file(code), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )
+    log.close()
+    lab_dir.pid_file(code).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def attached(info: LabInfo, code: str, answer: dict[str, object]) -> bool:
+    if answer.get("state") not in ("active", "quarantined") and not answer.get("recovering"):
+        return False
+    parent = info.topology.parent(code)
+    if parent is None:
+        return True
+    links = answer.get("links") or {}
+    link = links.get(parent) if isinstance(links, dict) else None
+    return bool(link and link.get("acked_through", 0) >= 1)
+
+
+def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: float,
+                  progress: Progress = _quiet) -> None:
+    """Wait until every site answers on the broker and its parent acknowledged it."""
+    deadline = time.monotonic() + timeout
+    pending = list(codes)
+    while pending:
+        for code in list(pending):
+            if lab_dir.pid(code) is None:
+                raise LabError(
+                    f"site {code} exited during start-up",
+                    hint=f"see its log: {lab_dir.log_file(code)}",
+                )
+            try:
+                answer = admin.control_request(info.amqp_url, info.lab_id, code, {"cmd": "ping"}, timeout=2)
+            except LabError:
+                continue
+            if attached(info, code, answer):
+                pending.remove(code)
+                progress(f"  {code} attached and {answer.get('state')} ({len(codes) - len(pending)}/{len(codes)})")
+        if pending and time.monotonic() > deadline:
+            raise LabError(
+                f"sites not attached after {timeout:.0f}s: {', '.join(pending)}",
+                hint="check their logs under " + str(lab_dir.path / "sites"),
+            )
+        if pending:
+            time.sleep(0.2)
+
+
+def signal_site(lab_dir: LabDir, code: str, sig: int) -> int:
+    pid = lab_dir.pid(code)
+    if pid is None:
+        raise LabError(f"site {code} is not running", hint=f"smslab start {code}")
+    os.kill(pid, sig)
+    return pid
+
+
+def wait_exit(lab_dir: LabDir, code: str, pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill(lab_dir: LabDir, code: str) -> int:
+    pid = signal_site(lab_dir, code, signal.SIGKILL)
+    wait_exit(lab_dir, code, pid, 5)
+    return pid
+
+
+def stop(lab_dir: LabDir, code: str, timeout: float = 15.0) -> int:
+    pid = signal_site(lab_dir, code, signal.SIGTERM)
+    if not wait_exit(lab_dir, code, pid, timeout):
+        os.kill(pid, signal.SIGKILL)
+        wait_exit(lab_dir, code, pid, 5)
+    return pid
+
+
+def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progress = _quiet) -> int:
+    info = lab_dir.load()
+    info.topology.site(code)
+    pid = spawn(lab_dir, code)
+    wait_attached(lab_dir, info, [code], timeout=timeout, progress=progress)
+    return pid
+
+
+def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) -> LabInfo:
+    info = lab_dir.load()
+    codes = info.topology.depth_order()
+    pids = {}
+    for code in codes:
+        pid = lab_dir.pid(code)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            pids[code] = pid
+    for code, pid in pids.items():
+        if not wait_exit(lab_dir, code, pid, 15):
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(lab_dir, code, pid, 5)
+    progress(f"stopped {len(pids)} site process(es)")
+    try:
+        admin.delete_lab(info.amqp_url, info.lab_id, codes)
+        progress(f"deleted broker objects of lab {info.lab_id}")
+    finally:
+        if not keep:
+            shutil.rmtree(lab_dir.path, ignore_errors=True)
+    return info
+
+
+def topology_of(lab_dir: LabDir) -> Topology:
+    return lab_dir.load().topology

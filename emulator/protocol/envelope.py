@@ -1,0 +1,238 @@
+"""The wire format: every message between sites is one of these pydantic models, as JSON.
+
+One AMQP message carries one ``Packet``: a list of messages from one site to one site
+(Replication Manager bundles per destination the same way). A packet holds
+
+- ``Envelope``: sequenced data (site data up, global data down, site control changes);
+- ``LinkAck``: "I applied everything you sent me through ``through``", also sent as a
+  heartbeat every sync interval;
+- ``ResendRequest``: "I hold a gap; send again from ``from_seq``";
+- ``Reject``: hardened mode's explicit refusal, with its reason;
+- the recovery handshake messages (``RecoveryAnnounce`` ... ``RecoveryComplete``).
+
+Decoding never raises anything but ``MalformedEnvelope`` and never returns half a packet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from emulator.errors import MalformedEnvelope
+
+SCHEMA_VERSION = 1
+SiteCode = Annotated[str, Field(pattern=r"^[A-Z0-9]{3}$")]
+
+
+class DataClass(str, Enum):
+    """What an envelope carries. Site data goes up, global data goes down."""
+
+    INVENTORY = "inventory"
+    DISCOVERY = "discovery"
+    STATUS = "status"
+    SCF = "scf"
+    PACKAGE = "package"
+    ADVERTISEMENT = "advertisement"
+    COLLECTION = "collection"
+    SITE_CONTROL = "site_control"
+
+    @property
+    def upward(self) -> bool:
+        return self in SITE_DATA
+
+
+SITE_DATA = frozenset({DataClass.INVENTORY, DataClass.DISCOVERY, DataClass.STATUS, DataClass.SCF})
+GLOBAL_OBJECTS = (DataClass.PACKAGE, DataClass.ADVERTISEMENT, DataClass.COLLECTION)
+
+
+class Priority(str, Enum):
+    HIGH = "high"  # SCF copies and site control changes
+    NORMAL = "normal"
+    LOW = "low"  # status messages
+
+
+def priority_of(data_class: DataClass) -> Priority:
+    if data_class in (DataClass.SCF, DataClass.SITE_CONTROL):
+        return Priority.HIGH
+    if data_class is DataClass.STATUS:
+        return Priority.LOW
+    return Priority.NORMAL
+
+
+def content_hash(payload: dict[str, Any]) -> str:
+    """A short stable hash of a payload: two envelopes with one seq and two hashes differ."""
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    source: SiteCode  # the sending end of the link
+    dest: SiteCode
+    incarnation: int = Field(ge=0)  # the sender's incarnation (checked in hardened mode)
+
+
+class Envelope(_Msg):
+    kind: Literal["data"] = "data"
+    origin: SiteCode  # the site where the data or object was made
+    data_class: DataClass
+    key: str = Field(min_length=1, max_length=200)
+    priority: Priority
+    txn_id: int = Field(ge=1)  # the sender's Replication Manager transaction ID
+    link_seq: int = Field(ge=1)  # contiguous per directed link, from 1
+    op: Literal["upsert", "delete"] = "upsert"
+    hash: str
+    payload: dict[str, Any]
+
+
+class LinkAck(_Msg):
+    kind: Literal["ack"] = "ack"
+    through: int = Field(ge=0)  # highest link_seq applied, contiguous
+    sent_through: int = Field(ge=0)  # highest link_seq the acker has sent on the reverse link
+
+
+class ResendRequest(_Msg):
+    kind: Literal["resend"] = "resend"
+    from_seq: int = Field(ge=1)
+
+
+class RejectReason(str, Enum):
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    GAP = "gap"
+    FENCED = "fenced"
+    QUARANTINED = "quarantined"
+
+
+class Reject(_Msg):
+    kind: Literal["reject"] = "reject"
+    link_seq: int
+    reason: RejectReason
+    detail: str = ""
+
+
+class RecoveryAnnounce(_Msg):
+    """Phase 1: the recovering site names itself and its restored counters."""
+
+    kind: Literal["recovery_announce"] = "recovery_announce"
+    recovery_id: str
+    txn_id: int
+    next_send_seq: int  # what the restored site would send next on this link
+    next_expected: int  # what the restored site expects next on the reverse link
+
+
+class RecoveryReport(_Msg):
+    """Phase 2: a peer has paused the link and says what it knows of the recovering site."""
+
+    kind: Literal["recovery_report"] = "recovery_report"
+    recovery_id: str
+    next_expected: int  # next seq the peer expects from the recovering site
+    last_sent: int  # last seq the peer sent to the recovering site
+    txn_watermark: int  # the peer's highest accepted txn ID from the recovering site
+    max_object_ids: dict[str, int]  # per object kind, the highest number of the site seen
+    scf_serial: int  # the recovering site's SCF serial as the peer knows it
+    control_serial: int  # the last site-control delta serial the peer processed from it
+    objects: list[dict[str, Any]] = Field(default_factory=list)  # the site's own objects held
+
+
+class RecoveryResync(_Msg):
+    """Phase 4: counters are set; here are the link sequences; resynchronize the data."""
+
+    kind: Literal["recovery_resync"] = "recovery_resync"
+    recovery_id: str
+    next_send_seq: int  # the recovering site's next seq to this peer
+    next_expected: int  # the recovering site's next expected seq from this peer
+
+
+class RecoveryResyncDone(_Msg):
+    kind: Literal["recovery_resync_done"] = "recovery_resync_done"
+    recovery_id: str
+
+
+class RecoveryComplete(_Msg):
+    kind: Literal["recovery_complete"] = "recovery_complete"
+    recovery_id: str
+
+
+Message = Annotated[
+    Union[
+        Envelope,
+        LinkAck,
+        ResendRequest,
+        Reject,
+        RecoveryAnnounce,
+        RecoveryReport,
+        RecoveryResync,
+        RecoveryResyncDone,
+        RecoveryComplete,
+    ],
+    Field(discriminator="kind"),
+]
+
+
+class Packet(BaseModel):
+    """One AMQP message: messages of one lab, from one site to one site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    lab: str
+    source: SiteCode
+    dest: SiteCode
+    messages: list[Message] = Field(min_length=1)
+
+
+_PACKET = TypeAdapter(Packet)
+
+
+def encode(packet: Packet) -> bytes:
+    return packet.model_dump_json().encode()
+
+
+def encode_parts(lab: str, source: str, dest: str, parts: list[bytes]) -> bytes:
+    """Build a packet body from messages already serialized (the outbox keeps them so)."""
+    head = f'{{"v":1,"lab":"{lab}","source":"{source}","dest":"{dest}","messages":['
+    return head.encode() + b",".join(parts) + b"]}"
+
+
+def encode_message(msg: _Msg) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def decode(body: bytes, *, lab: str, dest: str) -> Packet:
+    """Parse and check one packet addressed to ``dest`` in ``lab``.
+
+    Raises:
+        MalformedEnvelope: not JSON, not a packet of this schema, another lab, another site,
+            or a message inside whose source/dest disagree with the packet's.
+    """
+    try:
+        packet = _PACKET.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise MalformedEnvelope(
+            f"malformed packet: {first.get('msg')} at {where or 'top level'}"
+            f" ({exc.error_count()} error(s))"
+        ) from exc
+    if packet.lab != lab:
+        raise MalformedEnvelope(f"packet for lab {packet.lab!r} reached lab {lab!r}")
+    if packet.dest != dest:
+        raise MalformedEnvelope(f"packet for site {packet.dest} reached site {dest}")
+    for msg in packet.messages:
+        if msg.source != packet.source or msg.dest != packet.dest:
+            raise MalformedEnvelope(
+                f"message {msg.kind} says {msg.source}->{msg.dest} inside packet"
+                f" {packet.source}->{packet.dest}"
+            )
+        if isinstance(msg, Envelope) and msg.hash != content_hash(msg.payload):
+            raise MalformedEnvelope(
+                f"envelope {msg.source}->{msg.dest} seq {msg.link_seq}: content hash mismatch"
+            )
+    return packet

@@ -1,0 +1,97 @@
+"""``python -m sites --lab DIR --site P01``: run one site process until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from broker.transport import PikaTransport
+from emulator.errors import BrokerUnavailable, SmslabError
+from emulator.lab import LabDir
+from sites.clients import ClientStore
+from sites.runtime import SiteRuntime
+from sites.store import SiteStore
+
+log = logging.getLogger("sites")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sites", description=__doc__)
+    parser.add_argument("--lab", required=True, help="lab directory")
+    parser.add_argument("--site", required=True, help="site code")
+    parser.add_argument("--amqp", default=None, help="broker URL (default: the lab's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("SMSLAB_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {args.site} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return run(LabDir(args.lab), args.site, args.amqp)
+    except SmslabError as exc:
+        log.error("%s%s", exc, f" ({exc.hint})" if exc.hint else "")
+        return 2
+
+
+def run(lab_dir: LabDir, site: str, amqp: str | None) -> int:
+    info = lab_dir.load()
+    topology = info.topology
+    spec = topology.site(site)
+    store = SiteStore(lab_dir.site_db(site))
+    SiteRuntime.initialize_store(store, lab=info.lab_id, topology=topology, site=site)
+    clients = ClientStore(lab_dir.clients_db(site), site, topology.clients_of(site)) if spec.type != "central" or topology.clients_of(site) else None
+    transport = PikaTransport(
+        amqp or info.amqp_url, lab=info.lab_id, site=site,
+        prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
+    )
+    runtime = make_runtime(info.lab_id, topology, site, store, clients, transport)
+    lab_dir.pid_file(site).write_text(f"{os.getpid()}\n")
+
+    def on_term(_sig: int, _frame: object) -> None:
+        runtime.stopping = True
+        transport.stop_threadsafe()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    log.info("site %s starting (lab %s, pid %s)", site, info.lab_id, os.getpid())
+    retrying = Retrying(
+        retry=retry_if_exception_type(BrokerUnavailable),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+        before_sleep=lambda rs: log.warning(
+            "broker unavailable (%s); reconnecting, attempt %d", rs.outcome.exception() if rs.outcome else "?",
+            rs.attempt_number),
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                if runtime.stopping:
+                    break
+                transport.run(runtime)
+                if not runtime.stopping:
+                    raise BrokerUnavailable("the broker connection closed")
+    finally:
+        store.close()
+        if clients:
+            clients.close()
+        try:
+            if lab_dir.pid_file(site).read_text().split()[0] == str(os.getpid()):
+                lab_dir.pid_file(site).unlink()
+        except OSError:
+            pass
+    log.info("site %s stopped", site)
+    return 0
+
+
+def make_runtime(lab: str, topology, site, store, clients, transport) -> SiteRuntime:  # type: ignore[no-untyped-def]
+    return SiteRuntime(lab=lab, topology=topology, site=site, store=store, clients=clients,
+                       transport=transport)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

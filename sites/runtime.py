@@ -1,0 +1,705 @@
+"""The site runtime: glue between the broker transport, the pure protocol core and the store.
+
+One thread, driven by the transport's I/O loop:
+
+    deliveries -> batch -> one SQLite transaction (judge, apply, watermarks, outbox, links)
+               -> COMMIT -> broker ack (multiple) -> acks/requests to peers -> pump outbox
+    outbox pump -> packets of envelopes, publisher confirms pipelined up to the link window
+    tick (every sync interval) -> resends, gap accounting, heartbeats, health, workload
+
+The broker message is acknowledged only after the transaction that applied it committed,
+so a kill -9 at any point loses nothing and applies nothing twice: a redelivered envelope
+is a duplicate by its link sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from broker import names
+from broker.transport import Delivery, Transport
+from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
+from emulator.protocol import envelope as wire
+from emulator.protocol import sequencing as seq
+from emulator.protocol.envelope import (
+    DataClass,
+    Envelope,
+    LinkAck,
+    Reject,
+    RejectReason,
+    ResendRequest,
+    content_hash,
+    priority_of,
+)
+from emulator.protocol.objects import OBJECT_KINDS, object_id
+from emulator.topology import Topology
+from sites import status_ids as sid
+from sites.clients import ClientStore, WorkloadClock, inventory_payload
+from sites.store import SiteStore
+
+log = logging.getLogger("sites.runtime")
+
+PACKET_SIZE = 200  # envelopes per AMQP message at most (Replication Manager bundles too)
+
+_REJECT_FOR = {
+    seq.Verdict.DUPLICATE: RejectReason.DUPLICATE,
+    seq.Verdict.CONFLICT: RejectReason.QUARANTINED,
+    seq.Verdict.STALE: RejectReason.STALE,
+    seq.Verdict.GAP: RejectReason.GAP,
+    seq.Verdict.FENCED: RejectReason.FENCED,
+    seq.Verdict.QUARANTINED: RejectReason.QUARANTINED,
+}
+
+
+@dataclass
+class Outgoing:
+    """What one batch decided to send besides outbox envelopes."""
+
+    messages: dict[str, list[wire._Msg]] = field(default_factory=lambda: defaultdict(list))
+    ack_peers: set[str] = field(default_factory=set)
+    replies: list[tuple[str, str | None, dict[str, Any]]] = field(default_factory=list)
+    republish: dict[str, int] = field(default_factory=dict)  # peer -> resend from seq
+
+
+class SiteRuntime:
+    def __init__(
+        self,
+        *,
+        lab: str,
+        topology: Topology,
+        site: str,
+        store: SiteStore,
+        clients: ClientStore | None,
+        transport: Transport,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lab = lab
+        self.topology = topology
+        self.site = site
+        self.spec = topology.site(site)
+        self.settings = topology.settings
+        self.mode: seq.Mode = topology.mode  # type: ignore[assignment]
+        self.store = store
+        self.clients = clients
+        self.transport = transport
+        self.clock = clock
+        self.parent = topology.parent(site)
+        self.children = topology.children(site)
+        self.links: dict[str, seq.LinkState] = store.load_links()
+        self.published: dict[str, int] = {}
+        self.batch: list[Delivery] = []
+        self.flush_scheduled = False
+        self.workload_paused = store.get_control("workload_paused") is True
+        self.stopping = False
+        self.on_tick_hooks: list[Callable[[], None]] = []
+        self._rng = random.Random(f"{site}-objects")
+        self._load_counters()
+        self.workload = WorkloadClock(
+            site,
+            clients.ids if clients else [],
+            topology.workload_of(site),
+            has_objects=self.spec.type != "secondary",
+            has_children=bool(self.children),
+            now=self.clock(),
+        )
+
+    # -- counters -------------------------------------------------------------------------
+
+    def _load_counters(self) -> None:
+        s = self.store
+        self.txn_id = s.get_int("txn_id")
+        self.incarnation = s.get_int("incarnation", 1)
+        self.scf_serial = s.get_int("scf_serial")
+        self.status_serial = s.get_int("status_serial")
+        self.alloc = {k: s.allocators().get(k, 1) for k in OBJECT_KINDS}
+        self.state = s.get_meta("state", "active") or "active"
+
+    def _save_counters(self) -> None:
+        s = self.store
+        s.set_meta("txn_id", self.txn_id)
+        s.set_meta("incarnation", self.incarnation)
+        s.set_meta("scf_serial", self.scf_serial)
+        s.set_meta("status_serial", self.status_serial)
+        s.set_meta("state", self.state)
+        for kind, n in self.alloc.items():
+            s.set_allocator(kind, n)
+
+    def _save_links(self) -> None:
+        for link in self.links.values():
+            self.store.save_link(link)
+
+    # -- first start ----------------------------------------------------------------------
+
+    @classmethod
+    def initialize_store(cls, store: SiteStore, *, lab: str, topology: Topology, site: str) -> None:
+        """Give a brand-new store its identity and its links (a no-op if it has one)."""
+        if store.get_meta("site_code"):
+            return
+        spec = topology.site(site)
+        with store.transaction():
+            store.set_meta("site_code", site)
+            store.set_meta("site_type", spec.type)
+            store.set_meta("parent", spec.parent or "")
+            store.set_meta("lab", lab)
+            store.set_meta("mode", topology.mode)
+            store.set_meta("store_id", uuid.uuid4().hex)
+            store.set_meta("incarnation", 1)
+            store.set_meta("txn_id", 0)
+            store.set_meta("scf_serial", 0)
+            store.set_meta("state", "active")
+            store.set_meta("created", time.time())
+            for kind in OBJECT_KINDS:
+                store.set_allocator(kind, 1)
+            if spec.parent:
+                store.save_link(seq.LinkState(peer=spec.parent, role="parent", their_incarnation=1))
+            for child in topology.children(site):
+                store.save_link(seq.LinkState(peer=child, role="child", their_incarnation=1))
+
+    # -- transport handler ----------------------------------------------------------------
+
+    def on_ready(self) -> None:
+        # Unconfirmed publishes of the last connection are unknown: send them again from the
+        # last acknowledgement; receivers drop what they already have.
+        self.published = {peer: link.acked_through for peer, link in self.links.items()}
+        log.info("%s connected to the broker; state %s", self.site, self.state)
+        if not getattr(self, "_started", False):
+            self._started = True
+            self._on_first_ready()
+        self.pump()
+
+    def _on_first_ready(self) -> None:
+        self.transport.call_later(self.settings.sync_interval, self._tick)
+        self.transport.call_later(0.05, self._workload_tick)
+        self._startup_reports()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        self.batch.append(delivery)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.transport.call_later(0, self.flush)
+
+    def on_confirm(self, token: Any, ok: bool) -> None:
+        if ok:
+            return
+        kind = token[0]
+        if kind == "out":
+            _, peer, first = token
+            log.warning("%s: publish to %s from seq %s not confirmed; will resend", self.site, peer, first)
+            self.published[peer] = min(self.published.get(peer, 0), first - 1)
+        elif kind == "dead":
+            log.error("%s: dead-letter publish not confirmed; message stays unacked", self.site)
+
+    # -- the batch ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        now = self.clock()
+        out = Outgoing()
+        malformed: list[tuple[Delivery, str]] = []
+        with self.store.transaction():
+            for delivery in batch:
+                try:
+                    if delivery.queue == "control":
+                        self._handle_control(delivery, out, now)
+                    else:
+                        packet = wire.decode(delivery.body, lab=self.lab, dest=self.site)
+                        self._handle_packet(packet, delivery.redelivered, out, now)
+                except MalformedEnvelope as exc:
+                    malformed.append((delivery, str(exc)))
+            self._save_links()
+            self._save_counters()
+        self._ack_batch(batch, malformed)
+        self._send(out, now)
+        self.pump()
+
+    def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
+        if not malformed:
+            self.transport.ack(batch[-1].tag, multiple=True)
+            return
+        bad = {d.tag for d, _ in malformed}
+        for d in batch:
+            if d.tag not in bad:
+                self.transport.ack(d.tag)
+        for d, reason in malformed:
+            log.warning("%s: dead-lettering a malformed message: %s", self.site, reason)
+            self._dead_letter(d, reason)
+
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        # Kept, with its reason, in the lab's dead-letter queue; acked once that is confirmed.
+        body = json.dumps({
+            "site": self.site, "reason": reason, "queue": delivery.queue, "at": self.clock(),
+            "body": delivery.body.decode("utf-8", errors="replace"),
+        }).encode()
+        try:
+            self.transport.publish(names.DEAD_KEY, body, ("dead", delivery.tag))
+        except BrokerUnavailable:
+            return
+        self.transport.ack(delivery.tag)
+
+    # -- packets --------------------------------------------------------------------------
+
+    def _handle_packet(self, packet: wire.Packet, redelivered: bool, out: Outgoing, now: float) -> None:
+        peer = packet.source
+        link = self.links.get(peer)
+        if link is None:
+            raise MalformedEnvelope(f"packet from {peer}, which is not a neighbour of {self.site}")
+        for msg in packet.messages:
+            if isinstance(msg, Envelope):
+                self._receive_envelope(link, msg, out, now)
+            elif isinstance(msg, LinkAck):
+                self._receive_ack(link, msg, redelivered, now)
+            elif isinstance(msg, ResendRequest):
+                self._receive_resend_request(link, msg, out)
+            elif isinstance(msg, Reject):
+                key = f"rejected_{msg.reason.value}"
+                link.extra[key] = link.extra.get(key, 0) + 1
+            else:
+                self.on_recovery_message(link, msg, out, now)
+
+    def on_recovery_message(self, link: seq.LinkState, msg: Any, out: Outgoing, now: float) -> None:
+        """Hook for the recovery handshake (sites.recovery installs the real handler)."""
+        log.info("%s: ignoring %s from %s (no recovery in progress)", self.site, msg.kind, link.peer)
+
+    def _receive_envelope(self, link: seq.LinkState, env: Envelope, out: Outgoing, now: float) -> None:
+        if link.paused:
+            return  # a recovery handshake holds the link; the sender resends afterwards
+        watermark = self.store.watermark(link.peer, env.data_class.value, env.key)
+        applied_hash = (
+            self.store.applied_hash(link.peer, env.link_seq)
+            if env.link_seq < link.next_expected else None
+        )
+        verdict = seq.judge(link, env, mode=self.mode, watermark=watermark, applied_hash=applied_hash)
+        seq.record(link, verdict)
+        if verdict is seq.Verdict.APPLY:
+            self.store.set_watermark(link.peer, env.data_class.value, env.key, env.txn_id)
+            version = self._apply(link, env, now)
+            self.store.record_applied(
+                link.peer, env.link_seq, env.txn_id, env.hash, env.data_class.value, env.key,
+                env.origin, version, now,
+            )
+            out.ack_peers.add(link.peer)
+            return
+        if verdict in (seq.Verdict.DUPLICATE, seq.Verdict.STALE):
+            out.ack_peers.add(link.peer)
+        if verdict is not seq.Verdict.DUPLICATE and verdict is not seq.Verdict.GAP:
+            self.store.record_drop(
+                link.peer, env.link_seq, env.txn_id, env.incarnation, verdict.value,
+                env.data_class.value, env.key, env.origin, env.hash, now,
+            )
+        if verdict is seq.Verdict.CONFLICT:
+            out.ack_peers.add(link.peer)
+            if self.mode == "hardened":
+                self._quarantine(link, f"link seq {env.link_seq} reused with other content", now)
+        if verdict is seq.Verdict.GAP and seq.should_request_resend(link, now, self.settings.sync_interval):
+            out.messages[link.peer].append(
+                ResendRequest(source=self.site, dest=link.peer, incarnation=self.incarnation,
+                              from_seq=link.next_expected)
+            )
+        if self.mode == "hardened" and verdict is not seq.Verdict.DUPLICATE:
+            out.messages[link.peer].append(
+                Reject(source=self.site, dest=link.peer, incarnation=self.incarnation,
+                       link_seq=env.link_seq, reason=_REJECT_FOR[verdict],
+                       detail=f"expected {link.next_expected}")
+            )
+
+    def _receive_ack(self, link: seq.LinkState, ack: LinkAck, redelivered: bool, now: float) -> None:
+        if link.paused:
+            return
+        if self.mode == "hardened" and ack.incarnation != link.their_incarnation:
+            link.fenced += 1
+            return
+        outcome = seq.on_ack(link, ack, now=now, redelivered=redelivered)
+        if outcome is seq.AckOutcome.PROGRESS:
+            self.store.outbox_purge(link.peer, link.acked_through)
+            self.published[link.peer] = max(self.published.get(link.peer, 0), link.acked_through)
+        elif outcome is seq.AckOutcome.SELF_ROLLBACK:
+            # The peer has applied more than we ever sent: we were restored without recovery.
+            # SMS 2.0 never noticed (its new data was silently dropped as already seen).
+            link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
+            if self.mode == "hardened" and self.state != "quarantined":
+                self.state = "quarantined"
+                self._status(sid.ROLLBACK_SELF, "error",
+                             f"{link.peer} acknowledges seq {ack.through} but this site has sent"
+                             f" only {link.sent_through}: restored without recovery; quarantined"
+                             f" until recovered (smslab recover {self.site})", now)
+            self.store.outbox_purge(link.peer, link.sent_through)
+            link.acked_through = link.sent_through
+            self.published[link.peer] = link.sent_through
+        elif outcome is seq.AckOutcome.ROLLBACK and self.mode == "hardened":
+            self._quarantine(link, f"its counters went backwards (acks {ack.through}, sent {ack.sent_through})", now)
+
+    def _quarantine(self, link: seq.LinkState, why: str, now: float) -> None:
+        if link.quarantined:
+            return
+        link.quarantined = True
+        self._status(sid.ROLLBACK_DETECTED, "error",
+                     f"rollback detected for site {link.peer} (the AD event 2095 analog): {why};"
+                     f" {link.peer} is quarantined until it is recovered", now)
+
+    def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing) -> None:
+        first = self.store.outbox_min_seq(link.peer)
+        if first is None or req.from_seq < first:
+            link.resend_unavailable += 1  # the parent "cannot resend them": the link stays broken
+            if first is None:
+                return
+        out.republish[link.peer] = max(req.from_seq, first)
+
+    # -- applying data --------------------------------------------------------------------
+
+    def _apply(self, link: seq.LinkState, env: Envelope, now: float) -> int | None:
+        cls = env.data_class
+        if cls.upward:
+            return self._apply_site_data(env, now)
+        if cls is DataClass.SITE_CONTROL:
+            self._apply_site_control(env, now)
+            return None
+        return self._apply_object(env, now)
+
+    def _apply_site_data(self, env: Envelope, now: float) -> int:
+        version = int(env.payload.get("version", 0))
+        held = self.store.site_data_version(env.data_class.value, env.key)
+        if held is not None and version < held:
+            return version  # older than what we hold: not stored, not forwarded
+        if env.data_class is DataClass.SCF and held is not None and version == held:
+            return version
+        self.store.upsert_site_data(env.data_class.value, env.key, env.origin, version, env.payload, now)
+        if self.parent:
+            self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op)
+        return version
+
+    def _apply_object(self, env: Envelope, now: float) -> int:
+        obj = dict(env.payload)
+        self.store.upsert_object(obj, via=env.source, now=now)
+        for child in self.children:
+            self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op)
+        return int(obj.get("revision", 0))
+
+    def _apply_site_control(self, env: Envelope, now: float) -> None:
+        target = env.payload["target"]
+        if target != self.site:
+            for child in self.children:
+                if target in self.topology.subtree(child):
+                    self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op)
+            return
+        serial = int(env.payload["delta_serial"])
+        last = self.store.get_int("control_serial_processed")
+        if serial <= last:
+            self._status(sid.SCM_OLDER_DELTA, "warning",
+                         f"SMS_SITE_CONTROL_MANAGER will ignore delta serial {serial} because it"
+                         f" was already processed as part of an older delta site control file"
+                         f" (last processed {last})", now)
+            return
+        self._status(sid.SCM_BEGIN, "info", f"began processing delta site control file {serial}", now)
+        self.store.set_meta("control_serial_processed", serial)
+        self.store.set_control("site_settings", env.payload.get("settings", {}))
+        self._status(sid.SCM_DONE, "info", f"processed delta site control file {serial}", now)
+        self._send_scf(now)
+
+    # -- originating ----------------------------------------------------------------------
+
+    def _emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
+              op: str = "upsert") -> None:
+        link = self.links[peer]
+        self.txn_id += 1
+        env = Envelope(
+            source=self.site, dest=peer, incarnation=self.incarnation, origin=origin,
+            data_class=cls, key=key, priority=priority_of(cls), txn_id=self.txn_id,
+            link_seq=link.next_send_seq, op=op, hash=content_hash(payload), payload=payload,  # type: ignore[arg-type]
+        )
+        self.store.outbox_add(peer, link.next_send_seq, wire.encode_message(env))
+        link.next_send_seq += 1
+        link.sent += 1
+
+    def originate_site_data(self, cls: DataClass, key: str, version: int, payload: dict[str, Any],
+                            now: float) -> None:
+        """Data made at this site: store it here and send it up."""
+        self.store.upsert_site_data(cls.value, key, self.site, version, payload, now)
+        if self.parent and self.state != "quarantined":
+            self._emit(self.parent, cls, key, self.site, payload)
+
+    def _status(self, message_id: int, severity: str, text: str, now: float) -> None:
+        """A status message: stored here and replicated up as site data."""
+        log.log(logging.WARNING if severity != "info" else logging.INFO, "%s status %s: %s",
+                self.site, message_id, text)
+        self.store.add_status(sid.component_of(message_id), message_id, severity, text, now)
+        self.status_serial += 1
+        payload = {"site": self.site, "component": sid.component_of(message_id),
+                   "message_id": message_id, "severity": severity, "text": text,
+                   "version": self.status_serial, "at": now}
+        self.originate_site_data(DataClass.STATUS, f"{self.site}:{self.status_serial}",
+                                 self.status_serial, payload, now)
+
+    def _send_scf(self, now: float) -> None:
+        self.scf_serial += 1
+        payload = {"site": self.site, "version": self.scf_serial, "type": self.spec.type,
+                   "parent": self.parent, "children": self.children,
+                   "settings": self.store.get_control("site_settings") or {}}
+        self.originate_site_data(DataClass.SCF, self.site, self.scf_serial, payload, now)
+
+    def create_object(self, kind: str, name: str | None, now: float) -> dict[str, Any]:
+        number = self.alloc[kind]
+        self.alloc[kind] = number + 1
+        oid = object_id(self.site, number)
+        obj = {"id": oid, "kind": kind, "origin": self.site, "def_uid": uuid.uuid4().hex[:12],
+               "name": name or f"{kind} {oid}", "revision": 1, "deleted": False}
+        self._publish_object(obj, now)
+        return obj
+
+    def update_object(self, oid: str, name: str | None, delete: bool, now: float) -> dict[str, Any]:
+        obj = self.store.get_object(oid)
+        if obj is None or obj["origin"] != self.site:
+            raise SmslabError(f"object {oid} is not an object of site {self.site}")
+        obj = dict(obj, revision=obj["revision"] + 1)
+        if name:
+            obj["name"] = name
+        if delete:
+            obj["deleted"] = True
+        self._publish_object(obj, now)
+        return obj
+
+    def _publish_object(self, obj: dict[str, Any], now: float) -> None:
+        self.store.upsert_object(obj, via=self.site, now=now)
+        if self.state == "quarantined":
+            return
+        cls = DataClass(obj["kind"])
+        for child in self.children:
+            self._emit(child, cls, obj["id"], self.site, obj, "delete" if obj["deleted"] else "upsert")
+
+    def send_site_control(self, child: str, now: float) -> None:
+        serial = self.store.get_int(f"control_serial_sent:{child}") + 1
+        self.store.set_meta(f"control_serial_sent:{child}", serial)
+        payload = {"target": child, "delta_serial": serial,
+                   "settings": {"inventory_schedule": f"every {self._rng.randint(1, 7)} days"}}
+        next_hop = next(c for c in self.children if child in self.topology.subtree(c))
+        self._emit(next_hop, DataClass.SITE_CONTROL, f"{child}:{serial}", self.site, payload)
+
+    # -- workload -------------------------------------------------------------------------
+
+    def _startup_reports(self) -> None:
+        """Clients re-send what the site does not hold yet; the site sends its SCF up."""
+        now = self.clock()
+        with self.store.transaction():
+            if self.scf_serial == 0:
+                self._send_scf(now)
+            self._client_catch_up(now, full=False)
+            self._save_links()
+            self._save_counters()
+        self.pump()
+
+    def _client_catch_up(self, now: float, *, full: bool) -> None:
+        if not self.clients:
+            return
+        for client, (inv, disc) in self.clients.versions().items():
+            for cls, version in ((DataClass.INVENTORY, inv), (DataClass.DISCOVERY, disc)):
+                if version == 0:
+                    continue
+                held = self.store.site_data_version(cls.value, client)
+                if full or held is None or held < version:
+                    self.originate_site_data(cls, client, version, self._client_payload(cls, client, version), now)
+
+    @staticmethod
+    def _client_payload(cls: DataClass, client: str, version: int) -> dict[str, Any]:
+        if cls is DataClass.INVENTORY:
+            return inventory_payload(client, version)
+        return {"client": client, "version": version}
+
+    def _workload_tick(self) -> None:
+        if self.stopping:
+            return
+        self.transport.call_later(0.1, self._workload_tick)
+        if self.workload_paused or self.state != "active":
+            return
+        now = self.clock()
+        due = self.workload.due(now)
+        if not due:
+            return
+        with self.store.transaction():
+            assert self.clients is not None or not (due.inventory or due.discovery)
+            for client in due.inventory:
+                v = self.clients.bump(client, "inventory")  # type: ignore[union-attr]
+                self.originate_site_data(DataClass.INVENTORY, client, v, inventory_payload(client, v), now)
+            for client in due.discovery:
+                v = self.clients.bump(client, "discovery")  # type: ignore[union-attr]
+                self.originate_site_data(DataClass.DISCOVERY, client, v, {"client": client, "version": v}, now)
+            if due.status:
+                self._status(sid.SITE_HEARTBEAT, "info", "site component manager heartbeat", now)
+            if due.objects:
+                self._random_admin_action(now)
+            if due.control:
+                self.send_site_control(self._rng.choice(self.children), now)
+            self._save_links()
+            self._save_counters()
+        self.pump()
+
+    def _random_admin_action(self, now: float) -> None:
+        own = [o for o in self.store.objects(origin=self.site, include_deleted=False)]
+        roll = self._rng.random()
+        if own and roll < 0.25:
+            self.update_object(self._rng.choice(own)["id"], None, False, now)
+        elif own and roll < 0.32:
+            self.update_object(self._rng.choice(own)["id"], None, True, now)
+        else:
+            self.create_object(self._rng.choice(OBJECT_KINDS), None, now)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _send(self, out: Outgoing, now: float) -> None:
+        for peer in out.ack_peers:
+            out.messages[peer].insert(0, self._ack_for(self.links[peer]))
+        for peer, msgs in out.messages.items():
+            if msgs:
+                self._publish_direct(peer, msgs)
+        for peer, from_seq in out.republish.items():
+            self.published[peer] = min(self.published.get(peer, 0), from_seq - 1)
+        for reply_to, corr, answer in out.replies:
+            self.transport.reply(reply_to, corr, json.dumps(answer).encode())  # type: ignore[attr-defined]
+
+    def _ack_for(self, link: seq.LinkState) -> LinkAck:
+        return LinkAck(source=self.site, dest=link.peer, incarnation=self.incarnation,
+                       through=link.applied_through, sent_through=link.sent_through)
+
+    def _publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None:
+        body = wire.encode_parts(self.lab, self.site, peer, [wire.encode_message(m) for m in msgs])
+        try:
+            self.transport.publish(names.site_key(peer), body, None)
+        except BrokerUnavailable:
+            pass  # acks and requests are repeated every sync interval
+
+    def pump(self) -> None:
+        """Publish outbox envelopes not yet published, up to the window, in packets."""
+        if not self.transport.ready:
+            return
+        window = self.settings.window
+        for peer, link in self.links.items():
+            if link.paused or link.quarantined and self.mode == "hardened":
+                continue
+            published = max(self.published.get(peer, link.acked_through), link.acked_through)
+            limit = link.acked_through + window - published
+            if published >= link.sent_through or limit <= 0:
+                self.published[peer] = published
+                continue
+            rows = self.store.outbox_range(peer, published + 1, min(limit, window))
+            for start in range(0, len(rows), PACKET_SIZE):
+                chunk = rows[start:start + PACKET_SIZE]
+                body = wire.encode_parts(self.lab, self.site, peer, [b for _, b in chunk])
+                try:
+                    self.transport.publish(names.site_key(peer), body, ("out", peer, chunk[0][0]))
+                except BrokerUnavailable:
+                    return
+                published = chunk[-1][0]
+            self.published[peer] = published
+
+    # -- the periodic tick ----------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.stopping:
+            return
+        self.transport.call_later(self.settings.sync_interval, self._tick)
+        now = self.clock()
+        counts = self.store.outbox_counts()
+        before = {p: self._health(l) for p, l in self.links.items()}
+        for peer, link in self.links.items():
+            unacked = counts.get(peer, 0)
+            if seq.resend_due(link, now=now, resend_after=self.settings.resend_after, unacked=unacked):
+                self.published[peer] = link.acked_through
+            seq.sync_tick(link)
+            if link.gap_outstanding and seq.should_request_resend(link, now, self.settings.sync_interval):
+                self._publish_direct(peer, [ResendRequest(source=self.site, dest=peer,
+                                                          incarnation=self.incarnation,
+                                                          from_seq=link.next_expected)])
+        for hook in self.on_tick_hooks:
+            hook()
+        with self.store.transaction():
+            for peer, link in self.links.items():
+                after = self._health(link)
+                if after != before[peer]:
+                    self._health_changed(link, before[peer], after, now)
+            self._save_links()
+            self._save_counters()
+        for peer, link in self.links.items():
+            if not link.paused:
+                self._publish_direct(peer, [self._ack_for(link)])
+        self.pump()
+
+    def _health(self, link: seq.LinkState) -> str:
+        return seq.health(link, degraded_after=self.settings.degraded_after,
+                          failed_after=self.settings.failed_after)
+
+    def _health_changed(self, link: seq.LinkState, before: str, after: str, now: float) -> None:
+        if after in ("degraded", "failed"):
+            mid = sid.LINK_DEGRADED if after == "degraded" else sid.LINK_FAILED
+            self._status(mid, "warning" if after == "degraded" else "error",
+                         f"replication link {self.site}<->{link.peer} is {after}"
+                         f" ({max(link.out_failed_syncs, link.in_failed_syncs)} consecutive failed syncs)", now)
+        elif after == "active" and before in ("degraded", "failed"):
+            self._status(sid.LINK_ACTIVE, "info", f"replication link {self.site}<->{link.peer} is active again", now)
+
+    # -- control commands -----------------------------------------------------------------
+
+    def _handle_control(self, delivery: Delivery, out: Outgoing, now: float) -> None:
+        try:
+            command = json.loads(delivery.body)
+            if not isinstance(command, dict) or "cmd" not in command:
+                raise ValueError("a control command is a JSON object with 'cmd'")
+        except ValueError as exc:
+            raise MalformedEnvelope(f"malformed control command: {exc}") from exc
+        try:
+            answer = self.control(command, now)
+            answer.setdefault("ok", True)
+        except SmslabError as exc:
+            answer = {"ok": False, "error": exc.message, "hint": exc.hint}
+        except (KeyError, ValueError, TypeError) as exc:
+            answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
+        if delivery.reply_to:
+            out.replies.append((delivery.reply_to, delivery.correlation_id, answer))
+
+    def control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
+        cmd = command["cmd"]
+        if cmd == "ping":
+            return {"site": self.site, "state": self.state, "pid": os.getpid(),
+                    "links": {p: {"acked_through": l.acked_through, "applied_through": l.applied_through,
+                                  "sent_through": l.sent_through} for p, l in self.links.items()}}
+        if cmd == "pause-workload":
+            self.workload_paused = True
+            self.store.set_control("workload_paused", True)
+            return {}
+        if cmd == "resume-workload":
+            self.workload_paused = False
+            self.store.set_control("workload_paused", None)
+            return {}
+        if cmd == "create":
+            if self.spec.type == "secondary":
+                raise SmslabError(f"{self.site} is a secondary site: objects are created at primaries")
+            kind = command["kind"]
+            if kind not in OBJECT_KINDS:
+                raise SmslabError(f"unknown object kind {kind!r}; one of {', '.join(OBJECT_KINDS)}")
+            return {"object": self.create_object(kind, command.get("name"), now)}
+        if cmd in ("update", "delete"):
+            return {"object": self.update_object(command["id"], command.get("name"), cmd == "delete", now)}
+        if cmd == "report":
+            self._client_catch_up(now, full=True)
+            return {}
+        if cmd == "stop":
+            self.transport.call_later(0, self.shutdown)
+            return {}
+        return self.extra_control(command, now)
+
+    def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
+        raise SmslabError(f"unknown control command {command['cmd']!r}")
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        if self.batch:
+            self.flush()
+        self.transport.stop()

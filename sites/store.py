@@ -1,0 +1,351 @@
+"""A site's durable state: one SQLite database per site, WAL, one writer (the site process).
+
+Everything a backup must capture lives here: counters (transaction ID, incarnation,
+allocators, SCF serial), the links' sequence state, the ``.trs`` watermarks, the outbox of
+unacknowledged envelopes, and the data (site data held, global objects held).
+
+Every apply happens inside ``transaction()``: the apply, the watermark advance, the
+outbox rows it creates and the link state commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from emulator.errors import CorruptBackup, StoreError
+from emulator.protocol.sequencing import LinkState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alloc (kind TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS link (peer TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    peer TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (peer, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermark (
+    source TEXT NOT NULL, data_class TEXT NOT NULL, key TEXT NOT NULL, txn INTEGER NOT NULL,
+    PRIMARY KEY (source, data_class, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied (
+    source TEXT NOT NULL, seq INTEGER NOT NULL, txn INTEGER NOT NULL, hash TEXT NOT NULL,
+    data_class TEXT NOT NULL, key TEXT NOT NULL, origin TEXT NOT NULL, version INTEGER,
+    at REAL NOT NULL, PRIMARY KEY (source, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drops (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, seq INTEGER NOT NULL, txn INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL, reason TEXT NOT NULL, data_class TEXT NOT NULL,
+    key TEXT NOT NULL, origin TEXT NOT NULL, hash TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS site_data (
+    data_class TEXT NOT NULL, key TEXT NOT NULL, origin TEXT NOT NULL,
+    version INTEGER NOT NULL, payload TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (data_class, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS objects (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, origin TEXT NOT NULL, def_uid TEXT NOT NULL,
+    name TEXT NOT NULL, revision INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    payload TEXT NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS object_history (
+    id TEXT NOT NULL, def_uid TEXT NOT NULL, name TEXT NOT NULL, first_seen REAL NOT NULL,
+    via TEXT NOT NULL, PRIMARY KEY (id, def_uid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS status_messages (
+    id INTEGER PRIMARY KEY, component TEXT NOT NULL, message_id INTEGER NOT NULL,
+    severity TEXT NOT NULL, text TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS control (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"""
+
+_LINK_FIELDS = {f.name for f in fields(LinkState)}
+
+
+class SiteStore:
+    """The SQLite store of one site. Not thread-safe: one process, one writer."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            if readonly:
+                uri = f"file:{self.path}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # kill -9 never loses a committed transaction in WAL+NORMAL (research B.3);
+                # the faults we inject are process and broker faults, not host power loss.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(SCHEMA)
+            self.db.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open site store {self.path}: {exc}") from exc
+        self._in_tx = False
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._in_tx:
+            raise StoreError("nested transaction on the site store")
+        self.db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    # -- meta and counters --------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: object) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, str(value)))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT k, v FROM meta").fetchall())
+
+    def get_int(self, key: str, default: int = 0) -> int:
+        value = self.get_meta(key)
+        return int(value) if value is not None else default
+
+    def allocators(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT kind, next FROM alloc").fetchall())
+
+    def set_allocator(self, kind: str, next_number: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO alloc(kind, next) VALUES(?, ?)", (kind, next_number))
+
+    def get_control(self, key: str) -> Any:
+        row = self.db.execute("SELECT v FROM control WHERE k=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_control(self, key: str, value: Any) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM control WHERE k=?", (key,))
+        else:
+            self.db.execute(
+                "INSERT OR REPLACE INTO control(k, v) VALUES(?, ?)", (key, json.dumps(value))
+            )
+
+    # -- links ----------------------------------------------------------------------------
+
+    def load_links(self) -> dict[str, LinkState]:
+        links = {}
+        for peer, state in self.db.execute("SELECT peer, state FROM link"):
+            data = {k: v for k, v in json.loads(state).items() if k in _LINK_FIELDS}
+            links[peer] = LinkState(**data)
+        return links
+
+    def save_link(self, link: LinkState) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO link(peer, state) VALUES(?, ?)",
+            (link.peer, json.dumps(link.to_row())),
+        )
+
+    def delete_link(self, peer: str) -> None:
+        self.db.execute("DELETE FROM link WHERE peer=?", (peer,))
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    def outbox_add(self, peer: str, seq: int, body: bytes) -> None:
+        self.db.execute("INSERT INTO outbox(peer, seq, body) VALUES(?, ?, ?)", (peer, seq, body))
+
+    def outbox_range(self, peer: str, from_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        return self.db.execute(
+            "SELECT seq, body FROM outbox WHERE peer=? AND seq>=? ORDER BY seq LIMIT ?",
+            (peer, from_seq, limit),
+        ).fetchall()
+
+    def outbox_purge(self, peer: str, through: int) -> None:
+        self.db.execute("DELETE FROM outbox WHERE peer=? AND seq<=?", (peer, through))
+
+    def outbox_clear(self, peer: str) -> int:
+        return self.db.execute("DELETE FROM outbox WHERE peer=?", (peer,)).rowcount
+
+    def outbox_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT peer, COUNT(*) FROM outbox GROUP BY peer").fetchall())
+
+    def outbox_min_seq(self, peer: str) -> int | None:
+        row = self.db.execute("SELECT MIN(seq) FROM outbox WHERE peer=?", (peer,)).fetchone()
+        return row[0]
+
+    # -- the .trs watermarks and the applied log ------------------------------------------
+
+    def watermark(self, source: str, data_class: str, key: str) -> int:
+        row = self.db.execute(
+            "SELECT txn FROM watermark WHERE source=? AND data_class=? AND key=?",
+            (source, data_class, key),
+        ).fetchone()
+        return row[0] if row else 0
+
+    def set_watermark(self, source: str, data_class: str, key: str, txn: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO watermark(source, data_class, key, txn) VALUES(?, ?, ?, ?)",
+            (source, data_class, key, txn),
+        )
+
+    def max_watermark(self, source: str) -> int:
+        row = self.db.execute("SELECT MAX(txn) FROM watermark WHERE source=?", (source,)).fetchone()
+        return row[0] or 0
+
+    def applied_hash(self, source: str, seq: int) -> str | None:
+        row = self.db.execute(
+            "SELECT hash FROM applied WHERE source=? AND seq=?", (source, seq)
+        ).fetchone()
+        return row[0] if row else None
+
+    def record_applied(
+        self, source: str, seq: int, txn: int, hash_: str, data_class: str, key: str,
+        origin: str, version: int | None, now: float,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO applied(source, seq, txn, hash, data_class, key, origin, version, at)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (source, seq, txn, hash_, data_class, key, origin, version, now),
+        )
+
+    def record_drop(
+        self, source: str, seq: int, txn: int, incarnation: int, reason: str, data_class: str,
+        key: str, origin: str, hash_: str, now: float,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO drops(source, seq, txn, incarnation, reason, data_class, key, origin,"
+            " hash, at) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (source, seq, txn, incarnation, reason, data_class, key, origin, hash_, now),
+        )
+
+    # -- data -----------------------------------------------------------------------------
+
+    def site_data_version(self, data_class: str, key: str) -> int | None:
+        row = self.db.execute(
+            "SELECT version FROM site_data WHERE data_class=? AND key=?", (data_class, key)
+        ).fetchone()
+        return row[0] if row else None
+
+    def upsert_site_data(
+        self, data_class: str, key: str, origin: str, version: int, payload: dict[str, Any],
+        now: float,
+    ) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO site_data(data_class, key, origin, version, payload, updated)"
+            " VALUES(?, ?, ?, ?, ?, ?)",
+            (data_class, key, origin, version, json.dumps(payload), now),
+        )
+
+    def delete_site_data_of(self, origins: list[str]) -> int:
+        marks = ",".join("?" * len(origins))
+        return self.db.execute(
+            f"DELETE FROM site_data WHERE origin IN ({marks})", origins
+        ).rowcount
+
+    def site_data(self, data_class: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT data_class, key, origin, version, payload FROM site_data"
+        args: tuple[Any, ...] = ()
+        if data_class:
+            sql += " WHERE data_class=?"
+            args = (data_class,)
+        return [
+            {"data_class": c, "key": k, "origin": o, "version": v, "payload": json.loads(p)}
+            for c, k, o, v, p in self.db.execute(sql, args)
+        ]
+
+    def get_object(self, object_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT id, kind, origin, def_uid, name, revision, deleted, payload FROM objects"
+            " WHERE id=?",
+            (object_id,),
+        ).fetchone()
+        return _object_row(row) if row else None
+
+    def upsert_object(self, obj: dict[str, Any], via: str, now: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO objects(id, kind, origin, def_uid, name, revision, deleted,"
+            " payload, updated) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                obj["id"], obj["kind"], obj["origin"], obj["def_uid"], obj["name"],
+                obj["revision"], int(obj.get("deleted", False)), json.dumps(obj), now,
+            ),
+        )
+        self.db.execute(
+            "INSERT OR IGNORE INTO object_history(id, def_uid, name, first_seen, via)"
+            " VALUES(?, ?, ?, ?, ?)",
+            (obj["id"], obj["def_uid"], obj["name"], now, via),
+        )
+
+    def objects(self, *, origin: str | None = None, include_deleted: bool = True) -> list[dict[str, Any]]:
+        sql = "SELECT id, kind, origin, def_uid, name, revision, deleted, payload FROM objects"
+        clauses, args = [], []
+        if origin:
+            clauses.append("origin=?")
+            args.append(origin)
+        if not include_deleted:
+            clauses.append("deleted=0")
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return [_object_row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
+
+    def add_status(self, component: str, message_id: int, severity: str, text: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO status_messages(component, message_id, severity, text, at)"
+            " VALUES(?, ?, ?, ?, ?)",
+            (component, message_id, severity, text, now),
+        )
+
+    # -- backup ---------------------------------------------------------------------------
+
+    def backup_to(self, target: Path) -> None:
+        """An atomic snapshot of the whole store (SQLite online backup), taken while running."""
+        dest = sqlite3.connect(target)
+        try:
+            self.db.backup(dest)
+        finally:
+            dest.close()
+
+
+def _object_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    payload = json.loads(row[7])
+    payload.update(
+        id=row[0], kind=row[1], origin=row[2], def_uid=row[3], name=row[4], revision=row[5],
+        deleted=bool(row[6]),
+    )
+    return payload
+
+
+def check_backup_file(path: Path, *, site_code: str, lab: str) -> dict[str, str]:
+    """Open a backup's database read-only and make sure it is a whole store of this site."""
+    if not path.exists():
+        raise CorruptBackup(f"backup database {path} is missing")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (ok,) = db.execute("PRAGMA integrity_check").fetchone()
+            if ok != "ok":
+                raise CorruptBackup(f"backup database {path} fails its integrity check: {ok}")
+            meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise CorruptBackup(f"backup database {path} is not a readable site store: {exc}") from exc
+    if meta.get("site_code") != site_code:
+        raise CorruptBackup(
+            f"backup {path.parent.name} belongs to site {meta.get('site_code')!r}, not {site_code}"
+        )
+    if meta.get("lab") != lab:
+        raise CorruptBackup(
+            f"backup {path.parent.name} belongs to lab {meta.get('lab')!r}, not {lab!r}"
+        )
+    return meta
+
+
+def now() -> float:
+    return time.time()
