@@ -690,10 +690,36 @@ class SiteRuntime:
         if cmd == "report":
             self._client_catch_up(now, full=True)
             return {}
+        if cmd == "burst":
+            self._burst(int(command["count"]), int(command.get("keys", 1000)), int(command.get("chunk", 1000)))
+            return {}
         if cmd == "stop":
             self.transport.call_later(0, self.shutdown)
             return {}
         return self.extra_control(command, now)
+
+    def _burst(self, count: int, keys: int, chunk: int) -> None:
+        """Originate ``count`` inventory envelopes of synthetic clients (benchmarks, load)."""
+        if not self.parent:
+            raise SmslabError(f"{self.site} has no parent to send a burst to")
+        made = {"n": 0}
+
+        def step() -> None:
+            now = self.clock()
+            with self.store.transaction():
+                for _ in range(min(chunk, count - made["n"])):
+                    made["n"] += 1
+                    client = f"{self.site}-B{made['n'] % keys:05d}"
+                    version = made["n"] // keys + 1
+                    self.originate_site_data(DataClass.INVENTORY, client, version,
+                                             inventory_payload(client, version), now)
+                self._save_links()
+                self._save_counters()
+            self.pump()
+            if made["n"] < count:
+                self.transport.call_later(0, step)
+
+        self.transport.call_later(0, step)
 
     def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
         raise SmslabError(f"unknown control command {command['cmd']!r}")
