@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import admin
-from emulator import orchestrator, status
+from emulator import checker, orchestrator, status
 from emulator.errors import LabError, SmslabError
 from emulator.lab import DEFAULT_LAB_DIR, LabDir
 
@@ -157,6 +157,41 @@ def cmd_delete(args: argparse.Namespace, lab_dir: LabDir) -> int:
     return 0
 
 
+@command("check")
+def cmd_check(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    report = checker.check(lab_dir)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return {"valid": 0, "invalid": 1, "unknown": 2}[report.verdict]
+
+
+@command("wait-converged")
+def cmd_wait_converged(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    """Pause the workload, then poll the checker until valid or the timeout."""
+    info = lab_dir.load()
+    running = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
+    for code in running:
+        try:
+            control(lab_dir, code, {"cmd": "pause-workload"}, timeout=5)
+        except SmslabError:
+            pass
+    say(f"workload paused at {len(running)} site(s) (smslab workload resume to go on)")
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while True:
+        report = checker.check(lab_dir, info)
+        if report.verdict == "valid":
+            say(f"converged: {report.render().splitlines()[-1]}")
+            return 0
+        summary = report.render(limit=5)
+        if summary != last:
+            say(summary)
+            last = summary
+        if time.monotonic() > deadline:
+            say(f"not converged after {args.timeout:.0f}s")
+            return 1
+        time.sleep(0.5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smslab",
@@ -201,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("delete", help="delete an object at the site that owns it")
     s.add_argument("site")
     s.add_argument("id")
+    s = sub.add_parser("check", help="judge the lab: valid (0), invalid (1) or unknown (2)")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("wait-converged", help="pause the workload and wait until check is valid")
+    s.add_argument("--timeout", type=float, default=60.0)
     add_more_commands(sub)
     return p
 

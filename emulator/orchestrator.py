@@ -120,13 +120,13 @@ def signal_site(lab_dir: LabDir, code: str, sig: int) -> int:
 def wait_exit(lab_dir: LabDir, code: str, pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_alive(pid):
             return True
         time.sleep(0.05)
     return False
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

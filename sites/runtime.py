@@ -119,7 +119,8 @@ class SiteRuntime:
         self.incarnation = s.get_int("incarnation", 1)
         self.scf_serial = s.get_int("scf_serial")
         self.status_serial = s.get_int("status_serial")
-        self.alloc = {k: s.allocators().get(k, 1) for k in OBJECT_KINDS}
+        # One allocator per site for every kind, so an ID names one object of the site.
+        self.alloc = {"object": s.allocators().get("object", 1)}
         self.state = s.get_meta("state", "active") or "active"
 
     def _save_counters(self) -> None:
@@ -156,8 +157,7 @@ class SiteRuntime:
             store.set_meta("scf_serial", 0)
             store.set_meta("state", "active")
             store.set_meta("created", time.time())
-            for kind in OBJECT_KINDS:
-                store.set_allocator(kind, 1)
+            store.set_allocator("object", 1)
             if spec.parent:
                 store.save_link(seq.LinkState(peer=spec.parent, role="parent", their_incarnation=1))
             for child in topology.children(site):
@@ -448,8 +448,8 @@ class SiteRuntime:
         self.originate_site_data(DataClass.SCF, self.site, self.scf_serial, payload, now)
 
     def create_object(self, kind: str, name: str | None, now: float) -> dict[str, Any]:
-        number = self.alloc[kind]
-        self.alloc[kind] = number + 1
+        number = self.alloc["object"]
+        self.alloc["object"] = number + 1
         oid = object_id(self.site, number)
         obj = {"id": oid, "kind": kind, "origin": self.site, "def_uid": uuid.uuid4().hex[:12],
                "name": name or f"{kind} {oid}", "revision": 1, "deleted": False}
@@ -708,9 +708,9 @@ class SiteRuntime:
             now = self.clock()
             with self.store.transaction():
                 for _ in range(min(chunk, count - made["n"])):
-                    made["n"] += 1
                     client = f"{self.site}-B{made['n'] % keys:05d}"
                     version = made["n"] // keys + 1
+                    made["n"] += 1
                     self.originate_site_data(DataClass.INVENTORY, client, version,
                                              inventory_payload(client, version), now)
                 self._save_links()

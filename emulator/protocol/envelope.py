@@ -65,7 +65,7 @@ def priority_of(data_class: DataClass) -> Priority:
 
 def content_hash(payload: dict[str, Any]) -> str:
     """A short stable hash of a payload: two envelopes with one seq and two hashes differ."""
-    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 

@@ -14,11 +14,13 @@ _ID = re.compile(r"^([A-Z0-9]{3})(\d{5})$")
 
 
 def object_id(site_code: str, number: int) -> str:
+    if not 0 <= number <= 99999:
+        raise ValueError(f"object number {number} of site {site_code} does not fit in 5 digits")
     return f"{site_code}{number:05d}"
 
 
 def parse_object_id(value: str) -> tuple[str, int] | None:
-    match = _ID.match(value)
+    match = _ID.fullmatch(value)
     if match is None:
         return None
     return match.group(1), int(match.group(2))

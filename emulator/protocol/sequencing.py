@@ -175,10 +175,7 @@ def on_ack(link: LinkState, ack: LinkAck, *, now: float, redelivered: bool) -> A
     """Take the peer's acknowledgement (and heartbeat) into the link state."""
     if ack.through > link.sent_through:
         return AckOutcome.SELF_ROLLBACK
-    if ack.sent_through < link.applied_through:
-        link.rollbacks += 1
-        return AckOutcome.ROLLBACK
-    if ack.through < link.acked_through:
+    if ack.sent_through < link.applied_through or ack.through < link.acked_through:
         if redelivered:  # an ack we already took, delivered again after a reconnect
             return AckOutcome.NO_CHANGE
         link.rollbacks += 1

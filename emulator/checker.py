@@ -1,0 +1,248 @@
+"""The convergence checker: judges a lab from every site's store (read-only).
+
+Invariants (PRODUCT §5), each violation named:
+
+- ``lost``: the central site does not hold a client's latest inventory or discovery, or a
+  site's latest SCF (with the drops that explain it, when the stores recorded any);
+- ``missing`` / ``diverged`` / ``orphan``: a site does not hold exactly the global objects of
+  each of its ancestors (missing, a different definition or revision, or one its owner
+  does not have);
+- ``reused_id``: an object ID has named two different definitions somewhere (the
+  "package 14" hazard of Q258924);
+- ``link``: a link is not active (degraded, failed, paused, quarantined) or the two ends'
+  counters contradict each other (a rollback the peers never resolved);
+- ``in_flight``: envelopes not yet acknowledged; ``down``: a site is not running.
+
+Verdict: ``invalid`` if any violation but ``in_flight`` and ``down`` (and, while envelopes are
+still in flight, but the data violations that may only be lag); ``unknown`` if only those (the
+lab is not settled, or part of it cannot be read); ``valid`` otherwise.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from emulator.lab import LabDir, LabInfo
+from emulator.protocol.sequencing import LinkState, health
+from sites.clients import read_client_versions
+from sites.store import SiteStore
+
+Verdict = Literal["valid", "invalid", "unknown"]
+SOFT = {"in_flight", "down"}
+LAG = {"lost", "missing", "diverged", "orphan"}
+
+
+@dataclass
+class Violation:
+    kind: str
+    site: str
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    verdict: Verdict
+    violations: list[Violation]
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "violations": [asdict(v) for v in self.violations],
+                "stats": self.stats}
+
+    def render(self, limit: int = 40) -> str:
+        lines = [f"verdict: {self.verdict}"]
+        kinds: dict[str, int] = {}
+        for v in self.violations:
+            kinds[v.kind] = kinds.get(v.kind, 0) + 1
+        if kinds:
+            lines.append("violations: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+        for v in self.violations[:limit]:
+            lines.append(f"  {v.kind:<9} {v.site}: {v.detail}")
+        if len(self.violations) > limit:
+            lines.append(f"  ... and {len(self.violations) - limit} more (--json for all)")
+        s = self.stats
+        lines.append(f"checked {s.get('sites', 0)} sites, {s.get('clients', 0)} clients,"
+                     f" {s.get('objects', 0)} objects, {s.get('links', 0)} links")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Site:
+    code: str
+    meta: dict[str, str]
+    links: dict[str, LinkState]
+    outbox: dict[str, int]
+    site_data: dict[tuple[str, str], int]
+    objects: dict[str, dict[str, Any]]
+    history: dict[str, set[str]]
+    drops: dict[tuple[str, str], int]
+
+
+def _read(lab_dir: LabDir, code: str) -> _Site | None:
+    path = lab_dir.site_db(code)
+    if not path.exists():
+        return None
+    try:
+        store = SiteStore(path, readonly=True)
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        db = store.db
+        db.execute("BEGIN")  # one consistent snapshot of the store
+        history: dict[str, set[str]] = {}
+        for oid, uid in db.execute("SELECT id, def_uid FROM object_history"):
+            history.setdefault(oid, set()).add(uid)
+        site = _Site(
+            code=code,
+            meta=store.meta(),
+            links=store.load_links(),
+            outbox=store.outbox_counts(),
+            site_data={(c, k): v for c, k, v in db.execute("SELECT data_class, key, version FROM site_data")},
+            objects={o["id"]: o for o in store.objects()},
+            history=history,
+            drops={(c, k): n for c, k, n in db.execute(
+                "SELECT data_class, key, COUNT(*) FROM drops WHERE reason IN ('conflict','stale')"
+                " GROUP BY data_class, key")},
+        )
+        db.execute("COMMIT")
+        return site
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        store.close()
+
+
+def check(lab_dir: LabDir, info: LabInfo | None = None) -> Report:
+    info = info or lab_dir.load()
+    topo = info.topology
+    settings = topo.settings
+    violations: list[Violation] = []
+    sites: dict[str, _Site] = {}
+    for code in topo.depth_order():
+        if lab_dir.pid(code) is None:
+            violations.append(Violation("down", code, "site is not running"))
+        snap = _read(lab_dir, code)
+        if snap is None:
+            violations.append(Violation("down", code, "site store cannot be read"))
+            continue
+        sites[code] = snap
+        phase = snap.meta.get("recovery_phase")
+        if phase and phase != "complete":
+            violations.append(Violation("in_flight", code, f"recovery in progress (phase {phase})"))
+
+    # links: health and the two ends' counters
+    for parent, child in topo.links():
+        p, c = sites.get(parent), sites.get(child)
+        if p is None or c is None:
+            continue
+        pl, cl = p.links.get(child), c.links.get(parent)
+        if pl is None or cl is None:
+            violations.append(Violation("link", child, f"link {parent}<->{child} is missing at one end"))
+            continue
+        for end, link in ((parent, pl), (child, cl)):
+            h = health(link, degraded_after=settings.degraded_after, failed_after=settings.failed_after)
+            if h != "active":
+                violations.append(Violation("link", end, f"link {parent}<->{child} is {h} at {end}",
+                                            {"health": h}))
+        for sender, s_link, receiver, r_link in ((parent, pl, child, cl), (child, cl, parent, pl)):
+            name = f"{sender}->{receiver}"
+            if s_link.sent_through < r_link.applied_through:
+                violations.append(Violation(
+                    "link", sender,
+                    f"{name}: {receiver} has applied through seq {r_link.applied_through} but {sender}"
+                    f" has sent only {s_link.sent_through}: {sender}'s new envelopes reuse numbers"
+                    f" {receiver} already applied and are dropped as already seen",
+                    {"sent": s_link.sent_through, "applied": r_link.applied_through}))
+            elif s_link.acked_through > r_link.applied_through:
+                violations.append(Violation(
+                    "link", receiver,
+                    f"{name}: {sender} counts seq through {s_link.acked_through} as acknowledged but"
+                    f" {receiver} expects {r_link.next_expected}: out of sequence, {sender} cannot resend",
+                    {"acked": s_link.acked_through, "expected": r_link.next_expected}))
+            elif s_link.sent_through > r_link.applied_through:
+                violations.append(Violation(
+                    "in_flight", sender,
+                    f"{name}: {s_link.sent_through - r_link.applied_through} envelope(s) not yet applied",
+                    {"sent": s_link.sent_through, "applied": r_link.applied_through}))
+
+    central = sites.get(topo.central)
+    clients_total = 0
+    if central is not None:
+        for code in topo.depth_order():
+            versions = read_client_versions(lab_dir.clients_db(code))
+            clients_total += len(versions)
+            for client, (inv, disc) in sorted(versions.items()):
+                for cls, want in (("inventory", inv), ("discovery", disc)):
+                    if want == 0:
+                        continue
+                    have = central.site_data.get((cls, client), 0)
+                    if have < want:
+                        dropped = sum(s.drops.get((cls, client), 0) for s in sites.values())
+                        why = f"; {dropped} envelope(s) for it dropped as already seen" if dropped else ""
+                        violations.append(Violation(
+                            "lost", topo.central,
+                            f"{cls} of client {client}: central holds version {have}, the client is at {want}{why}",
+                            {"class": cls, "key": client, "have": have, "want": want}))
+            site = sites.get(code)
+            if site is not None:
+                serial = int(site.meta.get("scf_serial", 0))
+                have = central.site_data.get(("scf", code), 0)
+                if have < serial:
+                    violations.append(Violation(
+                        "lost", topo.central,
+                        f"SCF of {code}: central holds serial {have}, {code} is at {serial}",
+                        {"class": "scf", "key": code, "have": have, "want": serial}))
+
+    # global objects: every site holds exactly its ancestors' objects
+    object_count = 0
+    for code, site in sites.items():
+        for anc in topo.ancestors(code):
+            owner = sites.get(anc)
+            if owner is None:
+                continue
+            theirs = {k: o for k, o in owner.objects.items() if o["origin"] == anc}
+            ours = {k: o for k, o in site.objects.items() if o["origin"] == anc}
+            for oid, obj in theirs.items():
+                mine = ours.get(oid)
+                if mine is None:
+                    violations.append(Violation("missing", code, f"{obj['kind']} {oid} of {anc} is missing",
+                                                {"id": oid, "owner": anc}))
+                elif mine["def_uid"] != obj["def_uid"]:
+                    violations.append(Violation(
+                        "reused_id", code,
+                        f"{obj['kind']} {oid}: {code} holds {mine['name']!r}, {anc} holds {obj['name']!r}"
+                        " (two definitions under one ID)", {"id": oid, "owner": anc}))
+                elif (mine["revision"], mine["deleted"]) != (obj["revision"], obj["deleted"]):
+                    violations.append(Violation(
+                        "diverged", code,
+                        f"{obj['kind']} {oid}: revision {mine['revision']} here, {obj['revision']} at {anc}",
+                        {"id": oid, "owner": anc}))
+            for oid in sorted(set(ours) - set(theirs)):
+                violations.append(Violation("orphan", code,
+                                            f"{ours[oid]['kind']} {oid} is not (any more) at its owner {anc}",
+                                            {"id": oid, "owner": anc}))
+        object_count += len(site.objects)
+        for oid, uids in site.history.items():
+            if len(uids) > 1:
+                violations.append(Violation(
+                    "reused_id", code,
+                    f"object ID {oid} has named {len(uids)} different definitions here (package 14 hazard)",
+                    {"id": oid, "definitions": sorted(uids)}))
+
+    for code, site in sites.items():
+        if site.meta.get("state") == "quarantined":
+            violations.append(Violation("link", code, f"site {code} is quarantined (restored without recovery)"))
+
+    # Data still on its way is not lost: propagation is judged only once the lab is settled.
+    settled = not any(v.kind == "in_flight" for v in violations) and not any(
+        n for site in sites.values() for n in site.outbox.values())
+    soft = SOFT if settled else SOFT | LAG
+    hard = [v for v in violations if v.kind not in soft]
+    verdict: Verdict = "invalid" if hard else ("unknown" if violations else "valid")
+    return Report(verdict, violations, {
+        "sites": len(sites), "clients": clients_total, "objects": object_count,
+        "links": len(topo.links()),
+    })

@@ -1,0 +1,162 @@
+"""Helpers for tests that run real labs: a broker URL, a lab handle, waiting on conditions.
+
+Used by smslab's own tests; the pytest plugin of a later release builds on the same pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from broker import admin
+from emulator import checker, orchestrator
+from emulator.errors import BrokerUnavailable
+from emulator.lab import LabDir, LabInfo
+
+T = TypeVar("T")
+
+
+def broker_url_or_reason() -> tuple[str | None, str]:
+    """An AMQP URL that answers: SMSLAB_AMQP_URL, else localhost, else a RabbitMQ container."""
+    url = os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
+    try:
+        admin.check(url)
+        return url, ""
+    except BrokerUnavailable as exc:
+        local_error = str(exc)
+    try:
+        from testcontainers.community.rabbitmq import RabbitMqContainer  # noqa: PLC0415
+    except ImportError:
+        return None, f"no broker at {url} ({local_error}) and testcontainers is not installed"
+    try:
+        container = RabbitMqContainer("rabbitmq:3.13-management")
+        container.start()
+    except Exception as exc:  # noqa: BLE001 - docker missing, image missing, ...
+        return None, f"no broker at {url} ({local_error}) and no RabbitMQ container: {exc}"
+    params = container.get_connection_params()
+    return f"amqp://guest:guest@{params.host}:{params.port}/%2F", ""
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.1) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+FAST_SETTINGS = {"sync_interval": 0.3, "resend_after": 1.0}
+
+
+def topology_yaml(sites: list[dict[str, Any]], *, lab: str = "t", mode: str = "sms20",
+                  clients: int = 2, workload: dict[str, float] | None = None,
+                  settings: dict[str, Any] | None = None) -> str:
+    doc = {
+        "lab": lab, "mode": mode,
+        "defaults": {"clients": clients, "workload": workload or {
+            "inventory_interval": 0.5, "discovery_interval": 2.0, "status_interval": 2.0,
+            "object_interval": 1.0, "scf_interval": 3.0}},
+        "settings": {**FAST_SETTINGS, **(settings or {})},
+        "sites": sites,
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+DEMO_SITES = [
+    {"code": "CEN", "type": "central", "clients": 0},
+    {"code": "P01", "type": "primary", "parent": "CEN"},
+    {"code": "P02", "type": "primary", "parent": "CEN"},
+    {"code": "S01", "type": "secondary", "parent": "P01"},
+    {"code": "S02", "type": "secondary", "parent": "P02"},
+]
+
+
+class Lab:
+    """A lab brought up for a test, with the operations tests need."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root = root
+        self.url = url
+        self.dir = LabDir(root / "lab")
+        self.info: LabInfo | None = None
+
+    # lifetime
+    def up(self, topology_text: str, timeout: float = 60.0) -> LabInfo:
+        path = self.root / "topology.yaml"
+        path.write_text(topology_text)
+        self.info = orchestrator.up(path, self.dir, self.url, timeout=timeout)
+        return self.info
+
+    def down(self) -> None:
+        if self.dir.exists():
+            orchestrator.down(self.dir, keep=True)
+
+    @property
+    def lab_id(self) -> str:
+        assert self.info is not None
+        return self.info.lab_id
+
+    # the CLI, as a user runs it
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, SMSLAB_AMQP_URL=self.url)
+        done = subprocess.run(
+            [sys.executable, "-m", "emulator", "--lab", str(self.dir.path), *args],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"smslab {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def control(self, site: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        return admin.control_request(self.url, self.lab_id, site, cmd, timeout=timeout)
+
+    # reading site stores
+    @contextmanager
+    def db(self, site: str) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.dir.site_db(site)}?mode=ro", uri=True, timeout=10)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def query(self, site: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with self.db(site) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def link(self, site: str, peer: str) -> dict[str, Any]:
+        rows = self.query(site, "SELECT state FROM link WHERE peer=?", peer)
+        return json.loads(rows[0][0]) if rows else {}
+
+    def check(self) -> checker.Report:
+        return checker.check(self.dir)
+
+    def pause(self) -> None:
+        assert self.info is not None
+        for code in self.info.topology.depth_order():
+            if self.dir.pid(code):
+                self.control(code, {"cmd": "pause-workload"})
+
+    def wait_converged(self, timeout: float = 60.0) -> checker.Report:
+        self.pause()
+        deadline = time.monotonic() + timeout
+        while True:
+            report = self.check()
+            if report.verdict == "valid":
+                return report
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the lab did not converge in {timeout:.0f}s:\n{report.render()}")
+            time.sleep(0.3)

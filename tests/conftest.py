@@ -1,0 +1,46 @@
+"""Fixtures: a broker (SMSLAB_AMQP_URL, else localhost, else a RabbitMQ container, else the
+integration tests are skipped with the reason) and labs that are always brought down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emulator.testing import Lab, broker_url_or_reason
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    url, reason = broker_url_or_reason()
+    if url is None:
+        pytest.skip(f"integration tests need RabbitMQ: {reason}")
+    return url
+
+
+@pytest.fixture
+def lab(tmp_path: Path, amqp_url: str) -> Iterator[Lab]:
+    handle = Lab(tmp_path, amqp_url)
+    try:
+        yield handle
+    finally:
+        handle.down()
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path, amqp_url: str) -> Iterator[object]:
+    """Several labs in one test."""
+    made: list[Lab] = []
+
+    def factory(name: str) -> Lab:
+        (tmp_path / name).mkdir()
+        handle = Lab(tmp_path / name, amqp_url)
+        made.append(handle)
+        return handle
+
+    try:
+        yield factory
+    finally:
+        for handle in made:
+            handle.down()

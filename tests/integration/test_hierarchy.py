@@ -1,0 +1,179 @@
+"""A working hierarchy on the real broker with real site processes (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from broker import admin
+from broker.faults import close_site_connection
+from emulator import orchestrator
+from sites.clients import read_client_versions
+from emulator.testing import DEMO_SITES, Lab, topology_yaml, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def applied_versions(lab: Lab, site: str, source: str, cls: str = "inventory") -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for key, version in lab.query(
+        site, "SELECT key, version FROM applied WHERE source=? AND data_class=? ORDER BY seq", source, cls
+    ):
+        out.setdefault(key, []).append(version)
+    return out
+
+
+def assert_link_exact(lab: Lab, sender: str, receiver: str) -> None:
+    """Every envelope the sender numbered was applied once, in order, by the receiver."""
+    seqs = [s for (s,) in lab.query(receiver, "SELECT seq FROM applied WHERE source=? ORDER BY seq", sender)]
+    stale = lab.query(receiver, "SELECT COUNT(*) FROM drops WHERE source=? AND reason='stale'", sender)[0][0]
+    sent = lab.link(sender, receiver)["next_send_seq"] - 1
+    assert lab.link(receiver, sender)["next_expected"] - 1 == sent
+    assert len(seqs) + stale == sent, f"{sender}->{receiver}: {len(seqs)} applied + {stale} stale of {sent} sent"
+    assert seqs == sorted(set(seqs)), f"{sender}->{receiver}: a sequence number applied twice"
+
+
+def test_cli_up_status_down_demo_lab(lab: Lab) -> None:
+    """The README's commands on the shipped 5-site lab: up, status --json, check, down."""
+    lab.dir.path.parent.mkdir(parents=True, exist_ok=True)
+    up = lab.cli("up", str(REPO / "examples" / "lab.yaml"))
+    assert "5 sites active" in up.stdout
+    for code in ("CEN", "P01", "P02", "S01", "S02"):
+        assert f"{code} attached" in up.stdout
+    lab.info = lab.dir.load()
+
+    def moving() -> bool:
+        snap = json.loads(lab.cli("status", "--json").stdout)
+        return all(s["state"] == "active" and s["pid"] for s in snap["sites"]) and all(
+            l["up"]["acked"] and l["up"]["acked"] > 3 and l["health"] == "active" for l in snap["links"]
+        )
+
+    wait_for("every site active and inventory moving up every link", moving, timeout=30)
+    text = lab.cli("status").stdout
+    assert "├─ P01 primary" in text and "└─ S01 secondary" in text
+    lab.cli("wait-converged", "--timeout", "60")
+    assert lab.cli("check").stdout.startswith("verdict: valid")
+    pids = [lab.dir.pid(c) for c in ("CEN", "P01", "S01")]
+    down = lab.cli("down")
+    assert "is down" in down.stdout
+    for pid in pids:
+        assert pid is not None and not orchestrator.is_alive(pid)
+    # the lab's broker objects are gone
+    assert admin.queue_depths(lab.url, lab.lab_id, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+
+
+def test_data_reaches_central_and_objects_reach_every_site(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES))
+    made = lab.control("CEN", {"cmd": "create", "kind": "package", "name": "Office 2000"})["object"]
+    lab.control("P01", {"cmd": "create", "kind": "collection", "name": "All P01 clients"})
+    wait_for("a few rounds of inventory", lambda: len(lab.query("CEN", "SELECT 1 FROM site_data WHERE data_class='inventory'")) >= 8)
+    report = lab.wait_converged(timeout=60)
+    assert report.verdict == "valid", report.render()
+    # every client's latest inventory at the central site, from the clients' own counters
+    central = dict(lab.query("CEN", "SELECT key, version FROM site_data WHERE data_class='inventory'"))
+    for site in ("P01", "P02", "S01", "S02"):
+        for client, (inv, _disc) in read_client_versions(lab.dir.clients_db(site)).items():
+            assert central.get(client) == inv, f"{client}: central {central.get(client)}, client {inv}"
+    scf = dict(lab.query("CEN", "SELECT key, version FROM site_data WHERE data_class='scf'"))
+    for site in ("CEN", "P01", "P02", "S01", "S02"):
+        serial = int(lab.query(site, "SELECT v FROM meta WHERE k='scf_serial'")[0][0])
+        assert scf.get(site) == serial
+    # the package made at the central site is at every site, with its one definition
+    for site in ("P01", "P02", "S01", "S02"):
+        rows = lab.query(site, "SELECT name, def_uid FROM objects WHERE id=?", made["id"])
+        assert rows == [("Office 2000", made["def_uid"])]
+    # objects made at P01 reach S01 and not P02's subtree
+    p01_objects = {r[0] for r in lab.query("P01", "SELECT id FROM objects WHERE origin='P01'")}
+    assert p01_objects, "the workload made objects at P01"
+    assert p01_objects <= {r[0] for r in lab.query("S01", "SELECT id FROM objects")}
+    assert not p01_objects & {r[0] for r in lab.query("S02", "SELECT id FROM objects")}
+
+
+def _burst_then(lab: Lab, fault: str) -> None:
+    """S01 sends 4000 inventory envelopes up through P01; ``fault`` strikes P01 midway."""
+    lab.up(topology_yaml(DEMO_SITES))
+    lab.control("S01", {"cmd": "burst", "count": 4000, "keys": 200, "chunk": 200})
+    wait_for("the burst to be half way through P01",
+             lambda: lab.link("CEN", "P01").get("next_expected", 0) > 600, timeout=60, interval=0.02)
+    if fault == "kill":
+        pid = lab.dir.pid("P01")
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for("P01 to die", lambda: lab.dir.pid("P01") is None, timeout=10)
+        lab.cli("start", "P01")
+    else:
+        assert close_site_connection(lab.lab_id, "P01") == 1
+    report = lab.wait_converged(timeout=120)
+    assert report.verdict == "valid", report.render()
+    for sender, receiver in (("S01", "P01"), ("P01", "CEN"), ("P01", "S01"), ("CEN", "P01")):
+        assert_link_exact(lab, sender, receiver)
+    at_central = applied_versions(lab, "CEN", "P01")
+    burst = {k: v for k, v in at_central.items() if "-B" in k}
+    assert len(burst) == 200
+    for key, versions in burst.items():
+        # every version of every burst key reached the central site exactly once, in order
+        assert versions == list(range(1, len(versions) + 1)), f"{key}: {versions}"
+    assert sum(len(v) for v in burst.values()) == 4000
+    held = dict(lab.query("CEN", "SELECT key, version FROM site_data WHERE key LIKE 'S01-B%'"))
+    assert sorted(held.values()) == sorted(len(v) for v in burst.values())
+
+
+def test_kill_9_primary_mid_traffic_loses_nothing_applies_nothing_twice(lab: Lab) -> None:
+    _burst_then(lab, "kill")
+
+
+def test_broker_connection_closed_under_a_site_is_survived(lab: Lab) -> None:
+    _burst_then(lab, "close_connection")
+    log = lab.dir.log_file("P01").read_text()
+    assert "reconnecting" in log
+
+
+def test_malformed_envelope_is_dead_lettered_and_the_site_goes_on(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    before = lab.link("CEN", "P01")["next_expected"]
+    admin.publish_raw(lab.url, lab.lab_id, "CEN", b'{"v": 1, "lab": "nope", "garbage": true}')
+    admin.publish_raw(lab.url, lab.lab_id, "CEN", b"\xff\xfe not json")
+    letters = wait_for("two dead letters", lambda: (d := admin.dead_letters(lab.url, lab.lab_id)) and len(d) >= 2 and d)
+    reasons = [json.loads(l["body"])["reason"] for l in letters]
+    assert all(r.startswith("malformed packet") for r in reasons), reasons
+    assert json.loads(letters[1]["body"])["site"] == "CEN"
+    assert lab.dir.pid("CEN")
+    wait_for("CEN to keep applying P01's data", lambda: lab.link("CEN", "P01")["next_expected"] > before + 3)
+
+
+def test_two_labs_share_the_broker_without_seeing_each_other(make_lab: object) -> None:
+    a, b = make_lab("a"), make_lab("b")  # type: ignore[operator]
+    sites = DEMO_SITES[:2]
+    a.up(topology_yaml(sites, lab="same"))
+    b.up(topology_yaml(sites, lab="same"))
+    assert a.lab_id != b.lab_id
+    for one in (a, b):
+        assert one.wait_converged(timeout=60).verdict == "valid"
+    assert admin.dead_letters(a.url, a.lab_id) == [] and admin.dead_letters(b.url, b.lab_id) == []
+    clients_a = {k for (k,) in a.query("CEN", "SELECT key FROM site_data WHERE data_class='inventory'")}
+    assert clients_a == {"P01-C001", "P01-C002"}
+
+
+def test_cli_errors_say_what_and_what_to_do(lab: Lab, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(topology_yaml([{"code": "CEN", "type": "central"},
+                                  {"code": "P01", "type": "primary", "parent": "P02"},
+                                  {"code": "P02", "type": "primary", "parent": "P01"}]))
+    done = lab.cli("up", str(bad), check=False)
+    assert done.returncode == 2
+    assert "HMAN 3300" in done.stderr and "bad.yaml:" in done.stderr and "Traceback" not in done.stderr
+    assert not lab.dir.exists(), "nothing starts when the topology is refused"
+    done = lab.cli("status", check=False)
+    assert done.returncode == 2 and "no lab in" in done.stderr and "smslab up" in done.stderr
+    env_url = "amqp://guest:guest@127.0.0.1:1/%2F"
+    done = lab.cli("--amqp", env_url, "up", str(REPO / "examples" / "lab.yaml"), check=False)
+    assert done.returncode == 2 and "cannot reach RabbitMQ" in done.stderr and "Traceback" not in done.stderr
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    done = lab.cli("kill", "X99", check=False)
+    assert done.returncode == 2 and "unknown site X99" in done.stderr
