@@ -1,6 +1,7 @@
 """Throughput of one replication link (P01 -> CEN), against raw pika on the same broker.
 
-    python bench/link_throughput.py [--count 20000] [--amqp URL] [--json]
+    python bench/link_throughput.py [--count 20000] [--amqp URL] [--repeat R]
+                                    [--only durable|raw] [--deadline S] [--json]
 
 A benchmark, not a test: it prints figures and asserts nothing about them.
 
@@ -113,6 +114,22 @@ def broker_pids() -> list[int]:
     return pids
 
 
+def machine_busy(interval: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over ``interval`` seconds (Linux /proc/stat), None if unknown."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return values[3] + values[4], sum(values[:8])  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
+
+
 def cpu_delta(before: float | None, after: float | None) -> float | None:
     return round(after - before, 3) if before is not None and after is not None else None
 
@@ -216,6 +233,7 @@ def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
             "applied_per_s": round(count / applied_s, 1),
             "acked_per_s": round(count / acked_s, 1),
             "envelope_bytes": len(sample) if sample else None,
+            "_sample": sample,
             "cen_link": {k: getattr(cen_link, k) for k in
                          ("applied", "duplicates", "stale", "gaps", "conflicts")},
             "p01_resends": p01.load_links()["CEN"].resends,
@@ -396,7 +414,7 @@ def machine_facts(url: str, load_before: float | None) -> dict[str, Any]:
         "rabbitmq": rabbit,
         "rabbitmq_from": source,
         "platform": platform.platform(),
-        "loadavg_1m_before": load_before,
+        "cpu_busy_before": load_before,
     }
 
 
@@ -409,6 +427,10 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
+
+
+def _pct(v: float | None) -> str:
+    return "?" if v is None else f"{v:.0%}"
 
 
 def _s(v: float | None) -> str:
@@ -458,7 +480,7 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  CPU s, raw ({r['consumed_s']:.2f} s wall): producer {_s(c['producer'])},"
               f" consumer {_s(c['consumer'])}, broker {_s(c['broker'])}")
     print(f"  machine: {m['cores']} cores ({m['cpu'] or '?'}), python {m['python']},"
-          f" pika {m['pika']}, RabbitMQ {m['rabbitmq'] or '?'}, load {m['loadavg_1m_before']} before")
+          f" pika {m['pika']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {_pct(m['cpu_busy_before'])}")
 
 
 def _interrupted(_sig: int, _frame: object) -> None:
@@ -482,14 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)  # clean up (lab down, queue deleted) on TERM too
     try:
         admin.check(args.amqp)
-        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        if load is not None and load > 0.5 * (os.cpu_count() or 1):
-            log(f"WARNING: load average {load} before the run: other work will skew the figures")
+        load = machine_busy()
+        if load is not None and load > 0.25:
+            log(f"WARNING: the CPUs were {load:.0%} busy before the run: other work will skew the figures")
         durable = raw = None
+        samples: list[bytes] = []
         if args.only != "raw":
-            durable = median_run([durable_run(args.amqp, args.count, args.deadline)
-                                  for _ in range(args.repeat)], "acked_per_s")
-        body = sample_envelope()
+            runs = [durable_run(args.amqp, args.count, args.deadline) for _ in range(args.repeat)]
+            samples = [s for s in (r.pop("_sample") for r in runs) if s]
+            durable = median_run(runs, "acked_per_s")
+        # The raw messages are a real envelope of the burst, or one built the same way.
+        body = samples[0] if samples else sample_envelope()
         if args.only != "durable":
             raw = median_run([raw_run(args.amqp, args.count, body, args.deadline)
                               for _ in range(args.repeat)], "consumed_per_s")
