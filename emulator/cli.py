@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import admin
-from emulator import checker, orchestrator, status
+from emulator import backup, checker, orchestrator, recover, status
 from emulator.errors import LabError, SmslabError
 from emulator.lab import DEFAULT_LAB_DIR, LabDir
 
@@ -107,7 +107,8 @@ def cmd_stop(args: argparse.Namespace, lab_dir: LabDir) -> int:
 @command("start")
 def cmd_start(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
-    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=say)
+    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=say,
+                             restore=args.restore, wipe=args.wipe)
     say(f"site {code} started (pid {pid})")
     return 0
 
@@ -245,11 +246,131 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_start_options(s: argparse.ArgumentParser) -> None:
-    """Extension point: options of ``start`` added by later modules."""
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--restore", metavar="BACKUP",
+                       help="first replace the site's store with a backup, WITHOUT recovery (the KB failure)")
+    group.add_argument("--wipe", action="store_true",
+                       help="first rebuild the site from nothing under its old code, WITHOUT recovery")
 
 
 def add_more_commands(sub: Any) -> None:
-    """Extension point: sub-commands registered by later modules."""
+    s = sub.add_parser("backup", help="back up a running site (atomic snapshot); prints the backup id")
+    s.add_argument("site")
+    s = sub.add_parser("backups", help="list backups")
+    s.add_argument("site", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("recover", help="run the recovery agent: reused site code + resynchronization handshake")
+    s.add_argument("site")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--backup", metavar="BACKUP", help="restore this backup first")
+    group.add_argument("--wipe", action="store_true", help="rebuild from nothing first (a secondary's reinstall)")
+    s.add_argument("--reference", metavar="SITE", help="the child whose copy of our global objects is taken back")
+    s.add_argument("--timeout", type=float, default=120.0)
+    s = sub.add_parser("syncchild", help="Preinst /syncchild: PARENT sends all global data to CHILD")
+    s.add_argument("parent")
+    s.add_argument("child")
+    s = sub.add_parser("syncparent", help="Preinst /syncparent: SITE and its children resend site data and SCFs up")
+    s.add_argument("site")
+    s = sub.add_parser("deljob", help="Preinst /deljob: delete every job of SITE destined for DEST")
+    s.add_argument("site")
+    s.add_argument("dest")
+    s = sub.add_parser("delsite", help="Preinst /delsite: delete SITE's data where it is run (at --at)")
+    s.add_argument("site")
+    s.add_argument("--parent", required=True, help="SITE's parent: nothing is deleted if it moved")
+    s.add_argument("--at", help="where to run it (default: the parent)")
+    s = sub.add_parser("dump", help="Preinst /dump: the SCFs a site holds, for itself and its children")
+    s.add_argument("site")
+    s = sub.add_parser("stopsite", help="Preinst /stopsite: stop a site gracefully")
+    s.add_argument("site")
+    s = sub.add_parser("diag", help="a site's watermarks, link counters, outbox, health and drops")
+    s.add_argument("site")
+    s.add_argument("--json", action="store_true")
+
+
+@command("backup")
+def cmd_backup(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    record = backup.create(lab_dir, lab_dir.load(), code)
+    say(record.id)
+    return 0
+
+
+@command("backups")
+def cmd_backups(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site) if args.site else None
+    records = backup.list_all(lab_dir, code)
+    if args.json:
+        print(json.dumps([r.model_dump() for r in records], indent=2))
+        return 0
+    if not records:
+        say("no backups" + (f" of {code}" if code else ""))
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+        say(f"{r.id}  {r.site}  {when}  txn {r.txn_id}  incarnation {r.incarnation}  next object {r.object_next}")
+    return 0
+
+
+@command("recover")
+def cmd_recover(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    reference = args.reference.upper() if args.reference else None
+    recover.recover(lab_dir, code, backup_id=args.backup, wipe=args.wipe, reference=reference,
+                    timeout=args.timeout, progress=say)
+    return 0
+
+
+@command("syncchild")
+def cmd_syncchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    parent, child = known_site(lab_dir, args.parent), known_site(lab_dir, args.child)
+    answer = control(lab_dir, parent, {"cmd": "syncchild", "child": child})
+    say(f"{parent} queued {answer['sent']} global object(s) for {child}")
+    return 0
+
+
+@command("syncparent")
+def cmd_syncparent(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    answer = control(lab_dir, code, {"cmd": "syncparent"})
+    kids = answer.get("children") or []
+    say(f"{code} queued {answer['sent']} record(s) for its parent" + (f"; asked {', '.join(kids)} to do the same" if kids else ""))
+    return 0
+
+
+@command("deljob")
+def cmd_deljob(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code, dest = known_site(lab_dir, args.site), known_site(lab_dir, args.dest)
+    answer = control(lab_dir, code, {"cmd": "deljob", "dest": dest})
+    say(f"deleted {answer['deleted']} job(s) of {code} destined for {dest}")
+    return 0
+
+
+@command("delsite")
+def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    target, parent = known_site(lab_dir, args.site), known_site(lab_dir, args.parent)
+    at = known_site(lab_dir, args.at) if args.at else parent
+    answer = control(lab_dir, at, {"cmd": "delsite", "site": target, "parent": parent})
+    say(answer.get("note") or f"{at}: deleted {answer['deleted']} record(s) of {target} and {answer.get('jobs', 0)} job(s)")
+    return 0
+
+
+@command("dump")
+def cmd_dump(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    print(json.dumps(status.dump(lab_dir, code), indent=2))
+    return 0
+
+
+@command("stopsite")
+def cmd_stopsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    return cmd_stop(args, lab_dir)
+
+
+@command("diag")
+def cmd_diag(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    info = status.diag(lab_dir, lab_dir.load(), code)
+    print(json.dumps(info, indent=2) if args.json else status.render_diag(info))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

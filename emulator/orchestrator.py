@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker import admin
+from emulator import backup
 from emulator.errors import LabError
 from emulator.lab import LabDir, LabInfo, new_lab_id
 from emulator.topology import Topology, load_topology
@@ -53,7 +54,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     return info
 
 
-def spawn(lab_dir: LabDir, code: str) -> int:
+def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
     if lab_dir.pid(code):
         raise LabError(f"site {code} is already running (pid {lab_dir.pid(code)})",
                        hint=f"smslab stop {code} first")
@@ -61,7 +62,7 @@ def spawn(lab_dir: LabDir, code: str) -> int:
     site_dir.mkdir(parents=True, exist_ok=True)
     log = open(lab_dir.log_file(code), "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code],
+        [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, close_fds=True,
     )
@@ -156,9 +157,21 @@ def stop(lab_dir: LabDir, code: str, timeout: float = 15.0) -> int:
     return pid
 
 
-def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progress = _quiet) -> int:
+def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progress = _quiet,
+          restore: str | None = None, wipe: bool = False) -> int:
+    """Start a site; ``restore``/``wipe`` first replace its store, with no recovery at all
+    (the failure of Q201603: the site comes back under its old code with old counters)."""
     info = lab_dir.load()
     info.topology.site(code)
+    if lab_dir.pid(code):
+        raise LabError(f"site {code} is already running (pid {lab_dir.pid(code)})",
+                       hint=f"smslab stop {code} (or kill) first")
+    if restore:
+        record = backup.restore_into(lab_dir, info, restore, code)
+        progress(f"  {code} restored from backup {record.id} (transaction ID {record.txn_id}), no recovery")
+    elif wipe:
+        backup.wipe_store(lab_dir, code)
+        progress(f"  {code} rebuilt from nothing under its old site code, no recovery")
     pid = spawn(lab_dir, code)
     wait_attached(lab_dir, info, [code], timeout=timeout, progress=progress)
     return pid

@@ -131,3 +131,93 @@ def render(status: dict[str, Any]) -> str:
     for root in children.get(None, []):
         walk(root, "", True, True)
     return "\n".join(lines)
+
+
+def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
+    """The ``.trs``-like view of one site: watermarks per (source, class), links, outbox, drops."""
+    path = lab_dir.site_db(code)
+    if not path.exists():
+        from emulator.errors import LabError  # noqa: PLC0415
+
+        raise LabError(f"site {code} has no store", hint="is the lab up? (smslab status)")
+    settings = info.topology.settings
+    store = SiteStore(path, readonly=True)
+    try:
+        db = store.db
+        watermarks: dict[str, dict[str, dict[str, int]]] = {}
+        for source, cls, keys, top in db.execute(
+            "SELECT source, data_class, COUNT(*), MAX(txn) FROM watermark GROUP BY source, data_class"
+        ):
+            watermarks.setdefault(source, {})[cls] = {"keys": keys, "max_txn": top}
+        drops: dict[str, dict[str, int]] = {}
+        for source, reason, n in db.execute("SELECT source, reason, COUNT(*) FROM drops GROUP BY source, reason"):
+            drops.setdefault(source, {})[reason] = n
+        meta = store.meta()
+        links = {}
+        outbox = store.outbox_counts()
+        for peer, link in store.load_links().items():
+            row = link.to_row()
+            row["health"] = health(link, degraded_after=settings.degraded_after, failed_after=settings.failed_after)
+            row["outbox"] = outbox.get(peer, 0)
+            links[peer] = row
+        status_rows = db.execute(
+            "SELECT message_id, severity, component, text, at FROM status_messages ORDER BY id DESC LIMIT 10"
+        ).fetchall()
+        return {
+            "site": code,
+            "state": meta.get("state"),
+            "pid": lab_dir.pid(code),
+            "counters": {k: meta.get(k) for k in ("txn_id", "incarnation", "scf_serial", "status_serial",
+                                                    "control_serial_processed")},
+            "object_next": store.allocators().get("object"),
+            "recovery": {k: meta.get(k) for k in ("recovery_id", "recovery_phase", "recovery_waiting",
+                                                    "recovered_at") if meta.get(k)},
+            "watermarks": watermarks,
+            "links": links,
+            "drops": drops,
+            "recent_status": [
+                {"id": m, "severity": s, "component": c, "text": t, "at": a} for m, s, c, t, a in status_rows
+            ],
+        }
+    finally:
+        store.close()
+
+
+def render_diag(d: dict[str, Any]) -> str:
+    c = d["counters"]
+    lines = [f"site {d['site']}: {d['state']} (pid {d['pid'] or '-'}), transaction ID {c['txn_id']},"
+             f" incarnation {c['incarnation']}, SCF serial {c['scf_serial']}, next object {d['object_next']}"]
+    if d["recovery"]:
+        lines.append("recovery: " + ", ".join(f"{k} {v}" for k, v in d["recovery"].items()))
+    lines.append("watermarks (.trs) per source and data class: keys, highest transaction ID")
+    for source, classes in sorted(d["watermarks"].items()):
+        lines.append(f"  [{source}] " + "  ".join(f"{cls}={v['max_txn']} ({v['keys']} keys)"
+                                                  for cls, v in sorted(classes.items())))
+    lines.append("links")
+    for peer, l in sorted(d["links"].items()):
+        lines.append(
+            f"  {peer} ({l['role']}) {l['health']}: send next {l['next_send_seq']} acked {l['acked_through']}"
+            f" outbox {l['outbox']} | receive next {l['next_expected']} | dup {l['duplicates']}"
+            f" conflict {l['conflicts']} gap {l['gaps']} stale {l['stale']} fenced {l['fenced']}"
+            f" refused {l['refused']} | resends {l['resends']} unavailable {l['resend_unavailable']}"
+            f" | failed syncs out {l['out_failed_syncs']} in {l['in_failed_syncs']}"
+        )
+    if d["drops"]:
+        lines.append("drops recorded: " + "; ".join(
+            f"from {src}: " + ", ".join(f"{r} {n}" for r, n in sorted(rs.items()))
+            for src, rs in sorted(d["drops"].items())))
+    if d["recent_status"]:
+        lines.append("recent status messages")
+        for m in d["recent_status"]:
+            lines.append(f"  {m['id']} {m['severity']:<7} {m['component']}: {m['text']}")
+    return "\n".join(lines)
+
+
+def dump(lab_dir: LabDir, code: str) -> dict[str, Any]:
+    """``/dump``: the site control files a site holds (its own and its subtree's)."""
+    store = SiteStore(lab_dir.site_db(code), readonly=True)
+    try:
+        scfs = {row["key"]: row["payload"] for row in store.site_data("scf")}
+        return {"site": code, "scf": scfs}
+    finally:
+        store.close()

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lab", required=True, help="lab directory")
     parser.add_argument("--site", required=True, help="site code")
     parser.add_argument("--amqp", default=None, help="broker URL (default: the lab's)")
+    parser.add_argument("--recover", metavar="RECOVERY_ID", default=None,
+                        help="start as the recovery agent of this site (resumes a recovery with the same ID)")
+    parser.add_argument("--reference", default=None, help="recovery: the child whose copy of our objects we take back")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("SMSLAB_LOG_LEVEL", "INFO"),
@@ -32,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return run(LabDir(args.lab), args.site, args.amqp)
+        return run(LabDir(args.lab), args.site, args.amqp, args.recover, args.reference)
     except SmslabError as exc:
         log.error("%s%s", exc, f" ({exc.hint})" if exc.hint else "")
         return 2
 
 
-def run(lab_dir: LabDir, site: str, amqp: str | None) -> int:
+def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None,
+        reference: str | None = None) -> int:
     info = lab_dir.load()
     topology = info.topology
     spec = topology.site(site)
@@ -50,6 +54,8 @@ def run(lab_dir: LabDir, site: str, amqp: str | None) -> int:
         prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
     )
     runtime = make_runtime(info.lab_id, topology, site, store, clients, transport)
+    if recover:
+        runtime.recovery.begin(recover, reference)
     lab_dir.pid_file(site).write_text(f"{os.getpid()}\n")
 
     def on_term(_sig: int, _frame: object) -> None:

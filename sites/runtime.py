@@ -43,6 +43,7 @@ from emulator.protocol.objects import OBJECT_KINDS, object_id
 from emulator.topology import Topology
 from sites import status_ids as sid
 from sites.clients import ClientStore, WorkloadClock, inventory_payload
+from sites.recovery import Recovery
 from sites.store import SiteStore
 
 log = logging.getLogger("sites.runtime")
@@ -102,6 +103,8 @@ class SiteRuntime:
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
         self._load_counters()
+        self.recovery = Recovery(self)
+        self.on_tick_hooks.append(self.recovery.tick)
         self.workload = WorkloadClock(
             site,
             clients.ids if clients else [],
@@ -268,8 +271,7 @@ class SiteRuntime:
                 self.on_recovery_message(link, msg, out, now)
 
     def on_recovery_message(self, link: seq.LinkState, msg: Any, out: Outgoing, now: float) -> None:
-        """Hook for the recovery handshake (sites.recovery installs the real handler)."""
-        log.info("%s: ignoring %s from %s (no recovery in progress)", self.site, msg.kind, link.peer)
+        self.recovery.on_peer_message(link, msg, out, now)
 
     def _receive_envelope(self, link: seq.LinkState, env: Envelope, out: Outgoing, now: float) -> None:
         if link.paused:
@@ -668,6 +670,7 @@ class SiteRuntime:
         cmd = command["cmd"]
         if cmd == "ping":
             return {"site": self.site, "state": self.state, "pid": os.getpid(),
+                    "recovering": self.store.get_meta("recovery_phase") not in (None, "complete"),
                     "links": {p: {"acked_through": l.acked_through, "applied_through": l.applied_through,
                                   "sent_through": l.sent_through} for p, l in self.links.items()}}
         if cmd == "pause-workload":
@@ -722,7 +725,41 @@ class SiteRuntime:
         self.transport.call_later(0, step)
 
     def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
-        raise SmslabError(f"unknown control command {command['cmd']!r}")
+        """The Preinst-equivalent verbs."""
+        from sites.recovery import sync_objects_to, sync_site_data_up  # noqa: PLC0415
+
+        cmd = command["cmd"]
+        if cmd == "syncchild":
+            child = command["child"]
+            if child not in self.children:
+                raise SmslabError(f"{child} is not a child of {self.site}",
+                                  hint=f"children of {self.site}: {', '.join(self.children) or 'none'}")
+            return {"sent": sync_objects_to(self, child)}
+        if cmd == "syncparent":
+            sent = sync_site_data_up(self, now) if self.parent else 0
+            for child in self.children:  # "the current site and all its child sites"
+                self.transport.publish(names.control_key(child), json.dumps({"cmd": "syncparent"}).encode())
+            return {"sent": sent, "children": self.children}
+        if cmd == "deljob":
+            dest = command["dest"]
+            if dest not in self.links:
+                raise SmslabError(f"{dest} is not a neighbour of {self.site}")
+            deleted = self.store.outbox_clear(dest)
+            self.published[dest] = self.links[dest].sent_through
+            return {"deleted": deleted}
+        if cmd == "delsite":
+            target, parent = command["site"], command["parent"]
+            if target == self.site:
+                raise SmslabError("delsite deletes another site's data, not this site's own")
+            actual = self.topology.parent(target)
+            if actual != parent:
+                return {"deleted": 0, "note": f"{target} reports to {actual}, not {parent}: nothing deleted"}
+            removed = self.store.delete_site_data_of([target])
+            jobs = self.store.outbox_clear(target) if target in self.links else 0
+            self._status(sid.SITE_DELETED, "info",
+                         f"delsite: deleted {removed} record(s) of site {target} and {jobs} job(s)", now)
+            return {"deleted": removed, "jobs": jobs}
+        raise SmslabError(f"unknown control command {cmd!r}")
 
     def shutdown(self) -> None:
         self.stopping = True

@@ -151,8 +151,11 @@ class RecoveryResync(_Msg):
 
 
 class RecoveryResyncDone(_Msg):
+    """A peer has queued all its resync data for the recovering site, through ``through``."""
+
     kind: Literal["recovery_resync_done"] = "recovery_resync_done"
     recovery_id: str
+    through: int
 
 
 class RecoveryComplete(_Msg):

@@ -96,7 +96,7 @@ def one_of_each_kind(source: str = CHILD, dest: str = PARENT) -> dict[str, Any]:
                        max_object_ids={"package": 14}, scf_serial=3, control_serial=2,
                        objects=[{"id": "PR100014", "kind": "package"}]),
         RecoveryResync(**common, recovery_id="r-1", next_send_seq=9, next_expected=5),
-        RecoveryResyncDone(**common, recovery_id="r-1"),
+        RecoveryResyncDone(**common, recovery_id="r-1", through=7),
         RecoveryComplete(**common, recovery_id="r-1"),
     ]
     return {m.kind: m for m in msgs}

@@ -1,0 +1,151 @@
+"""Site backups (the Backup SMS Site Server task): an atomic snapshot of a running site's
+whole store, plus a control record, in ``<lab>/backups/<ID>/``.
+
+    site.db       SQLite online backup of the site's store (counters, watermarks, outbox, data)
+    backup.json   BackupRecord: site, lab, time, counters at backup time, sha256 of site.db
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from emulator.errors import CorruptBackup, LabError
+from emulator.lab import LabDir, LabInfo
+from sites.store import check_backup_file
+
+
+class BackupRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    site: str
+    lab: str
+    created: float
+    sha256: str
+    txn_id: int
+    incarnation: int
+    scf_serial: int
+    object_next: int
+    links: dict[str, dict[str, int]]  # peer -> next_send_seq, acked_through, next_expected
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
+    spec = info.topology.site(site)
+    if spec.type == "secondary":
+        raise LabError(
+            f"{site} is a secondary site: secondary sites are not backed up (as in SMS 2.0;"
+            " they have no site database of their own)",
+            hint=f"to rebuild it, reinstall it: smslab recover {site} --wipe",
+        )
+    source = lab_dir.site_db(site)
+    if not source.exists():
+        raise LabError(f"site {site} has no store yet", hint="is the lab up? (smslab status)")
+    backup_id = f"{site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
+    target_dir = lab_dir.backups_dir() / backup_id
+    target_dir.mkdir(parents=True)
+    target = target_dir / "site.db"
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)  # one consistent snapshot, even while the site writes
+    finally:
+        dst.close()
+        src.close()
+    db = sqlite3.connect(target)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        alloc = dict(db.execute("SELECT kind, next FROM alloc").fetchall())
+        links = {
+            peer: {k: json.loads(state)[k] for k in ("next_send_seq", "acked_through", "next_expected")}
+            for peer, state in db.execute("SELECT peer, state FROM link")
+        }
+    finally:
+        db.close()
+    record = BackupRecord(
+        id=backup_id, site=site, lab=info.lab_id, created=time.time(), sha256=_sha256(target),
+        txn_id=int(meta.get("txn_id", 0)), incarnation=int(meta.get("incarnation", 0)),
+        scf_serial=int(meta.get("scf_serial", 0)), object_next=int(alloc.get("object", 1)),
+        links=links,
+    )
+    (target_dir / "backup.json").write_text(record.model_dump_json(indent=2))
+    return record
+
+
+def load(lab_dir: LabDir, backup_id: str) -> BackupRecord:
+    path = lab_dir.backups_dir() / backup_id / "backup.json"
+    if not path.exists():
+        known = ", ".join(r.id for r in list_all(lab_dir)) or "none"
+        raise LabError(f"no backup {backup_id!r} in this lab (backups: {known})",
+                       hint="smslab backups lists them; smslab backup SITE makes one")
+    try:
+        return BackupRecord.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise CorruptBackup(f"backup {backup_id}: its control record is unreadable: {exc.error_count()} error(s)") from exc
+
+
+def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
+    out = []
+    root = lab_dir.backups_dir()
+    if not root.exists():
+        return out
+    for path in sorted(root.glob("*/backup.json")):
+        try:
+            record = BackupRecord.model_validate_json(path.read_bytes())
+        except ValidationError:
+            continue
+        if site is None or record.site == site:
+            out.append(record)
+    return sorted(out, key=lambda r: r.created)
+
+
+def verify(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> BackupRecord:
+    """Refuse a backup of another site or lab, or one whose files are damaged."""
+    record = load(lab_dir, backup_id)
+    if record.site != site:
+        raise CorruptBackup(f"backup {backup_id} is of site {record.site}, not {site}",
+                            hint=f"smslab backups {site} lists {site}'s backups")
+    if record.lab != info.lab_id:
+        raise CorruptBackup(f"backup {backup_id} was taken in lab {record.lab}, not {info.lab_id}")
+    db = lab_dir.backups_dir() / backup_id / "site.db"
+    if not db.exists():
+        raise CorruptBackup(f"backup {backup_id}: site.db is missing")
+    if _sha256(db) != record.sha256:
+        raise CorruptBackup(f"backup {backup_id}: site.db does not match its checksum (damaged or changed)")
+    check_backup_file(db, site_code=site, lab=info.lab_id)
+    return record
+
+
+def restore_into(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> BackupRecord:
+    """Replace a stopped site's store with a backup (nothing else of the lab changes)."""
+    record = verify(lab_dir, info, backup_id, site)
+    if lab_dir.pid(site):
+        raise LabError(f"site {site} is running", hint=f"smslab stop {site} (or kill) first")
+    wipe_store(lab_dir, site)
+    shutil.copyfile(lab_dir.backups_dir() / backup_id / "site.db", lab_dir.site_db(site))
+    return record
+
+
+def wipe_store(lab_dir: LabDir, site: str) -> None:
+    if lab_dir.pid(site):
+        raise LabError(f"site {site} is running", hint=f"smslab stop {site} (or kill) first")
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(str(lab_dir.site_db(site)) + suffix)
+        if path.exists():
+            path.unlink()

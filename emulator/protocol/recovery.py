@@ -1,0 +1,200 @@
+"""The site recovery handshake, a state machine of its own beside steady-state sequencing.
+
+Theory of operation
+-------------------
+A site restored from a backup (or rebuilt from nothing) comes back under its old site code
+with counters that went backwards. Its neighbours have seen higher numbers, so without
+recovery they drop its new data as already seen, and it rejects theirs as out of sequence
+(Q201603, Q288970). The recovery agent rejoins under the reused code and runs:
+
+    ANNOUNCE   the recovering site sends RecoveryAnnounce(recovery_id, restored counters) to
+               its parent and every child, again every retry interval until each answers.
+               Each peer pauses the link and answers RecoveryReport: the next seq it expects
+               from the site, the last seq it sent to it, its highest transaction-ID
+               watermark for it, the highest object number of the site it has seen, the
+               site's SCF serial and site-control serial as it knows them, and (children)
+               the site's own objects it holds.
+    COUNTERS   with every report in, ``plan_counters`` moves every counter past everything
+               any peer has seen (transaction ID: the peers' maximum plus a margin, 20 by
+               default, as the KB workaround does), bumps the incarnation, and resets each
+               link's sequences to what the peer expects. The plan is committed in one
+               transaction with the phase, so a rerun never bumps twice.
+    RESYNC     RecoveryResync(new link sequences, new incarnation) to every peer. The parent
+               reinitializes the site data it holds from the site's subtree and sends all
+               global data down (syncchild); children resend their site data and SCFs up
+               (syncparent); the site resends its own objects down and asks its clients for
+               a full inventory. Each peer ends with RecoveryResyncDone(through=last seq of
+               its resync data).
+    COMPLETE   once the site has applied every peer's resync data and every peer has
+               acknowledged the site's own, it sends RecoveryComplete; links are active and
+               the old incarnation is fenced (hardened mode).
+
+Everything here is pure: the runtime persists the agent's state (``to_state`` /
+``from_state``) and does the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from emulator.errors import LocalProtocolError
+from emulator.protocol.envelope import RecoveryReport
+from emulator.protocol.objects import recovered_counter, recovered_txn_id
+
+
+class Phase(str, Enum):
+    ANNOUNCE = "announce"
+    COUNTERS = "counters"
+    RESYNC = "resync"
+    COMPLETE = "complete"
+
+
+# Which phase may follow which: the whole handshake in one table.
+TRANSITIONS: dict[Phase, set[Phase]] = {
+    Phase.ANNOUNCE: {Phase.COUNTERS},
+    Phase.COUNTERS: {Phase.RESYNC},
+    Phase.RESYNC: {Phase.COMPLETE},
+    Phase.COMPLETE: set(),
+}
+
+
+@dataclass(frozen=True)
+class OwnCounters:
+    """The recovering site's counters as restored."""
+
+    txn_id: int
+    incarnation: int
+    object_next: int  # next object number the allocator would give
+    scf_serial: int
+    control_sent: dict[str, int]  # per child, last site-control delta serial sent
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    peer: str
+    next_send_seq: int  # what the peer expects next from us
+    next_expected: int  # what we expect next from the peer
+    their_incarnation: int
+
+
+@dataclass(frozen=True)
+class CounterPlan:
+    txn_id: int
+    incarnation: int
+    object_next: int
+    scf_serial: int
+    control_sent: dict[str, int]
+    links: dict[str, LinkPlan]
+    adopt: list[dict[str, Any]]  # our own objects that peers hold and we lost
+
+
+def plan_counters(
+    own: OwnCounters,
+    reports: dict[str, RecoveryReport],
+    *,
+    margin: int,
+    reference: str | None = None,
+) -> CounterPlan:
+    """Step 3 of the handshake: move every counter past everything any peer has seen."""
+    if not reports and own.txn_id == 0 and own.object_next <= 1:
+        raise LocalProtocolError("a recovery needs at least one peer report")
+    txn = recovered_txn_id(own.txn_id, [r.txn_watermark for r in reports.values()], margin)
+    object_next = recovered_counter(
+        own.object_next, [r.max_object_ids.get("object", 0) + 1 for r in reports.values()]
+    )
+    scf = recovered_counter(own.scf_serial, [r.scf_serial for r in reports.values()])
+    control = dict(own.control_sent)
+    for peer, report in reports.items():
+        control[peer] = max(control.get(peer, 0), report.control_serial)
+    links = {
+        peer: LinkPlan(peer, next_send_seq=r.next_expected, next_expected=r.last_sent + 1,
+                       their_incarnation=r.incarnation)
+        for peer, r in reports.items()
+    }
+    adopt: dict[str, dict[str, Any]] = {}
+    sources = [reference] if reference else sorted(reports)
+    for peer in sources:
+        report = reports.get(peer)
+        if report is None:
+            raise LocalProtocolError(f"reference site {peer} sent no report")
+        for obj in report.objects:
+            held = adopt.get(obj["id"])
+            if held is None or obj.get("revision", 0) > held.get("revision", 0):
+                adopt[obj["id"]] = obj
+    return CounterPlan(
+        txn_id=txn,
+        incarnation=own.incarnation + 1,
+        object_next=object_next,
+        scf_serial=scf,
+        control_sent=control,
+        links=links,
+        adopt=sorted(adopt.values(), key=lambda o: o["id"]),
+    )
+
+
+@dataclass
+class RecoveryAgent:
+    """The recovering site's side of the handshake."""
+
+    recovery_id: str
+    site: str
+    peers: list[str]
+    phase: Phase = Phase.ANNOUNCE
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done_marks: dict[str, int] = field(default_factory=dict)  # peer -> last seq of its resync
+    our_marks: dict[str, int] = field(default_factory=dict)  # peer -> last seq of our resync
+    last_announce: float = 0.0
+
+    def advance(self, to: Phase) -> None:
+        if to not in TRANSITIONS[self.phase]:
+            raise LocalProtocolError(f"recovery of {self.site}: {self.phase.value} cannot go to {to.value}")
+        self.phase = to
+
+    def missing_reports(self) -> list[str]:
+        return [p for p in self.peers if p not in self.reports]
+
+    def should_announce(self, now: float, retry: float) -> list[str]:
+        """Peers to (re)announce to now: those that have not answered, once per retry."""
+        if self.phase is not Phase.ANNOUNCE or now - self.last_announce < retry:
+            return []
+        self.last_announce = now
+        return self.missing_reports()
+
+    def on_report(self, report: RecoveryReport) -> bool:
+        """Take a peer's report; True when every peer has answered."""
+        if report.recovery_id != self.recovery_id or report.source not in self.peers:
+            return False
+        if self.phase is Phase.ANNOUNCE and report.source not in self.reports:
+            self.reports[report.source] = report.model_dump(mode="json")
+        return self.phase is Phase.ANNOUNCE and not self.missing_reports()
+
+    def parsed_reports(self) -> dict[str, RecoveryReport]:
+        return {p: RecoveryReport.model_validate(r) for p, r in self.reports.items()}
+
+    def on_resync_done(self, peer: str, recovery_id: str, through: int) -> None:
+        if recovery_id == self.recovery_id and peer in self.peers:
+            self.done_marks[peer] = through
+
+    def waiting_for(self, applied: dict[str, int], acked: dict[str, int]) -> list[str]:
+        """Peers whose resync is not finished: (their data applied here, ours acked there)."""
+        waiting = []
+        for peer in self.peers:
+            mark = self.done_marks.get(peer)
+            if mark is None or applied.get(peer, 0) < mark:
+                waiting.append(peer)
+            elif acked.get(peer, 0) < self.our_marks.get(peer, 0):
+                waiting.append(peer)
+        return waiting
+
+    def to_state(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["phase"] = self.phase.value
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RecoveryAgent:
+        state = dict(state)
+        state["phase"] = Phase(state["phase"])
+        return cls(**state)

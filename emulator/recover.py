@@ -1,0 +1,148 @@
+"""``smslab recover``: run the recovery agent of a site and follow it phase by phase.
+
+A recovery is recorded in ``<lab>/recovery/<SITE>.json`` before anything changes, so running
+the command again after a crash (of the agent or of the command) resumes the same recovery:
+the store is not restored twice and the counters are not bumped twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from emulator import backup, orchestrator
+from emulator.errors import LabError
+from emulator.lab import LabDir
+from sites.store import SiteStore
+
+PHASES = ["announce", "counters", "resync", "complete"]
+PHASE_TEXT = {
+    "announce": "announce: peers pause the link and report what they know of the site",
+    "counters": "counters: every counter moved past what any peer has seen",
+    "resync": "resync: parent sends global data down, children resend site data up",
+    "complete": "complete: links active, old incarnation fenced",
+}
+
+
+def record_path(lab_dir: LabDir, site: str) -> Path:
+    return lab_dir.path / "recovery" / f"{site}.json"
+
+
+def load_record(lab_dir: LabDir, site: str) -> dict[str, Any] | None:
+    path = record_path(lab_dir, site)
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def save_record(lab_dir: LabDir, site: str, record: dict[str, Any]) -> None:
+    path = record_path(lab_dir, site)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def read_progress(lab_dir: LabDir, site: str) -> dict[str, str]:
+    path = lab_dir.site_db(site)
+    if not path.exists():
+        return {}
+    try:
+        store = SiteStore(path, readonly=True)
+    except Exception:  # noqa: BLE001 - being created
+        return {}
+    try:
+        return store.meta()
+    except Exception:  # noqa: BLE001
+        return {}
+    finally:
+        store.close()
+
+
+def recover(
+    lab_dir: LabDir,
+    site: str,
+    *,
+    backup_id: str | None = None,
+    wipe: bool = False,
+    reference: str | None = None,
+    timeout: float = 120.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    info = lab_dir.load()
+    topo = info.topology
+    spec = topo.site(site)
+    if backup_id and wipe:
+        raise LabError("--backup and --wipe exclude each other")
+    if spec.type == "secondary" and backup_id:
+        raise LabError(f"{site} is a secondary site: secondary sites are not backed up; their"
+                       " recovery is a reinstall", hint=f"smslab recover {site} --wipe")
+    if reference and reference not in topo.children(site):
+        raise LabError(f"reference site {reference} is not a child of {site}",
+                       hint=f"children of {site}: {', '.join(topo.children(site)) or 'none'}")
+    record = load_record(lab_dir, site)
+    if record and record["phase"] != "complete":
+        asked = (backup_id, wipe, reference)
+        if any(asked) and asked != (record["backup"], record["wipe"], record["reference"]):
+            raise LabError(
+                f"a recovery of {site} ({record['recovery_id']}) is already in progress"
+                f" (backup {record['backup'] or '-'}, wipe {record['wipe']})",
+                hint=f"run smslab recover {site} with no options (or the same ones) to resume it")
+        progress(f"resuming recovery {record['recovery_id']} of {site}")
+    else:
+        if backup_id:
+            backup.verify(lab_dir, info, backup_id, site)  # refuse a bad backup before stopping anything
+        record = {"recovery_id": uuid.uuid4().hex[:12], "site": site, "backup": backup_id,
+                  "wipe": wipe, "reference": reference, "started": time.time(), "phase": "prepare"}
+        if lab_dir.pid(site):
+            orchestrator.stop(lab_dir, site)
+            progress(f"stopped the running {site}")
+        if backup_id:
+            restored = backup.restore_into(lab_dir, info, backup_id, site)
+            progress(f"restored {site} from backup {backup_id} (transaction ID {restored.txn_id})")
+        elif wipe:
+            backup.wipe_store(lab_dir, site)
+            progress(f"{site} rebuilt from nothing under its old site code")
+        save_record(lab_dir, site, record)
+        progress(f"recovery {record['recovery_id']} of {site}: the agent joins under the reused site code")
+    rid = record["recovery_id"]
+    if not lab_dir.pid(site):
+        extra = ["--recover", rid] + (["--reference", record["reference"]] if record["reference"] else [])
+        orchestrator.spawn(lab_dir, site, extra)
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while True:
+        meta = read_progress(lab_dir, site)
+        phase = meta.get("recovery_phase", "") if meta.get("recovery_id") == rid else ""
+        waiting = meta.get("recovery_waiting", "")
+        line = f"  phase {PHASE_TEXT.get(phase, 'starting the agent')}" + (f" (waiting for {waiting})" if waiting else "")
+        if line != shown:
+            progress(line)
+            shown = line
+        if phase == "complete":
+            record["phase"] = "complete"
+            record["finished"] = time.time()
+            save_record(lab_dir, site, record)
+            progress(f"recovery {rid} of {site} complete: transaction ID {meta.get('txn_id')},"
+                     f" incarnation {meta.get('incarnation')}")
+            return record
+        record["phase"] = phase or record["phase"]
+        if lab_dir.pid(site) is None:
+            save_record(lab_dir, site, record)
+            raise LabError(f"the recovery agent of {site} exited in phase {phase or 'start'}",
+                           hint=f"see {lab_dir.log_file(site)}; smslab recover {site} resumes it")
+        if time.monotonic() > deadline:
+            save_record(lab_dir, site, record)
+            down = [p for p in waiting.split(",") if p and lab_dir.pid(p) is None]
+            why = f"; not running: {', '.join(down)}" if down else ""
+            raise LabError(
+                f"recovery {rid} of {site} did not finish in {timeout:.0f}s: phase {phase or 'start'},"
+                f" waiting for {waiting or 'nothing'}{why}",
+                hint=(f"start them (smslab start {down[0]}); " if down else "")
+                + f"the agent keeps trying; smslab recover {site} follows it again")
+        time.sleep(0.2)
