@@ -127,7 +127,12 @@ def control(lab_dir: LabDir, code: str, cmd: dict[str, Any], timeout: float = 10
 @command("workload")
 def cmd_workload(args: argparse.Namespace, lab_dir: LabDir) -> int:
     info = lab_dir.load()
-    codes = [known_site(lab_dir, s) for s in args.sites] or info.topology.depth_order()
+    codes = [known_site(lab_dir, s) for s in args.sites]
+    if not codes:
+        codes = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
+        down = [c for c in info.topology.depth_order() if c not in codes]
+        if down:
+            say(f"not running (skipped): {', '.join(down)}")
     for code in codes:
         control(lab_dir, code, {"cmd": f"{args.action}-workload"})
     say(f"workload {args.action}d at {', '.join(codes)}")

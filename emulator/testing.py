@@ -111,8 +111,9 @@ class Lab:
         return self.info.lab_id
 
     # the CLI, as a user runs it
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, SMSLAB_AMQP_URL=self.url)
+    def cli(self, *args: str, check: bool = True, timeout: float = 180,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, SMSLAB_AMQP_URL=self.url, **(env or {}))
         done = subprocess.run(
             [sys.executable, "-m", "emulator", "--lab", str(self.dir.path), *args],
             capture_output=True, text=True, timeout=timeout, env=env,
@@ -140,6 +141,19 @@ class Lab:
     def link(self, site: str, peer: str) -> dict[str, Any]:
         rows = self.query(site, "SELECT state FROM link WHERE peer=?", peer)
         return json.loads(rows[0][0]) if rows else {}
+
+    def meta(self, site: str, key: str) -> str | None:
+        rows = self.query(site, "SELECT v FROM meta WHERE k=?", key)
+        return rows[0][0] if rows else None
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def link_health(self, parent: str, child: str) -> str:
+        for link in self.status()["links"]:
+            if (link["parent"], link["child"]) == (parent, child):
+                return str(link["health"])
+        raise KeyError((parent, child))
 
     def check(self) -> checker.Report:
         return checker.check(self.dir)

@@ -7,7 +7,9 @@ All handlers run inside the runtime's batch transaction (messages) or a tick tra
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +83,8 @@ class Recovery:
         agent = self.agent
         if agent is None or agent.phase is Phase.COMPLETE:
             return
+        if os.environ.get("SMSLAB_HOLD_PHASE") == agent.phase.value:
+            return  # test fault: the agent stalls in this phase (to be killed there)
         rt = self.rt
         now = rt.clock()
         if agent.phase is Phase.ANNOUNCE:
@@ -116,6 +120,8 @@ class Recovery:
         plan = plan_counters(own, agent.parsed_reports(), margin=rt.settings.txn_margin,
                              reference=reference if reference in agent.peers else None)
         self._apply_plan(plan, now)
+        rt.store.set_meta("recovery_plan", json.dumps({"txn_id": plan.txn_id, "incarnation": plan.incarnation,
+                                                       "object_next": plan.object_next}))
         agent.advance(Phase.COUNTERS)
         rt.store.set_meta("recovery_waiting", "")
         self._persist()
@@ -273,7 +279,7 @@ class Recovery:
             next_expected=link.next_expected, last_sent=link.sent_through,
             txn_watermark=rt.store.max_watermark(peer),
             max_object_ids={"object": max(numbers, default=0)},
-            scf_serial=scf, control_serial=control,
+            scf_serial=scf, control_serial=control, their_incarnation=link.their_incarnation,
             objects=[o for o in own_objects if o["origin"] == peer],
         )
 

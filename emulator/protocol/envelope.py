@@ -138,6 +138,7 @@ class RecoveryReport(_Msg):
     max_object_ids: dict[str, int]  # per object kind, the highest number of the site seen
     scf_serial: int  # the recovering site's SCF serial as the peer knows it
     control_serial: int  # the last site-control delta serial the peer processed from it
+    their_incarnation: int = 0  # the recovering site's incarnation as the peer knows it
     objects: list[dict[str, Any]] = Field(default_factory=list)  # the site's own objects held
 
 

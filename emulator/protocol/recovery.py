@@ -116,16 +116,18 @@ def plan_counters(
     adopt: dict[str, dict[str, Any]] = {}
     sources = [reference] if reference else sorted(reports)
     for peer in sources:
-        report = reports.get(peer)
-        if report is None:
+        source = reports.get(peer)
+        if source is None:
             raise LocalProtocolError(f"reference site {peer} sent no report")
-        for obj in report.objects:
+        for obj in source.objects:
             held = adopt.get(obj["id"])
             if held is None or obj.get("revision", 0) > held.get("revision", 0):
                 adopt[obj["id"]] = obj
     return CounterPlan(
         txn_id=txn,
-        incarnation=own.incarnation + 1,
+        # Past every incarnation any peer knows: a backup taken before an earlier recovery
+        # must not come back as an incarnation the peers have already seen.
+        incarnation=max([own.incarnation, *(r.their_incarnation for r in reports.values())]) + 1,
         object_next=object_next,
         scf_serial=scf,
         control_sent=control,
@@ -166,9 +168,10 @@ class RecoveryAgent:
         """Take a peer's report; True when every peer has answered."""
         if report.recovery_id != self.recovery_id or report.source not in self.peers:
             return False
-        if self.phase is Phase.ANNOUNCE and report.source not in self.reports:
-            self.reports[report.source] = report.model_dump(mode="json")
-        return self.phase is Phase.ANNOUNCE and not self.missing_reports()
+        if self.phase is not Phase.ANNOUNCE or report.source in self.reports:
+            return False  # a duplicate never completes the set a second time
+        self.reports[report.source] = report.model_dump(mode="json")
+        return not self.missing_reports()
 
     def parsed_reports(self) -> dict[str, RecoveryReport]:
         return {p: RecoveryReport.model_validate(r) for p, r in self.reports.items()}
