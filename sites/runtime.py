@@ -14,6 +14,7 @@ is a duplicate by its link sequence.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -210,8 +211,12 @@ class SiteRuntime:
         now = self.clock()
         out = Outgoing()
         malformed: list[tuple[Delivery, str]] = []
-        with self.store.transaction():
+        with self.store.transaction() as db:
             for delivery in batch:
+                # Each delivery in a savepoint: one we cannot apply is undone and dead-lettered,
+                # and neither the batch nor the site goes down with it.
+                saved = self._snapshot()
+                db.execute("SAVEPOINT delivery")
                 try:
                     if delivery.queue == "control":
                         self._handle_control(delivery, out, now)
@@ -219,12 +224,30 @@ class SiteRuntime:
                         packet = wire.decode(delivery.body, lab=self.lab, dest=self.site)
                         self._handle_packet(packet, delivery.redelivered, out, now)
                 except MalformedEnvelope as exc:
+                    db.execute("ROLLBACK TO delivery")
+                    self._restore(saved)
                     malformed.append((delivery, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - a peer's data must never kill the site
+                    log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
+                    db.execute("ROLLBACK TO delivery")
+                    self._restore(saved)
+                    malformed.append((delivery, f"cannot apply: {exc!r}"))
+                db.execute("RELEASE delivery")
             self._save_links()
             self._save_counters()
         self._ack_batch(batch, malformed)
         self._send(out, now)
         self.pump()
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (copy.deepcopy(self.links), dict(self.published), self.txn_id, self.incarnation,
+                self.scf_serial, self.status_serial, dict(self.alloc), self.state)
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        (links, self.published, self.txn_id, self.incarnation, self.scf_serial,
+         self.status_serial, self.alloc, self.state) = saved
+        self.links.clear()
+        self.links.update(links)
 
     def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
         if not malformed:
@@ -239,7 +262,8 @@ class SiteRuntime:
             self._dead_letter(d, reason)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        # Kept, with its reason, in the lab's dead-letter queue; acked once that is confirmed.
+        # Kept, with its reason, in the lab's dead-letter queue. The dead-letter publish goes
+        # out (confirmed) on the channel before the ack, so the broker has it first.
         body = json.dumps({
             "site": self.site, "reason": reason, "queue": delivery.queue, "at": self.clock(),
             "body": delivery.body.decode("utf-8", errors="replace"),
@@ -663,6 +687,9 @@ class SiteRuntime:
             answer = {"ok": False, "error": exc.message, "hint": exc.hint}
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
+        except Exception as exc:  # noqa: BLE001 - a bad command must not kill the site
+            log.exception("%s: control command %r failed", self.site, command.get("cmd"))
+            answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
         if delivery.reply_to:
             out.replies.append((delivery.reply_to, delivery.correlation_id, answer))
 

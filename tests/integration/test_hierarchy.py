@@ -177,3 +177,24 @@ def test_cli_errors_say_what_and_what_to_do(lab: Lab, tmp_path: Path) -> None:
     lab.up(topology_yaml(DEMO_SITES[:2]))
     done = lab.cli("kill", "X99", check=False)
     assert done.returncode == 2 and "unknown site X99" in done.stderr
+
+
+def test_an_envelope_that_cannot_be_applied_is_dead_lettered_and_loses_nothing_else(lab: Lab) -> None:
+    from emulator.protocol import envelope as wire
+
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    lab.control("P01", {"cmd": "pause-workload"})
+    wait_for("P01's link to settle", lambda: lab.link("P01", "CEN")["acked_through"] == lab.link("P01", "CEN")["next_send_seq"] - 1)
+    seq = lab.link("CEN", "P01")["next_expected"]
+    payload = {"no": "target"}  # a site control change without its target: well-formed, unappliable
+    bad = wire.Envelope(source="P01", dest="CEN", incarnation=1, origin="P01",
+                        data_class=wire.DataClass.SITE_CONTROL, key="x", priority=wire.Priority.HIGH,
+                        txn_id=10**9, link_seq=seq, hash=wire.content_hash(payload), payload=payload)
+    packet = wire.Packet(lab=lab.lab_id, source="P01", dest="CEN", messages=[bad])
+    admin.publish_raw(lab.url, lab.lab_id, "CEN", wire.encode(packet))
+    letters = wait_for("the dead letter", lambda: admin.dead_letters(lab.url, lab.lab_id))
+    assert "cannot apply" in json.loads(letters[0]["body"])["reason"]
+    assert lab.link("CEN", "P01")["next_expected"] == seq, "the bad envelope did not consume the sequence"
+    lab.control("P01", {"cmd": "resume-workload"})
+    assert lab.wait_converged(timeout=60).verdict == "valid"
+    assert lab.dir.pid("CEN")
