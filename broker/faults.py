@@ -14,7 +14,7 @@ def _rabbitmqctl(*args: str) -> str:
     exe = shutil.which("rabbitmqctl")
     if exe is None:
         raise LabError("rabbitmqctl is not on PATH", hint="broker faults need the broker's own CLI on this host")
-    done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise LabError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout

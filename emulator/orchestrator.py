@@ -60,13 +60,12 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
                        hint=f"smslab stop {code} first")
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
-    log = open(lab_dir.log_file(code), "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
-    log.close()
+    with open(lab_dir.log_file(code), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True,
+        )
     lab_dir.pid_file(code).write_text(f"{proc.pid}\n")
     return proc.pid
 

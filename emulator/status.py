@@ -137,7 +137,7 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
     """The ``.trs``-like view of one site: watermarks per (source, class), links, outbox, drops."""
     path = lab_dir.site_db(code)
     if not path.exists():
-        from emulator.errors import LabError  # noqa: PLC0415
+        from emulator.errors import LabError
 
         raise LabError(f"site {code} has no store", hint="is the lab up? (smslab status)")
     settings = info.topology.settings
@@ -185,8 +185,9 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
 
 def render_diag(d: dict[str, Any]) -> str:
     c = d["counters"]
-    lines = [f"site {d['site']}: {d['state']} (pid {d['pid'] or '-'}), transaction ID {c['txn_id']},"
-             f" incarnation {c['incarnation']}, SCF serial {c['scf_serial']}, next object {d['object_next']}"]
+    head = (f"site {d['site']}: {d['state']} (pid {d['pid'] or '-'}), transaction ID {c['txn_id']},"
+            f" incarnation {c['incarnation']}, SCF serial {c['scf_serial']}, next object {d['object_next']}")
+    lines = [head]
     if d["recovery"]:
         lines.append("recovery: " + ", ".join(f"{k} {v}" for k, v in d["recovery"].items()))
     lines.append("watermarks (.trs) per source and data class: keys, highest transaction ID")

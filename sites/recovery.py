@@ -23,7 +23,13 @@ from emulator.protocol.envelope import (
     RecoveryResyncDone,
 )
 from emulator.protocol.objects import parse_object_id
-from emulator.protocol.recovery import CounterPlan, OwnCounters, Phase, RecoveryAgent, plan_counters
+from emulator.protocol.recovery import (
+    CounterPlan,
+    OwnCounters,
+    Phase,
+    RecoveryAgent,
+    plan_counters,
+)
 from sites import status_ids as sid
 
 if TYPE_CHECKING:

@@ -22,8 +22,9 @@ import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from broker import names
 from broker.transport import Delivery, Transport
@@ -227,7 +228,7 @@ class SiteRuntime:
                     db.execute("ROLLBACK TO delivery")
                     self._restore(saved)
                     malformed.append((delivery, str(exc)))
-                except Exception as exc:  # noqa: BLE001 - a peer's data must never kill the site
+                except Exception as exc:
                     log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
                     db.execute("ROLLBACK TO delivery")
                     self._restore(saved)
@@ -332,7 +333,7 @@ class SiteRuntime:
                 ResendRequest(source=self.site, dest=link.peer, incarnation=self.incarnation,
                               from_seq=link.next_expected)
             )
-        if self.mode == "hardened" and verdict is not seq.Verdict.DUPLICATE:
+        if self.mode == "hardened":  # every refusal carries its reason back to the sender
             out.messages[link.peer].append(
                 Reject(source=self.site, dest=link.peer, incarnation=self.incarnation,
                        link_seq=env.link_seq, reason=_REJECT_FOR[verdict],
@@ -535,8 +536,8 @@ class SiteRuntime:
                     self.originate_site_data(cls, client, version, self._client_payload(cls, client, version), now)
 
     @staticmethod
-    def _client_payload(cls: DataClass, client: str, version: int) -> dict[str, Any]:
-        if cls is DataClass.INVENTORY:
+    def _client_payload(data_class: DataClass, client: str, version: int) -> dict[str, Any]:
+        if data_class is DataClass.INVENTORY:
             return inventory_payload(client, version)
         return {"client": client, "version": version}
 
@@ -687,7 +688,7 @@ class SiteRuntime:
             answer = {"ok": False, "error": exc.message, "hint": exc.hint}
         except (KeyError, ValueError, TypeError) as exc:
             answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
-        except Exception as exc:  # noqa: BLE001 - a bad command must not kill the site
+        except Exception as exc:
             log.exception("%s: control command %r failed", self.site, command.get("cmd"))
             answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
         if delivery.reply_to:
@@ -753,7 +754,7 @@ class SiteRuntime:
 
     def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
         """The Preinst-equivalent verbs."""
-        from sites.recovery import sync_objects_to, sync_site_data_up  # noqa: PLC0415
+        from sites.recovery import sync_objects_to, sync_site_data_up
 
         cmd = command["cmd"]
         if cmd == "syncchild":

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from emulator.errors import MalformedEnvelope
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 SiteCode = Annotated[str, Field(pattern=r"^[A-Z0-9]{3}$")]
 
 
@@ -165,17 +165,7 @@ class RecoveryComplete(_Msg):
 
 
 Message = Annotated[
-    Union[
-        Envelope,
-        LinkAck,
-        ResendRequest,
-        Reject,
-        RecoveryAnnounce,
-        RecoveryReport,
-        RecoveryResync,
-        RecoveryResyncDone,
-        RecoveryComplete,
-    ],
+    Envelope | LinkAck | ResendRequest | Reject | RecoveryAnnounce | RecoveryReport | RecoveryResync | RecoveryResyncDone | RecoveryComplete,
     Field(discriminator="kind"),
 ]
 

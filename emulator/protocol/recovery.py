@@ -185,9 +185,7 @@ class RecoveryAgent:
         waiting = []
         for peer in self.peers:
             mark = self.done_marks.get(peer)
-            if mark is None or applied.get(peer, 0) < mark:
-                waiting.append(peer)
-            elif acked.get(peer, 0) < self.our_marks.get(peer, 0):
+            if mark is None or applied.get(peer, 0) < mark or acked.get(peer, 0) < self.our_marks.get(peer, 0):
                 waiting.append(peer)
         return waiting
 
