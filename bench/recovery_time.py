@@ -38,6 +38,7 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -221,6 +222,7 @@ def machine_facts(url: str, load_before: float | None) -> dict[str, Any]:
         "rabbitmq_from": source,
         "platform": platform.platform(),
         "cpu_busy_before": load_before,
+        "commit": git_commit(),
     }
 
 
@@ -312,12 +314,12 @@ class Profiler:
         if self.out_dir is None:
             return
         out = self.out_dir / f"{code}.txt"
-        self.procs[code] = subprocess.Popen(
-            ["py-spy", "record", "-p", str(pid), "-o", str(out), "--format", "raw", "--nolineno",
-             "--nonblocking", "--rate", "100"],
-            stdout=subprocess.DEVNULL, stderr=open(self.out_dir / f"{code}.py-spy.log", "wb"),
-            start_new_session=True,
-        )
+        with open(self.out_dir / f"{code}.py-spy.log", "wb") as err:  # the child keeps its copy
+            self.procs[code] = subprocess.Popen(
+                ["py-spy", "record", "-p", str(pid), "-o", str(out), "--format", "raw", "--nolineno",
+                 "--nonblocking", "--rate", "100"],
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            )
         self.started[code] = time.monotonic()
 
     def start_when_spawned(self, lab_dir: LabDir, code: str, old_pid: int | None) -> None:
@@ -342,7 +344,7 @@ class Profiler:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        for code, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -383,7 +385,10 @@ def summarize_stacks(path: Path, top: int = 15) -> dict[str, Any]:
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(f, round(100 * n / total, 1)) for f, n in c.most_common(top)] if total else []
 
-    return {"samples": total, "file": str(path), "self": pct(self_count), "inclusive": pct(incl_count)}
+    # Inclusive: this checkout's functions, without the entry points every sample goes through.
+    ours = Counter({f: n for f, n in incl_count.items()
+                    if f.startswith(("sites/", "emulator/", "broker/")) and n < 0.97 * total})
+    return {"samples": total, "file": str(path), "self": pct(self_count), "inclusive": pct(ours)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -568,11 +573,23 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
     cen_reinit = query(lab_dir, "CEN", "SELECT MIN(at), text FROM status_messages WHERE at>=?"
                        " AND message_id=?", w0, sid.SITE_DELETED)
     applied = {}
-    for site, source in (("P01", "S01"), ("CEN", "P01"), ("S01", "P01")):
-        n, first, last = query(lab_dir, site, "SELECT COUNT(*), MIN(at), MAX(at) FROM applied"
-                               " WHERE source=? AND at>=?", source, w0)[0]
-        applied[f"{source}->{site}"] = {"envelopes": n, "first_s": rel(first), "last_s": rel(last),
-                                        "per_s": round(n / (last - first), 1) if n and last > first else None}
+    for site, source in (("P01", "S01"), ("CEN", "P01")):
+        # One row per batch (``at`` is the batch's time): the records' stream and its stalls.
+        batches = query(lab_dir, site, "SELECT at, COUNT(*) FROM applied WHERE source=? AND at>=?"
+                        " AND data_class='inventory' GROUP BY at ORDER BY at", source, w0)
+        n = sum(c for _, c in batches)
+        first: float | None = batches[0][0] if batches else None
+        last: float | None = batches[-1][0] if batches else None
+        gap, gap_at = max(((b[0] - a[0], a[0]) for a, b in itertools.pairwise(batches)), default=(0.0, None))
+        span = last - first if first is not None and last is not None else 0.0
+        applied[f"{source}->{site}"] = {
+            "envelopes": one(lab_dir, site, "SELECT COUNT(*) FROM applied WHERE source=? AND at>=?",
+                             source, w0),
+            "inventory": n, "batches": len(batches), "first_s": rel(first), "last_s": rel(last),
+            "per_s": round(n / span, 1) if n and span > 0 else None,
+            "max_gap_s": round(gap, 3), "max_gap_after_s": rel(gap_at),
+            "per_half_second": _bins([(a - w0, c) for a, c in batches], 0.5),
+        }
     drops = {site: dict(query(lab_dir, site, "SELECT reason, COUNT(*) FROM drops WHERE at>=?"
                               " GROUP BY reason", w0)) for site in SITES}
     links = {}
@@ -585,10 +602,10 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
         "agent_started_5300": status.get(sid.RECOVERY_STARTED),
         "counters_5301": status.get(sid.RECOVERY_PHASE),
         "cen_reinitialized_5320": rel(cen_reinit[0][0]) if cen_reinit and cen_reinit[0][0] else None,
-        "s01_resync_first_applied_at_p01": applied["S01->P01"]["first_s"],
-        "s01_resync_last_applied_at_p01": applied["S01->P01"]["last_s"],
-        "first_applied_at_cen": applied["P01->CEN"]["first_s"],
-        "last_applied_at_cen": applied["P01->CEN"]["last_s"],
+        "records_first_applied_at_p01": applied["S01->P01"]["first_s"],
+        "records_last_applied_at_p01": applied["S01->P01"]["last_s"],
+        "records_first_applied_at_cen": applied["P01->CEN"]["first_s"],
+        "records_last_applied_at_cen": applied["P01->CEN"]["last_s"],
         "complete_5302": status.get(sid.RECOVERY_COMPLETE),
         "recover_returned": round(recover_s, 3),
         "checker_valid": round(total_s, 3),
@@ -625,6 +642,25 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
         "cpu_busy_during": busy_frac,
         "profile": profile,
     }
+
+
+def _bins(points: list[tuple[float, int]], width: float) -> dict[str, int]:
+    bins: dict[str, int] = {}
+    for t, n in points:
+        key = f"{int(t // width) * width:.1f}"
+        bins[key] = bins.get(key, 0) + n
+    return bins
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) if head else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -665,21 +701,27 @@ def print_table(report: dict[str, Any]) -> None:
         "agent_started_5300": "5300 recovery started (store open)",
         "counters_5301": "5301 counters (every report in)",
         "cen_reinitialized_5320": "5320 CEN reinitialized P01's subtree",
-        "s01_resync_first_applied_at_p01": "S01's resync: first applied at P01",
-        "s01_resync_last_applied_at_p01": "S01's resync: last applied at P01",
-        "first_applied_at_cen": "first envelope of P01 applied at CEN",
-        "last_applied_at_cen": "last envelope of P01 applied at CEN",
+        "records_first_applied_at_p01": "records: first applied at P01",
+        "records_first_applied_at_cen": "records: first applied at CEN",
+        "records_last_applied_at_p01": "records: last applied at P01",
+        "records_last_applied_at_cen": "records: last applied at CEN",
         "complete_5302": "5302 recovery complete",
         "recover_returned": "recover() returned",
         "checker_valid": "checker valid",
     }
     w1 = max(len(v) for v in labels.values())
+    print(f"    {'':<{w1}}  {'at':>7}  {'step':>6}")
+    prev = 0.0
     for k, label in labels.items():
-        print(f"    {label:<{w1}}  {_s(r['phases_s'].get(k)):>7}")
+        at = r["phases_s"].get(k)
+        step = f"{at - prev:+.2f}" if at is not None else ""
+        print(f"    {label:<{w1}}  {_s(at):>7}  {step:>6}")
+        prev = at if at is not None else prev
     for name, a in r["applied"].items():
         rate = f", {a['per_s']:,.0f}/s" if a["per_s"] else ""
-        print(f"  applied {name}: {a['envelopes']:,} envelopes between {_s(a['first_s'])} and"
-              f" {_s(a['last_s'])} s{rate}")
+        print(f"  applied {name}: {a['inventory']:,} records ({a['envelopes']:,} envelopes in all)"
+              f" in {a['batches']} batches between {_s(a['first_s'])} and {_s(a['last_s'])} s{rate};"
+              f" longest pause {a['max_gap_s']:.2f} s after {_s(a['max_gap_after_s'])} s")
     print(f"  CEN vs S01 after: {r['cen_vs_s01']}; P01 vs S01: {r['p01_vs_s01']}")
     drops = {k: v for k, v in r["drops"].items() if v}
     print(f"  drops during the recovery: {drops or 'none'}; links: "
@@ -692,7 +734,8 @@ def print_table(report: dict[str, Any]) -> None:
           f" {r['backup_bytes'] / 1e6:.1f} MB in {r['backup_s']:.2f} s; {r['after']:,} envelopes after it"
           f" ({r['after_newer_versions']:,} at version 2) in {r['after_s']:.1f} s; backup age {r['backup_age']}")
     print(f"  machine: {m['cores']} cores ({m['cpu'] or '?'}), python {m['python']}, pika {m['pika']},"
-          f" SQLite {m['sqlite']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {_pct(m['cpu_busy_before'])}")
+          f" SQLite {m['sqlite']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {_pct(m['cpu_busy_before'])},"
+          f" commit {m['commit'] or '?'}")
     for code, prof in (r.get("profile") or {}).items():
         if "error" in prof:
             print(f"  py-spy {code}: {prof['error']}")

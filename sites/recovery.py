@@ -44,6 +44,7 @@ BULK = 500  # records per resync envelope
 class Recovery:
     def __init__(self, rt: SiteRuntime) -> None:
         self.rt = rt
+        self._kicked = False
         state = rt.store.get_control("recovery_agent")
         self.agent: RecoveryAgent | None = RecoveryAgent.from_state(state) if state else None
         if self.agent and self.agent.phase is not Phase.COMPLETE:
@@ -77,6 +78,18 @@ class Recovery:
                        f"site recovery {recovery_id} started under the reused site code {rt.site}", now)
             rt._save_links()
             rt._save_counters()
+
+    def kick(self) -> None:
+        """Run the agent's next step now rather than at the next tick."""
+        if self.agent is None or self.agent.phase is Phase.COMPLETE or self._kicked:
+            return
+        self._kicked = True
+
+        def run() -> None:
+            self._kicked = False
+            self.tick()
+
+        self.rt.transport.call_later(0, run)
 
     def _persist(self) -> None:
         assert self.agent is not None
@@ -131,6 +144,7 @@ class Recovery:
         agent.advance(Phase.COUNTERS)
         rt.store.set_meta("recovery_waiting", "")
         self._persist()
+        self.kick()  # runs after this batch commits
         rt._status(sid.RECOVERY_PHASE, "info",
                    f"recovery {agent.recovery_id}: counters moved past every peer: transaction ID"
                    f" {plan.txn_id}, incarnation {plan.incarnation}, next object number"
@@ -204,6 +218,7 @@ class Recovery:
             return
         self.agent.on_resync_done(msg.source, msg.recovery_id, msg.through)
         self._persist()
+        self.kick()
 
     def _maybe_complete(self, now: float) -> None:
         rt = self.rt

@@ -182,6 +182,7 @@ class SiteRuntime:
 
     def _on_first_ready(self) -> None:
         self.transport.call_later(self.settings.sync_interval, self._tick)
+        self.recovery.kick()  # a recovery agent announces at once
         self.transport.call_later(0.05, self._workload_tick)
         self._startup_reports()
 
@@ -316,6 +317,8 @@ class SiteRuntime:
                 env.origin, version, now,
             )
             out.ack_peers.add(link.peer)
+            if self.state == "recovering":
+                self.recovery.kick()  # completion waits on the peers' resync data
             return
         if verdict in (seq.Verdict.DUPLICATE, seq.Verdict.STALE):
             out.ack_peers.add(link.peer)
@@ -348,6 +351,8 @@ class SiteRuntime:
             return
         outcome = seq.on_ack(link, ack, now=now, redelivered=redelivered)
         if outcome is seq.AckOutcome.PROGRESS:
+            if self.state == "recovering":
+                self.recovery.kick()  # completion waits on these acks
             self.store.outbox_purge(link.peer, link.acked_through)
             self.published[link.peer] = max(self.published.get(link.peer, 0), link.acked_through)
         elif outcome is seq.AckOutcome.SELF_ROLLBACK:
