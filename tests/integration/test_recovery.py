@@ -158,6 +158,8 @@ def test_wiped_primary_recovers(lab: Lab) -> None:
     up(lab)
     traffic(lab, "CEN", "P01", 10)
     kill(lab, "P01")
+    down = lab.cli("check", check=False)
+    assert down.returncode == 2 and "verdict: unknown" in down.stdout and "site is not running" in down.stdout, down.stdout
     lab.cli("recover", "P01", "--wipe")
     assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
     cen_objects = {r[0] for r in lab.query("CEN", "SELECT id FROM objects WHERE origin='CEN'")}
