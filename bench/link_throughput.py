@@ -22,31 +22,40 @@ Every broker object made here has a unique name and is deleted at the end, also 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import queue as queue_mod
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-# The site processes are started with ``python -m sites``: make them run this checkout too.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
+# bench/ on sys.path for _common, which puts this checkout first on sys.path and on PYTHONPATH
+# (the site processes are started with ``python -m sites``) before broker/, emulator/, sites/.
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 import pika
-import pika.exceptions
+from _common import (
+    BenchError,
+    add_amqp_option,
+    add_json_option,
+    broker_pids,
+    busy_before_run,
+    check_sites_alive,
+    cpu_delta,
+    cpu_deltas,
+    cpu_seconds,
+    cpu_snapshot,
+    fmt_pct,
+    fmt_s,
+    log,
+    machine_facts,
+    run_cli,
+    temp_lab,
+)
 
 from broker import admin
 from emulator import orchestrator
@@ -82,81 +91,16 @@ sites:
 """
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-def cpu_seconds(pids: list[int]) -> float | None:
-    """User+system CPU seconds used so far by these processes (Linux /proc), None if unknown."""
-    total = 0.0
-    try:
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-    return total
-
-
-def broker_pids() -> list[int]:
-    """The local RabbitMQ's Erlang VM, to account its CPU (empty if the broker is remote)."""
-    pids = []
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() == "beam.smp":
-                pids.append(int(comm.parent.name))
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
-def machine_busy(interval: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy over ``interval`` seconds (Linux /proc/stat), None if unknown."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return values[3] + values[4], sum(values[:8])  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(interval)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
-
-
-def cpu_delta(before: float | None, after: float | None) -> float | None:
-    return round(after - before, 3) if before is not None and after is not None else None
-
-
 # ----------------------------------------------------------------------------------------
 # 1. the durable path
 # ----------------------------------------------------------------------------------------
 
 
 def durable_run(url: str, count: int, deadline: float) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="smslab-bench-"))
-    topo = tmp / "topology.yaml"
-    topo.write_text(TOPOLOGY)
-    lab_dir = LabDir(tmp / "lab")
-    try:
+    with temp_lab("smslab-bench-", TOPOLOGY, "durable: ") as (topo, lab_dir):
         log(f"durable: bringing up CEN + P01 in {lab_dir.path}")
         info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(f"durable: {m.strip()}"))
         return _measure_burst(url, info.lab_id, lab_dir, count, deadline)
-    finally:
-        if lab_dir.exists():
-            try:
-                orchestrator.down(lab_dir)
-                log("durable: lab down, broker objects deleted")
-            except SmslabError as exc:
-                log(f"durable: WARNING: lab down failed: {exc}"
-                    f"{' (' + exc.hint + ')' if exc.hint else ''}")
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
@@ -172,8 +116,7 @@ def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
         t_originated = t_applied = t_acked = None
         site_pids = {code: lab_dir.pid(code) for code in ("P01", "CEN")}
         beam = broker_pids()
-        cpu0 = {code: cpu_seconds([pid]) if pid else None for code, pid in site_pids.items()}
-        cpu0["broker"] = cpu_seconds(beam) if beam else None
+        cpu0 = cpu_snapshot(site_pids, beam)
         bench0 = time.process_time()
 
         t0 = time.monotonic()
@@ -207,9 +150,7 @@ def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
                     f"durable: deadline of {deadline:.0f}s passed: CEN applied"
                     f" {applied - applied_before}/{count}, P01 made {p01_link.sent_through - sent_before},"
                     f" acked {p01_link.acked_through - sent_before}")
-            for code in ("CEN", "P01"):
-                if lab_dir.pid(code) is None:
-                    raise BenchError(f"durable: site {code} exited; see {lab_dir.log_file(code)}")
+            check_sites_alive(lab_dir, ("CEN", "P01"), "durable")
             if now - last_report >= 5:
                 last_report = now
                 log(f"durable: {now - t0:5.1f}s  made {p01_link.sent_through - sent_before}"
@@ -217,9 +158,7 @@ def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
             time.sleep(POLL)
 
         wall = time.monotonic() - t0
-        cpu1 = {code: cpu_seconds([pid]) if pid else None for code, pid in site_pids.items()}
-        cpu1["broker"] = cpu_seconds(beam) if beam else None
-        cpu = {k: cpu_delta(cpu0[k], cpu1[k]) for k in cpu0}
+        cpu = cpu_deltas(cpu0, cpu_snapshot(site_pids, beam))
         cpu["bench_poll"] = round(time.process_time() - bench0, 3)
         cen_link = cen.load_links()["P01"]
         applied_s = t_applied - t0
@@ -375,47 +314,8 @@ def raw_run(url: str, count: int, body: bytes, deadline: float) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------
-# 3. machine facts and the report
+# 3. the report
 # ----------------------------------------------------------------------------------------
-
-
-def machine_facts(url: str, load_before: float | None) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    rabbit, source = None, None
-    if shutil.which("rabbitmqctl"):
-        try:
-            out = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True,
-                                 timeout=20, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                rabbit, source = out.stdout.strip().splitlines()[-1], "rabbitmqctl version"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if rabbit is None:
-        try:
-            with admin.blocking(url, "smslab-bench") as conn:
-                props = conn._impl.server_properties  # pika keeps the broker's Connection.Start
-                v = props.get("version")
-                rabbit = v.decode() if isinstance(v, bytes) else v
-                source = "AMQP server properties"
-        except (SmslabError, AttributeError):
-            pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "pika": pika.__version__,
-        "rabbitmq": rabbit,
-        "rabbitmq_from": source,
-        "platform": platform.platform(),
-        "cpu_busy_before": load_before,
-    }
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -427,14 +327,6 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
-
-
-def _pct(v: float | None) -> str:
-    return "?" if v is None else f"{v:.0%}"
-
-
-def _s(v: float | None) -> str:
-    return "?" if v is None else f"{v:.2f}"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -473,79 +365,57 @@ def print_table(report: dict[str, Any]) -> None:
         cl, c = d["cen_link"], d["cpu_s"]
         print(f"  CEN<-P01 link: applied {cl['applied']}, duplicates {cl['duplicates']},"
               f" stale {cl['stale']}, gaps {cl['gaps']}; P01 resends {d['p01_resends']}")
-        print(f"  CPU s, durable ({d['cpu_wall_s']:.2f} s wall): P01 {_s(c['P01'])}, CEN {_s(c['CEN'])},"
-              f" broker {_s(c['broker'])}, bench polling {_s(c['bench_poll'])}")
+        print(f"  CPU s, durable ({d['cpu_wall_s']:.2f} s wall): P01 {fmt_s(c['P01'])}, CEN {fmt_s(c['CEN'])},"
+              f" broker {fmt_s(c['broker'])}, bench polling {fmt_s(c['bench_poll'])}")
     if r:
         c = r["cpu_s"]
-        print(f"  CPU s, raw ({r['consumed_s']:.2f} s wall): producer {_s(c['producer'])},"
-              f" consumer {_s(c['consumer'])}, broker {_s(c['broker'])}")
+        print(f"  CPU s, raw ({r['consumed_s']:.2f} s wall): producer {fmt_s(c['producer'])},"
+              f" consumer {fmt_s(c['consumer'])}, broker {fmt_s(c['broker'])}")
     print(f"  machine: {m['cores']} cores ({m['cpu'] or '?'}), python {m['python']},"
-          f" pika {m['pika']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {_pct(m['cpu_busy_before'])}")
+          f" pika {m['pika']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {fmt_pct(m['cpu_busy_before'])}")
 
 
-def _interrupted(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    load = busy_before_run(args.amqp)
+    durable = raw = None
+    samples: list[bytes] = []
+    if args.only != "raw":
+        runs = [durable_run(args.amqp, args.count, args.deadline) for _ in range(args.repeat)]
+        samples = [s for s in (r.pop("_sample") for r in runs) if s]
+        durable = median_run(runs, "acked_per_s")
+    # The raw messages are a real envelope of the burst, or one built the same way.
+    body = samples[0] if samples else sample_envelope()
+    if args.only != "durable":
+        raw = median_run([raw_run(args.amqp, args.count, body, args.deadline)
+                          for _ in range(args.repeat)], "consumed_per_s")
+    return {
+        "count": args.count,
+        "envelope_bytes": (durable or {}).get("envelope_bytes") or len(body),
+        "durable": durable,
+        "raw": raw,
+        "ratio": {
+            "applied": ratio((durable or {}).get("applied_per_s"), (raw or {}).get("consumed_per_s")),
+            "acked": ratio((durable or {}).get("acked_per_s"), (raw or {}).get("consumed_per_s")),
+        },
+        "machine": machine_facts(args.amqp, load),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000, help="envelopes / messages (default 20000)")
-    parser.add_argument("--amqp", default=os.environ.get("SMSLAB_AMQP_URL", admin.DEFAULT_URL),
-                        help="broker URL (default SMSLAB_AMQP_URL or %(default)s)")
+    add_amqp_option(parser)
     parser.add_argument("--deadline", type=float, default=300.0,
                         help="seconds each measurement may take before the run fails (default 300)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each measurement R times and report the median run (default 1)")
     parser.add_argument("--only", choices=("durable", "raw"), help="run one of the two measurements")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     if args.count < 1 or args.repeat < 1:
         parser.error("--count and --repeat must be at least 1")
-    signal.signal(signal.SIGTERM, _interrupted)  # clean up (lab down, queue deleted) on TERM too
-    try:
-        admin.check(args.amqp)
-        load = machine_busy()
-        if load is not None and load > 0.25:
-            log(f"WARNING: the CPUs were {load:.0%} busy before the run: other work will skew the figures")
-        durable = raw = None
-        samples: list[bytes] = []
-        if args.only != "raw":
-            runs = [durable_run(args.amqp, args.count, args.deadline) for _ in range(args.repeat)]
-            samples = [s for s in (r.pop("_sample") for r in runs) if s]
-            durable = median_run(runs, "acked_per_s")
-        # The raw messages are a real envelope of the burst, or one built the same way.
-        body = samples[0] if samples else sample_envelope()
-        if args.only != "durable":
-            raw = median_run([raw_run(args.amqp, args.count, body, args.deadline)
-                              for _ in range(args.repeat)], "consumed_per_s")
-        report = {
-            "count": args.count,
-            "envelope_bytes": (durable or {}).get("envelope_bytes") or len(body),
-            "durable": durable,
-            "raw": raw,
-            "ratio": {
-                "applied": ratio((durable or {}).get("applied_per_s"), (raw or {}).get("consumed_per_s")),
-                "acked": ratio((durable or {}).get("acked_per_s"), (raw or {}).get("consumed_per_s")),
-            },
-            "machine": machine_facts(args.amqp, load),
-        }
-    except pika.exceptions.AMQPError as exc:
-        print(f"error: broker error: {exc!r}", file=sys.stderr)
-        return 2
-    except SmslabError as exc:  # BrokerUnavailable (with its hint), LabError, ConfigError...
-        print(f"error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return 2
-    except (BenchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted (cleaned up)", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    # run_cli turns SIGTERM into Ctrl-C: clean up (lab down, queue deleted) on TERM too.
+    return run_cli(lambda: measure(args), args.json, print_table)
 
 
 if __name__ == "__main__":

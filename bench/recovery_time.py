@@ -40,34 +40,44 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-# The site processes are started with ``python -m sites``: make them run this checkout too.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
+# bench/ on sys.path for _common, which puts this checkout first on sys.path and on PYTHONPATH
+# (the site processes are started with ``python -m sites``) before broker/, emulator/, sites/.
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
-import pika
-import pika.exceptions
+from _common import (
+    BenchError,
+    BusyMeter,
+    add_amqp_option,
+    add_json_option,
+    broker_pids,
+    busy_before_run,
+    check_sites_alive,
+    cpu_deltas,
+    cpu_seconds,
+    cpu_snapshot,
+    fmt_pct,
+    fmt_s,
+    log,
+    machine_facts,
+    run_cli,
+    temp_lab,
+)
 
 from broker import admin
 from emulator import backup, checker, orchestrator, recover
-from emulator.errors import SmslabError
 from emulator.lab import LabDir, LabInfo
 from sites import status_ids as sid
 
@@ -101,129 +111,6 @@ sites:
     parent: P01
     clients: 0
 """
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-# ----------------------------------------------------------------------------------------
-# machine and process facts (as in bench/link_throughput.py)
-# ----------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pids: list[int]) -> float | None:
-    """User+system CPU seconds used so far by these processes (Linux /proc), None if unknown."""
-    total = 0.0
-    try:
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-    return total
-
-
-def broker_pids() -> list[int]:
-    """The local RabbitMQ's Erlang VM, to account its CPU (empty if the broker is remote)."""
-    pids = []
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() == "beam.smp":
-                pids.append(int(comm.parent.name))
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
-def machine_busy(interval: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy over ``interval`` seconds (Linux /proc/stat), None if unknown."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return values[3] + values[4], sum(values[:8])  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(interval)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
-
-
-class BusyMeter:
-    """Fraction of all CPUs busy between ``start()`` and ``stop()`` (the whole machine)."""
-
-    def __init__(self) -> None:
-        self.start_sample: tuple[int, int] | None = None
-
-    @staticmethod
-    def _sample() -> tuple[int, int] | None:
-        try:
-            values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return values[3] + values[4], sum(values[:8])
-
-    def start(self) -> None:
-        self.start_sample = self._sample()
-
-    def stop(self) -> float | None:
-        end = self._sample()
-        if self.start_sample is None or end is None:
-            return None
-        (i0, t0), (i1, t1) = self.start_sample, end
-        return round(1 - (i1 - i0) / max(1, t1 - t0), 3)
-
-
-def cpu_delta(before: float | None, after: float | None) -> float | None:
-    return round(after - before, 3) if before is not None and after is not None else None
-
-
-def machine_facts(url: str, load_before: float | None) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    rabbit, source = None, None
-    if shutil.which("rabbitmqctl"):
-        try:
-            out = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True,
-                                 timeout=20, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                rabbit, source = out.stdout.strip().splitlines()[-1], "rabbitmqctl version"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if rabbit is None:
-        try:
-            with admin.blocking(url, "smslab-bench") as conn:
-                props = conn._impl.server_properties  # pika keeps the broker's Connection.Start
-                v = props.get("version")
-                rabbit = v.decode() if isinstance(v, bytes) else v
-                source = "AMQP server properties"
-        except (SmslabError, AttributeError):
-            pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "pika": pika.__version__,
-        "sqlite": sqlite3.sqlite_version,
-        "rabbitmq": rabbit,
-        "rabbitmq_from": source,
-        "platform": platform.platform(),
-        "cpu_busy_before": load_before,
-        "commit": git_commit(),
-    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,9 +170,7 @@ def wait_until(what: str, lab_dir: LabDir, done: Any, deadline: float,
         if done():
             return time.monotonic() - t0
         now = time.monotonic()
-        for code in SITES:
-            if lab_dir.pid(code) is None:
-                raise BenchError(f"{what}: site {code} exited; see {lab_dir.log_file(code)}")
+        check_sites_alive(lab_dir, SITES, what)
         if now - t0 > deadline:
             raise BenchError(f"{what}: not done within {deadline:.0f}s"
                              + (f" ({describe()})" if describe else ""))
@@ -397,26 +282,16 @@ def summarize_stacks(path: Path, top: int = 15) -> dict[str, Any]:
 
 
 def run(url: str, records: int, after: int, deadline: float, profile_dir: Path | None) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="smslab-bench-recovery-"))
-    topo = tmp / "topology.yaml"
-    topo.write_text(TOPOLOGY)
-    lab_dir = LabDir(tmp / "lab")
     profiler = Profiler(profile_dir)
-    try:
-        log(f"bringing up CEN, P01 (primary), S01 (secondary) in {lab_dir.path}")
-        t = time.monotonic()
-        info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(m.strip()))
-        log(f"lab {info.lab_id} up in {time.monotonic() - t:.1f}s")
-        return _measure(url, info, lab_dir, records, after, deadline, profiler)
-    finally:
-        profiler.stop()
-        if lab_dir.exists():
-            try:
-                orchestrator.down(lab_dir)
-                log("lab down, broker objects deleted")
-            except SmslabError as exc:
-                log(f"WARNING: lab down failed: {exc}{' (' + exc.hint + ')' if exc.hint else ''}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temp_lab("smslab-bench-recovery-", TOPOLOGY) as (topo, lab_dir):
+        try:
+            log(f"bringing up CEN, P01 (primary), S01 (secondary) in {lab_dir.path}")
+            t = time.monotonic()
+            info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(m.strip()))
+            log(f"lab {info.lab_id} up in {time.monotonic() - t:.1f}s")
+            return _measure(url, info, lab_dir, records, after, deadline, profiler)
+        finally:
+            profiler.stop()  # before the lab goes down
 
 
 def _burst(url: str, info: LabInfo, count: int, keys: int) -> None:
@@ -494,8 +369,7 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
         if pid:
             profiler.start(code, pid)
     profiler.start_when_spawned(lab_dir, "P01", old_p01)
-    cpu0 = {code: cpu_seconds([pid]) if pid else None for code, pid in sites_pids.items()}
-    cpu0["broker"] = cpu_seconds(beam) if beam else None
+    cpu0 = cpu_snapshot(sites_pids, beam)
     busy = BusyMeter()
     bench_cpu0 = time.process_time()
 
@@ -530,9 +404,7 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
     t_valid = c1
     busy_frac = busy.stop()
     bench_cpu = time.process_time() - bench_cpu0
-    cpu1 = {code: cpu_seconds([pid]) if pid else None for code, pid in sites_pids.items()}
-    cpu1["broker"] = cpu_seconds(beam) if beam else None
-    cpu = {k: cpu_delta(cpu0[k], cpu1[k]) for k in cpu0}
+    cpu = cpu_deltas(cpu0, cpu_snapshot(sites_pids, beam))
     cpu["P01"] = round(cpu_seconds([new_p01]) or 0, 3) if new_p01 else None  # all of its life
     cpu["bench_checker"] = round(bench_cpu, 3)
     profile = profiler.stop()
@@ -652,28 +524,9 @@ def _bins(points: list[tuple[float, int]], width: float) -> dict[str, int]:
     return bins
 
 
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+changes" if dirty else "")) if head else None
-
-
 # ----------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------
-
-
-def _s(v: float | None) -> str:
-    return "?" if v is None else f"{v:.2f}"
-
-
-def _pct(v: float | None) -> str:
-    return "?" if v is None else f"{v:.0%}"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -688,7 +541,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("  after it, until valid", f"{r['after_recover_s']:.2f} s",
          f"{r['checker_runs']} checker run(s), last took {r['checker_last_s']:.2f} s"),
         ("records resynchronized / s", f"{r['records_per_s']:,.0f}", f"{r['records']:,} / total"),
-        ("records complete at CEN and P01", f"{_s(r['data_complete_s'])} s",
+        ("records complete at CEN and P01", f"{fmt_s(r['data_complete_s'])} s",
          "at valid" if r["data_complete_at_valid"] else "AFTER valid"),
     ]
     w0 = max(len(a) for a, _, _ in rows)
@@ -715,26 +568,26 @@ def print_table(report: dict[str, Any]) -> None:
     for k, label in labels.items():
         at = r["phases_s"].get(k)
         step = f"{at - prev:+.2f}" if at is not None else ""
-        print(f"    {label:<{w1}}  {_s(at):>7}  {step:>6}")
+        print(f"    {label:<{w1}}  {fmt_s(at):>7}  {step:>6}")
         prev = at if at is not None else prev
     for name, a in r["applied"].items():
         rate = f", {a['per_s']:,.0f}/s" if a["per_s"] else ""
         print(f"  applied {name}: {a['inventory']:,} records ({a['envelopes']:,} envelopes in all)"
-              f" in {a['batches']} batches between {_s(a['first_s'])} and {_s(a['last_s'])} s{rate};"
-              f" longest pause {a['max_gap_s']:.2f} s after {_s(a['max_gap_after_s'])} s")
+              f" in {a['batches']} batches between {fmt_s(a['first_s'])} and {fmt_s(a['last_s'])} s{rate};"
+              f" longest pause {a['max_gap_s']:.2f} s after {fmt_s(a['max_gap_after_s'])} s")
     print(f"  CEN vs S01 after: {r['cen_vs_s01']}; P01 vs S01: {r['p01_vs_s01']}")
     drops = {k: v for k, v in r["drops"].items() if v}
     print(f"  drops during the recovery: {drops or 'none'}; links: "
           + "; ".join(f"{k} {v}" for k, v in r["links"].items()))
     c = r["cpu_s"]
-    print(f"  CPU s from the kill to valid ({r['total_s']:.2f} s wall, machine {_pct(r['cpu_busy_during'])} busy):"
-          f" P01 {_s(c.get('P01'))}, CEN {_s(c.get('CEN'))}, S01 {_s(c.get('S01'))},"
-          f" broker {_s(c.get('broker'))}, bench (checker) {_s(c.get('bench_checker'))}")
+    print(f"  CPU s from the kill to valid ({r['total_s']:.2f} s wall, machine {fmt_pct(r['cpu_busy_during'])} busy):"
+          f" P01 {fmt_s(c.get('P01'))}, CEN {fmt_s(c.get('CEN'))}, S01 {fmt_s(c.get('S01'))},"
+          f" broker {fmt_s(c.get('broker'))}, bench (checker) {fmt_s(c.get('bench_checker'))}")
     print(f"  setup: fill {r['records']:,} records in {r['fill_s']:.1f} s; backup"
           f" {r['backup_bytes'] / 1e6:.1f} MB in {r['backup_s']:.2f} s; {r['after']:,} envelopes after it"
           f" ({r['after_newer_versions']:,} at version 2) in {r['after_s']:.1f} s; backup age {r['backup_age']}")
     print(f"  machine: {m['cores']} cores ({m['cpu'] or '?'}), python {m['python']}, pika {m['pika']},"
-          f" SQLite {m['sqlite']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {_pct(m['cpu_busy_before'])},"
+          f" SQLite {m['sqlite']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {fmt_pct(m['cpu_busy_before'])},"
           f" commit {m['commit'] or '?'}")
     for code, prof in (r.get("profile") or {}).items():
         if "error" in prof:
@@ -745,8 +598,11 @@ def print_table(report: dict[str, Any]) -> None:
         print("    inclusive: " + "; ".join(f"{f} {p}%" for f, p in prof["inclusive"][:12]))
 
 
-def _interrupted(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    load = busy_before_run(args.amqp)
+    result = run(args.amqp, args.records, args.after, args.deadline, args.profile)
+    return {"goal_s": args.goal, "run": result,
+            "machine": machine_facts(args.amqp, load, sqlite=True, commit=True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -755,14 +611,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="distinct inventory records in P01's subtree (default 100000)")
     parser.add_argument("--after", type=int, default=10000,
                         help="envelopes through P01 after the backup (default 10000)")
-    parser.add_argument("--amqp", default=os.environ.get("SMSLAB_AMQP_URL", admin.DEFAULT_URL),
-                        help="broker URL (default SMSLAB_AMQP_URL or %(default)s)")
+    add_amqp_option(parser)
     parser.add_argument("--deadline", type=float, default=600.0,
                         help="seconds each wait (fill, recovery) may take before the run fails (default 600)")
     parser.add_argument("--goal", type=float, default=20.0, help="the product goal, seconds (default 20)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="also run py-spy on the three sites during the recovery; raw stacks to DIR")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     if args.records < 1:
         parser.error("--records must be at least 1")
@@ -772,31 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which("py-spy"):
             parser.error("--profile needs py-spy on PATH")
         args.profile.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _interrupted)  # clean up (lab down) on TERM too
-    try:
-        admin.check(args.amqp)
-        load = machine_busy()
-        if load is not None and load > 0.25:
-            log(f"WARNING: the CPUs were {load:.0%} busy before the run: other work will skew the figures")
-        result = run(args.amqp, args.records, args.after, args.deadline, args.profile)
-        report = {"goal_s": args.goal, "run": result, "machine": machine_facts(args.amqp, load)}
-    except pika.exceptions.AMQPError as exc:
-        print(f"error: broker error: {exc!r}", file=sys.stderr)
-        return 2
-    except SmslabError as exc:  # BrokerUnavailable (with its hint), LabError, CorruptBackup...
-        print(f"error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return 2
-    except (BenchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted (cleaned up)", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
+    # run_cli turns SIGTERM into Ctrl-C: clean up (lab down) on TERM too.
+    return run_cli(lambda: measure(args), args.json, print_table)
 
 
 if __name__ == "__main__":
