@@ -109,7 +109,6 @@ class PikaTransport:
 
     def run(self, handler: TransportHandler) -> None:
         self._handler = handler
-        self._stopping = False
         self._error = None
         self._ready = False
         self._pending.clear()
@@ -128,6 +127,8 @@ class PikaTransport:
         finally:
             self._ready = False
             self._channel = None
+            if self._conn is not None:
+                self._conn.ioloop.close()  # its timers and file descriptors go with it
         if self._error and not self._stopping:
             raise BrokerUnavailable(self._error)
 
@@ -160,6 +161,9 @@ class PikaTransport:
         self._conn.ioloop.stop()
 
     def _on_connection_open(self, conn: Any) -> None:
+        if self._stopping:  # asked to stop while the connection was being set up
+            conn.close()
+            return
         conn.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:

@@ -59,8 +59,9 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
     lab_dir.pid_file(site).write_text(f"{os.getpid()}\n")
 
     def on_term(_sig: int, _frame: object) -> None:
+        # Only a flag: the loop's own 0.1 s tick stops the site from inside (calling into
+        # pika from a signal handler could deadlock on its locks).
         runtime.stopping = True
-        transport.stop_threadsafe()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

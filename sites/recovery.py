@@ -79,6 +79,9 @@ class Recovery:
             rt._save_links()
             rt._save_counters()
 
+    def reset_kick(self) -> None:
+        self._kicked = False  # a kick scheduled on a dead connection's loop never ran
+
     def kick(self) -> None:
         """Run the agent's next step now rather than at the next tick."""
         if self.agent is None or self.agent.phase is Phase.COMPLETE or self._kicked:
@@ -89,7 +92,7 @@ class Recovery:
             self._kicked = False
             self.tick()
 
-        self.rt.transport.call_later(0, run)
+        self.rt.later(0, run)
 
     def _persist(self) -> None:
         assert self.agent is not None

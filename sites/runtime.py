@@ -102,6 +102,9 @@ class SiteRuntime:
         self.flush_scheduled = False
         self.workload_paused = store.get_control("workload_paused") is True
         self.stopping = False
+        self._generation = 0
+        self._started = False
+        self._burst_step: Callable[[], None] | None = None
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
         self._load_counters()
@@ -175,16 +178,28 @@ class SiteRuntime:
         # last acknowledgement; receivers drop what they already have.
         self.published = {peer: link.acked_through for peer, link in self.links.items()}
         log.info("%s connected to the broker; state %s", self.site, self.state)
-        if not getattr(self, "_started", False):
+        # Every connection has its own I/O loop: the timers of the last one died with it.
+        self._generation += 1
+        self.later(self.settings.sync_interval, self._tick)
+        self.later(0.05, self._workload_tick)
+        if self._burst_step is not None:
+            self.later(0, self._burst_step)
+        self.recovery.reset_kick()
+        self.recovery.kick()  # a recovery agent announces at once
+        if not self._started:
             self._started = True
-            self._on_first_ready()
+            self._startup_reports()
         self.pump()
 
-    def _on_first_ready(self) -> None:
-        self.transport.call_later(self.settings.sync_interval, self._tick)
-        self.recovery.kick()  # a recovery agent announces at once
-        self.transport.call_later(0.05, self._workload_tick)
-        self._startup_reports()
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after ``delay`` on this connection's loop (never on a later one)."""
+        generation = self._generation
+
+        def run() -> None:
+            if generation == self._generation:
+                fn()
+
+        self.transport.call_later(delay, run)
 
     def on_delivery(self, delivery: Delivery) -> None:
         self.batch.append(delivery)
@@ -547,9 +562,10 @@ class SiteRuntime:
         return {"client": client, "version": version}
 
     def _workload_tick(self) -> None:
-        if self.stopping:
+        if self.stopping:  # set by a signal handler: stop from inside the loop
+            self.shutdown()
             return
-        self.transport.call_later(0.1, self._workload_tick)
+        self.later(0.1, self._workload_tick)
         if self.workload_paused or self.state != "active":
             return
         now = self.clock()
@@ -637,7 +653,7 @@ class SiteRuntime:
     def _tick(self) -> None:
         if self.stopping:
             return
-        self.transport.call_later(self.settings.sync_interval, self._tick)
+        self.later(self.settings.sync_interval, self._tick)
         now = self.clock()
         counts = self.store.outbox_counts()
         before = {p: self._health(l) for p, l in self.links.items()}
@@ -753,9 +769,12 @@ class SiteRuntime:
                 self._save_counters()
             self.pump()
             if made["n"] < count:
-                self.transport.call_later(0, step)
+                self.later(0, step)
+            else:
+                self._burst_step = None
 
-        self.transport.call_later(0, step)
+        self._burst_step = step  # resumed on the next connection if the broker drops
+        self.later(0, step)
 
     def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
         """The Preinst-equivalent verbs."""
@@ -796,6 +815,6 @@ class SiteRuntime:
 
     def shutdown(self) -> None:
         self.stopping = True
-        if self.batch:
+        if self.batch and self.transport.ready:
             self.flush()
         self.transport.stop()

@@ -198,3 +198,24 @@ def test_an_envelope_that_cannot_be_applied_is_dead_lettered_and_loses_nothing_e
     lab.control("P01", {"cmd": "resume-workload"})
     assert lab.wait_converged(timeout=60).verdict == "valid"
     assert lab.dir.pid("CEN")
+
+
+def test_after_a_reconnect_the_site_keeps_producing_and_ticking(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    wait_for("traffic from P01", lambda: lab.link("CEN", "P01")["next_expected"] > 5)
+    assert close_site_connection(lab.lab_id, "P01") == 1
+    log = lab.dir.log_file("P01")
+    wait_for("P01 to reconnect", lambda: log.read_text().count("connected to the broker") >= 2)
+    start = lab.link("CEN", "P01")["next_expected"]
+
+    def reports() -> int:
+        return sum(inv for inv, _ in read_client_versions(lab.dir.clients_db("P01")).values())
+
+    # the workload and the periodic tick live on the new connection's loop
+    before = reports()
+    wait_for("P01's clients to report after the reconnect", lambda: reports() >= before + 8, timeout=15)
+    wait_for("their reports to reach CEN", lambda: lab.link("CEN", "P01")["next_expected"] > start + 8)
+    resends = lab.link("P01", "CEN")["resends"]
+    lab.control("CEN", {"cmd": "pause-workload"})
+    assert lab.wait_converged(timeout=30).verdict == "valid"
+    assert lab.link("P01", "CEN")["resends"] >= resends
