@@ -122,9 +122,10 @@ def recover(
         phase = meta.get("recovery_phase", "") if meta.get("recovery_id") == rid else ""
         waiting = meta.get("recovery_waiting", "")
         index = PHASES.index(phase) if phase in PHASES else -1
-        for passed in PHASES[reached + 1:index]:
-            progress(f"  phase {PHASE_TEXT[passed]}")
-        reached = max(reached, index)
+        if index >= 0:
+            for passed in PHASES[reached + 1:index]:
+                progress(f"  phase {PHASE_TEXT[passed]}")
+            reached = max(reached, index)
         line = f"  phase {PHASE_TEXT.get(phase, 'starting the agent')}" + (f" (waiting for {waiting})" if waiting else "")
         if line != shown:
             progress(line)
