@@ -122,13 +122,18 @@ def publish_raw(url: str, lab: str, site: str, body: bytes) -> None:
 
 
 def control_request(
-    url: str, lab: str, site: str, command: dict[str, Any], timeout: float = 10.0
+    url: str, lab: str, site: str, command: dict[str, Any], timeout: float = 10.0,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
-    """Send a command to a running site and wait for its answer."""
+    """Send a command to a running site and wait for its answer.
+
+    The site runs a command with a given ``request_id`` once: sent again (a retry), it
+    answers what it answered the first time.
+    """
     with blocking(url) as conn:
         ch = conn.channel()
         reply = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        corr = uuid.uuid4().hex
+        corr = request_id or uuid.uuid4().hex
         ch.confirm_delivery()
         try:
             ch.basic_publish(

@@ -94,9 +94,17 @@ class LabDir:
             return None
         except PermissionError:
             return pid
-        if _is_zombie(pid):
-            return None
+        if _is_zombie(pid) or not _is_site_process(pid, code):
+            return None  # dead, or the pid was reused by another process since
         return pid
+
+
+def _is_site_process(pid: int, code: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc to ask: trust the pid file
+    return b"sites" in argv and code.encode() in argv
 
 
 def _is_zombie(pid: int) -> bool:

@@ -122,8 +122,9 @@ class Lab:
             raise AssertionError(f"smslab {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
 
-    def control(self, site: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        return admin.control_request(self.url, self.lab_id, site, cmd, timeout=timeout)
+    def control(self, site: str, cmd: dict[str, Any], timeout: float = 10.0,
+                request_id: str | None = None) -> dict[str, Any]:
+        return admin.control_request(self.url, self.lab_id, site, cmd, timeout=timeout, request_id=request_id)
 
     # reading site stores
     @contextmanager

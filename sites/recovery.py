@@ -79,6 +79,9 @@ class Recovery:
             rt._save_links()
             rt._save_counters()
 
+    def restore_agent(self, state: dict[str, Any] | None) -> None:
+        self.agent = RecoveryAgent.from_state(state) if state else None
+
     def reset_kick(self) -> None:
         self._kicked = False  # a kick scheduled on a dead connection's loop never ran
 
@@ -110,7 +113,14 @@ class Recovery:
         rt = self.rt
         now = rt.clock()
         if agent.phase is Phase.ANNOUNCE:
-            for peer in agent.should_announce(now, ANNOUNCE_RETRY):
+            if not agent.peers:  # a site alone: nothing to ask, only its own counters to move
+                with rt.store.transaction():
+                    self._plan(now)
+                    rt._save_links()
+                    rt._save_counters()
+                self.kick()
+                return
+            for peer in agent.should_announce(now, agent.announce_retry(ANNOUNCE_RETRY)):
                 link = rt.links[peer]
                 rt._publish_direct(peer, [RecoveryAnnounce(
                     source=rt.site, dest=peer, incarnation=rt.incarnation,
@@ -132,11 +142,17 @@ class Recovery:
             if agent is not None:
                 self._persist()
             return
+        self._plan(now)
+
+    def _plan(self, now: float) -> None:
         rt = self.rt
+        agent = self.agent
+        assert agent is not None
         own = OwnCounters(
             txn_id=rt.txn_id, incarnation=rt.incarnation, object_next=rt.alloc["object"],
             scf_serial=rt.scf_serial,
             control_sent={c: rt.store.get_int(f"control_serial_sent:{c}") for c in rt.children},
+            status_serial=rt.status_serial,
         )
         reference = rt.store.get_meta("recovery_reference") or None
         plan = plan_counters(own, agent.parsed_reports(), margin=rt.settings.txn_margin,
@@ -159,6 +175,7 @@ class Recovery:
         rt.incarnation = plan.incarnation
         rt.alloc["object"] = plan.object_next
         rt.scf_serial = plan.scf_serial
+        rt.status_serial = plan.status_serial
         for child, serial in plan.control_sent.items():
             if child in rt.children:
                 rt.store.set_meta(f"control_serial_sent:{child}", serial)
@@ -304,6 +321,7 @@ class Recovery:
             txn_watermark=rt.store.max_watermark(peer),
             max_object_ids={"object": max(numbers, default=0)},
             scf_serial=scf, control_serial=control, their_incarnation=link.their_incarnation,
+            status_serial=rt.store.max_site_data_version(DataClass.STATUS.value, peer),
             objects=[o for o in own_objects if o["origin"] == peer],
         )
 
@@ -327,7 +345,8 @@ class Recovery:
             link.last_progress = now
             if peer in rt.children:
                 subtree = rt.topology.subtree(peer)
-                removed = rt.store.delete_site_data_of(subtree)
+                # status messages are history, not state: they stay (nothing acknowledged is lost)
+                removed = rt.store.delete_site_data_of(subtree, keep=(DataClass.STATUS.value,))
                 rt._status(sid.SITE_DELETED, "info",
                            f"reinitialized the site data of {peer}'s subtree ({removed} records)"
                            " for its recovery; fresh copies follow", now)

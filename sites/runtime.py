@@ -62,6 +62,16 @@ _REJECT_FOR = {
 }
 
 
+READ_ONLY_COMMANDS = frozenset({"ping"})
+
+
+class ControlFailed(Exception):
+    def __init__(self, delivery: Delivery, answer: dict[str, Any]) -> None:
+        super().__init__(answer.get("error"))
+        self.delivery = delivery
+        self.answer = answer
+
+
 @dataclass
 class Outgoing:
     """What one batch decided to send besides outbox envelopes."""
@@ -70,6 +80,7 @@ class Outgoing:
     ack_peers: set[str] = field(default_factory=set)
     replies: list[tuple[str, str | None, dict[str, Any]]] = field(default_factory=list)
     republish: dict[str, int] = field(default_factory=dict)  # peer -> resend from seq
+    dead: list[tuple[bytes, str]] = field(default_factory=list)  # envelopes consumed unapplied
 
 
 class SiteRuntime:
@@ -216,7 +227,7 @@ class SiteRuntime:
             log.warning("%s: publish to %s from seq %s not confirmed; will resend", self.site, peer, first)
             self.published[peer] = min(self.published.get(peer, 0), first - 1)
         elif kind == "dead":
-            log.error("%s: dead-letter publish not confirmed; message stays unacked", self.site)
+            log.error("%s: the broker refused a dead letter; it is in this site's log only", self.site)
 
     # -- the batch ------------------------------------------------------------------------
 
@@ -240,6 +251,11 @@ class SiteRuntime:
                     else:
                         packet = wire.decode(delivery.body, lab=self.lab, dest=self.site)
                         self._handle_packet(packet, delivery.redelivered, out, now)
+                except ControlFailed as failed:
+                    db.execute("ROLLBACK TO delivery")
+                    self._restore(saved)
+                    if delivery.reply_to:
+                        out.replies.append((delivery.reply_to, delivery.correlation_id, failed.answer))
                 except MalformedEnvelope as exc:
                     db.execute("ROLLBACK TO delivery")
                     self._restore(saved)
@@ -257,14 +273,28 @@ class SiteRuntime:
         self.pump()
 
     def _snapshot(self) -> tuple[Any, ...]:
+        agent = self.recovery.agent
         return (copy.deepcopy(self.links), dict(self.published), self.txn_id, self.incarnation,
-                self.scf_serial, self.status_serial, dict(self.alloc), self.state)
+                self.scf_serial, self.status_serial, dict(self.alloc), self.state,
+                agent.to_state() if agent else None, self.workload_paused)
+
+    def _light_snapshot(self) -> tuple[Any, ...]:
+        """What applying one envelope can change in memory (the store has a savepoint)."""
+        return (self.txn_id, self.scf_serial, self.status_serial, dict(self.alloc),
+                {p: (l.next_send_seq, l.sent) for p, l in self.links.items()}, dict(self.published))
+
+    def _light_restore(self, saved: tuple[Any, ...]) -> None:
+        self.txn_id, self.scf_serial, self.status_serial, self.alloc, sends, self.published = saved
+        for peer, (next_send_seq, sent) in sends.items():
+            self.links[peer].next_send_seq = next_send_seq
+            self.links[peer].sent = sent
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         (links, self.published, self.txn_id, self.incarnation, self.scf_serial,
-         self.status_serial, self.alloc, self.state) = saved
+         self.status_serial, self.alloc, self.state, agent, self.workload_paused) = saved
         self.links.clear()
         self.links.update(links)
+        self.recovery.restore_agent(agent)
 
     def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
         if not malformed:
@@ -281,15 +311,19 @@ class SiteRuntime:
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         # Kept, with its reason, in the lab's dead-letter queue. The dead-letter publish goes
         # out (confirmed) on the channel before the ack, so the broker has it first.
+        if self._publish_dead(delivery.body, reason, delivery.queue):
+            self.transport.ack(delivery.tag)
+
+    def _publish_dead(self, raw: bytes, reason: str, queue: str) -> bool:
         body = json.dumps({
-            "site": self.site, "reason": reason, "queue": delivery.queue, "at": self.clock(),
-            "body": delivery.body.decode("utf-8", errors="replace"),
+            "site": self.site, "reason": reason, "queue": queue, "at": self.clock(),
+            "body": raw.decode("utf-8", errors="replace"),
         }).encode()
         try:
-            self.transport.publish(names.DEAD_KEY, body, ("dead", delivery.tag))
+            self.transport.publish(names.DEAD_KEY, body, ("dead",))
         except BrokerUnavailable:
-            return
-        self.transport.ack(delivery.tag)
+            return False
+        return True
 
     # -- packets --------------------------------------------------------------------------
 
@@ -325,8 +359,26 @@ class SiteRuntime:
         verdict = seq.judge(link, env, mode=self.mode, watermark=watermark, applied_hash=applied_hash)
         seq.record(link, verdict)
         if verdict is seq.Verdict.APPLY:
-            self.store.set_watermark(link.peer, env.data_class.value, env.key, env.txn_id)
-            version = self._apply(link, env, now)
+            db = self.store.db
+            db.execute("SAVEPOINT envelope")
+            saved = self._light_snapshot()
+            try:
+                self.store.set_watermark(link.peer, env.data_class.value, env.key, env.txn_id)
+                version = self._apply(link, env, now)
+            except Exception as exc:  # noqa: BLE001 - well-formed but unappliable: consume, record, keep
+                db.execute("ROLLBACK TO envelope")
+                db.execute("RELEASE envelope")
+                self._light_restore(saved)
+                link.next_expected = env.link_seq + 1  # consumed: one bad envelope never blocks its link
+                link.extra["unappliable"] = link.extra.get("unappliable", 0) + 1
+                log.error("%s: envelope %s seq %s from %s cannot be applied: %r", self.site,
+                          env.data_class.value, env.link_seq, env.source, exc)
+                self.store.record_drop(link.peer, env.link_seq, env.txn_id, env.incarnation, "unappliable",
+                                       env.data_class.value, env.key, env.origin, env.hash, now)
+                out.dead.append((wire.encode_message(env), f"cannot apply: {exc!r}"))
+                out.ack_peers.add(link.peer)
+                return
+            db.execute("RELEASE envelope")
             self.store.record_applied(
                 link.peer, env.link_seq, env.txn_id, env.hash, env.data_class.value, env.key,
                 env.origin, version, now,
@@ -418,8 +470,8 @@ class SiteRuntime:
         held = self.store.site_data_version(env.data_class.value, env.key)
         if held is not None and version < held:
             return version  # older than what we hold: not stored, not forwarded
-        if env.data_class is DataClass.SCF and held is not None and version == held:
-            return version
+        if env.data_class is DataClass.SCF and held is not None and version == held and self.state != "recovering":
+            return version  # already held; while recovering, it is forwarded: the parent reinitialized
         self.store.upsert_site_data(env.data_class.value, env.key, env.origin, version, env.payload, now)
         if self.parent:
             self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op)
@@ -610,6 +662,8 @@ class SiteRuntime:
                 self._publish_direct(peer, msgs)
         for peer, from_seq in out.republish.items():
             self.published[peer] = min(self.published.get(peer, 0), from_seq - 1)
+        for body, reason in out.dead:
+            self._publish_dead(body, reason, "site")
         for reply_to, corr, answer in out.replies:
             self.transport.reply(reply_to, corr, json.dumps(answer).encode())  # type: ignore[attr-defined]
 
@@ -702,16 +756,27 @@ class SiteRuntime:
                 raise ValueError("a control command is a JSON object with 'cmd'")
         except ValueError as exc:
             raise MalformedEnvelope(f"malformed control command: {exc}") from exc
-        try:
-            answer = self.control(command, now)
-            answer.setdefault("ok", True)
-        except SmslabError as exc:
-            answer = {"ok": False, "error": exc.message, "hint": exc.hint}
-        except (KeyError, ValueError, TypeError) as exc:
-            answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
-        except Exception as exc:
-            log.exception("%s: control command %r failed", self.site, command.get("cmd"))
-            answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
+        # A command redelivered after a crash or a reconnect (committed, not yet acked) is
+        # answered from the record of its first run, never run twice.
+        cid = delivery.correlation_id if command["cmd"] not in READ_ONLY_COMMANDS else None
+        done = self.store.command_answer(cid) if cid else None
+        if done is not None:
+            answer = done
+        else:
+            try:
+                answer = self.control(command, now)
+                answer.setdefault("ok", True)
+            except SmslabError as exc:
+                answer = {"ok": False, "error": exc.message, "hint": exc.hint}
+            except (KeyError, ValueError, TypeError) as exc:
+                answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
+            except Exception as exc:  # noqa: BLE001 - a bad command must not kill the site
+                log.exception("%s: control command %r failed", self.site, command.get("cmd"))
+                answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
+            if not answer["ok"]:
+                raise ControlFailed(delivery, answer)  # undone to the savepoint, then answered
+            if cid:
+                self.store.record_command(cid, answer, now)
         if delivery.reply_to:
             out.replies.append((delivery.reply_to, delivery.correlation_id, answer))
 
@@ -730,6 +795,10 @@ class SiteRuntime:
             self.workload_paused = False
             self.store.set_control("workload_paused", None)
             return {}
+        if cmd in ("create", "update", "delete", "burst", "syncchild", "syncparent") and self.state != "active":
+            hint = (f"wait for smslab recover {self.site} to finish" if self.state == "recovering"
+                    else f"recover it first: smslab recover {self.site}")
+            raise SmslabError(f"{self.site} is {self.state}: administrative actions are refused", hint=hint)
         if cmd == "create":
             if self.spec.type == "secondary":
                 raise SmslabError(f"{self.site} is a secondary site: objects are created at primaries")
@@ -790,7 +859,8 @@ class SiteRuntime:
         if cmd == "syncparent":
             sent = sync_site_data_up(self, now) if self.parent else 0
             for child in self.children:  # "the current site and all its child sites"
-                self.transport.publish(names.control_key(child), json.dumps({"cmd": "syncparent"}).encode())
+                self.transport.publish(names.control_key(child), json.dumps({"cmd": "syncparent"}).encode(),
+                                       correlation_id=uuid.uuid4().hex)
             return {"sent": sent, "children": self.children}
         if cmd == "deljob":
             dest = command["dest"]

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS status_messages (
     id INTEGER PRIMARY KEY, component TEXT NOT NULL, message_id INTEGER NOT NULL,
     severity TEXT NOT NULL, text TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS control (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, answer TEXT NOT NULL, at REAL NOT NULL);
 """
 
 _LINK_FIELDS = {f.name for f in fields(LinkState)}
@@ -136,6 +137,14 @@ class SiteStore:
             self.db.execute(
                 "INSERT OR REPLACE INTO control(k, v) VALUES(?, ?)", (key, json.dumps(value))
             )
+
+    def command_answer(self, command_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT answer FROM commands WHERE id=?", (command_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def record_command(self, command_id: str, answer: dict[str, Any], now: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO commands(id, answer, at) VALUES(?, ?, ?)",
+                        (command_id, json.dumps(answer), now))
 
     # -- links ----------------------------------------------------------------------------
 
@@ -242,11 +251,19 @@ class SiteStore:
             (data_class, key, origin, version, json.dumps(payload), now),
         )
 
-    def delete_site_data_of(self, origins: list[str]) -> int:
+    def delete_site_data_of(self, origins: list[str], keep: tuple[str, ...] = ()) -> int:
         marks = ",".join("?" * len(origins))
+        kept = ",".join("?" * len(keep)) or "''"
         return self.db.execute(
-            f"DELETE FROM site_data WHERE origin IN ({marks})", origins
+            f"DELETE FROM site_data WHERE origin IN ({marks}) AND data_class NOT IN ({kept})",
+            [*origins, *keep],
         ).rowcount
+
+    def max_site_data_version(self, data_class: str, origin: str) -> int:
+        row = self.db.execute(
+            "SELECT MAX(version) FROM site_data WHERE data_class=? AND origin=?", (data_class, origin)
+        ).fetchone()
+        return int(row[0] or 0)
 
     def site_data(self, data_class: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT data_class, key, origin, version, payload FROM site_data"

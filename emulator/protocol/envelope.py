@@ -139,6 +139,7 @@ class RecoveryReport(_Msg):
     scf_serial: int  # the recovering site's SCF serial as the peer knows it
     control_serial: int  # the last site-control delta serial the peer processed from it
     their_incarnation: int = 0  # the recovering site's incarnation as the peer knows it
+    status_serial: int = 0  # the highest status message serial of the site the peer holds
     objects: list[dict[str, Any]] = Field(default_factory=list)  # the site's own objects held
 
 

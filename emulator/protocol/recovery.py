@@ -69,6 +69,7 @@ class OwnCounters:
     object_next: int  # next object number the allocator would give
     scf_serial: int
     control_sent: dict[str, int]  # per child, last site-control delta serial sent
+    status_serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class CounterPlan:
     scf_serial: int
     control_sent: dict[str, int]
     links: dict[str, LinkPlan]
+    status_serial: int
     adopt: list[dict[str, Any]]  # our own objects that peers hold and we lost
 
 
@@ -98,13 +100,12 @@ def plan_counters(
     reference: str | None = None,
 ) -> CounterPlan:
     """Step 3 of the handshake: move every counter past everything any peer has seen."""
-    if not reports and own.txn_id == 0 and own.object_next <= 1:
-        raise LocalProtocolError("a recovery needs at least one peer report")
     txn = recovered_txn_id(own.txn_id, [r.txn_watermark for r in reports.values()], margin)
     object_next = recovered_counter(
         own.object_next, [r.max_object_ids.get("object", 0) + 1 for r in reports.values()]
     )
     scf = recovered_counter(own.scf_serial, [r.scf_serial for r in reports.values()])
+    status = recovered_counter(own.status_serial, [r.status_serial for r in reports.values()])
     control = dict(own.control_sent)
     for peer, report in reports.items():
         control[peer] = max(control.get(peer, 0), report.control_serial)
@@ -132,6 +133,7 @@ def plan_counters(
         scf_serial=scf,
         control_sent=control,
         links=links,
+        status_serial=status,
         adopt=sorted(adopt.values(), key=lambda o: o["id"]),
     )
 
@@ -148,6 +150,7 @@ class RecoveryAgent:
     done_marks: dict[str, int] = field(default_factory=dict)  # peer -> last seq of its resync
     our_marks: dict[str, int] = field(default_factory=dict)  # peer -> last seq of our resync
     last_announce: float = 0.0
+    announces: int = 0  # rounds of announces sent (the retry interval backs off)
 
     def advance(self, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
@@ -162,7 +165,14 @@ class RecoveryAgent:
         if self.phase is not Phase.ANNOUNCE or now - self.last_announce < retry:
             return []
         self.last_announce = now
-        return self.missing_reports()
+        missing = self.missing_reports()
+        if missing:
+            self.announces += 1
+        return missing
+
+    def announce_retry(self, base: float, cap: float = 8.0) -> float:
+        """1, 2, 4, 8 s...: a peer that is down is not sent an announce every second."""
+        return float(min(cap, base * 2 ** max(0, self.announces - 1)))
 
     def on_report(self, report: RecoveryReport) -> bool:
         """Take a peer's report; True when every peer has answered."""

@@ -179,7 +179,8 @@ def test_cli_errors_say_what_and_what_to_do(lab: Lab, tmp_path: Path) -> None:
     assert done.returncode == 2 and "unknown site X99" in done.stderr
 
 
-def test_an_envelope_that_cannot_be_applied_is_dead_lettered_and_loses_nothing_else(lab: Lab) -> None:
+def test_an_envelope_that_cannot_be_applied_is_consumed_recorded_and_dead_lettered(lab: Lab) -> None:
+    """Well-formed but unappliable: the site records it, dead-letters it and its link goes on."""
     from emulator.protocol import envelope as wire
 
     lab.up(topology_yaml(DEMO_SITES[:2]))
@@ -194,9 +195,11 @@ def test_an_envelope_that_cannot_be_applied_is_dead_lettered_and_loses_nothing_e
     admin.publish_raw(lab.url, lab.lab_id, "CEN", wire.encode(packet))
     letters = wait_for("the dead letter", lambda: admin.dead_letters(lab.url, lab.lab_id))
     assert "cannot apply" in json.loads(letters[0]["body"])["reason"]
-    assert lab.link("CEN", "P01")["next_expected"] == seq, "the bad envelope did not consume the sequence"
+    assert lab.link("CEN", "P01")["next_expected"] == seq + 1, "consumed: one bad envelope never blocks a link"
+    assert lab.link("CEN", "P01")["extra"]["unappliable"] == 1
+    assert lab.query("CEN", "SELECT reason, seq FROM drops WHERE source='P01'") == [("unappliable", seq)]
     lab.control("P01", {"cmd": "resume-workload"})
-    assert lab.wait_converged(timeout=60).verdict == "valid"
+    wait_for("P01's next envelopes to be applied", lambda: lab.link("CEN", "P01")["next_expected"] > seq + 5)
     assert lab.dir.pid("CEN")
 
 
@@ -219,3 +222,13 @@ def test_after_a_reconnect_the_site_keeps_producing_and_ticking(lab: Lab) -> Non
     lab.control("CEN", {"cmd": "pause-workload"})
     assert lab.wait_converged(timeout=30).verdict == "valid"
     assert lab.link("P01", "CEN")["resends"] >= resends
+
+
+def test_a_control_command_sent_twice_runs_once(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    first = lab.control("CEN", {"cmd": "create", "kind": "package", "name": "once"}, request_id="req-1")
+    again = lab.control("CEN", {"cmd": "create", "kind": "package", "name": "once"}, request_id="req-1")
+    assert first == again
+    assert lab.query("CEN", "SELECT COUNT(*) FROM objects WHERE name='once'") == [(1,)]
+    other = lab.control("CEN", {"cmd": "create", "kind": "package", "name": "once"})
+    assert other["object"]["id"] != first["object"]["id"]

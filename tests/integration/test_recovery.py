@@ -228,6 +228,8 @@ def test_recovery_with_a_peer_down_names_it_and_resumes(lab: Lab) -> None:
     assert "waiting for S01" in done.stderr and "not running: S01" in done.stderr
     assert "smslab start S01" in done.stderr
     assert lab.dir.pid("P01"), "the agent keeps waiting for the peer"
+    refused = lab.cli("create", "P01", "package", check=False)
+    assert refused.returncode == 2 and "P01 is recovering: administrative actions are refused" in refused.stderr
     lab.cli("start", "S01")
     lab.cli("recover", "P01")
     assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
@@ -280,3 +282,31 @@ def test_preinst_verbs(lab: Lab) -> None:
     jobs = lab.cli("deljob", "P01", "S01").stdout
     assert "deleted" in jobs and not jobs.startswith("deleted 0")
     assert lab.query("P01", "SELECT COUNT(*) FROM outbox WHERE peer='S01'")[0][0] == 0
+
+
+def test_a_deeper_subtree_converges_after_its_primary_recovers(lab: Lab) -> None:
+    """Site data two levels below the recovering site (same SCF serial as in the backup) comes back."""
+    sites = [
+        {"code": "CEN", "type": "central", "clients": 0},
+        {"code": "P01", "type": "primary", "parent": "CEN"},
+        {"code": "P11", "type": "primary", "parent": "P01"},
+        {"code": "S11", "type": "secondary", "parent": "P11"},
+    ]
+    lab.up(topology_yaml(sites, settings=SETTINGS, workload={
+        "inventory_interval": 0.5, "discovery_interval": 2.0, "status_interval": 2.0,
+        "object_interval": 1.0, "scf_interval": 0}))
+    traffic(lab, "CEN", "P01", 10)
+    backup_id = lab.cli("backup", "P01").stdout.strip()
+    traffic(lab, "CEN", "P01", 10)
+    kill(lab, "P01")
+    lab.cli("recover", "P01", "--backup", backup_id)
+    assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
+    assert {k for (k,) in lab.query("CEN", "SELECT key FROM site_data WHERE data_class='scf'")} == {"CEN", "P01", "P11", "S11"}
+
+
+def test_a_lone_central_site_recovers(lab: Lab) -> None:
+    lab.up(topology_yaml([{"code": "CEN", "type": "central", "clients": 2}]))
+    backup_id = lab.cli("backup", "CEN").stdout.strip()
+    kill(lab, "CEN")
+    assert "complete" in lab.cli("recover", "CEN", "--backup", backup_id).stdout
+    assert lab.cli("wait-converged", "--timeout", "30", check=False).returncode == 0

@@ -251,10 +251,10 @@ def test_plan_for_a_wiped_site_moves_past_the_peers() -> None:
     assert (lone.txn_id, lone.incarnation, lone.object_next) == (MARGIN, 1, 1)
 
 
-def test_plan_for_a_wiped_site_without_any_report_is_refused() -> None:
+def test_plan_for_a_site_alone_moves_its_own_counters() -> None:
     wiped = OwnCounters(txn_id=0, incarnation=0, object_next=0, scf_serial=0, control_sent={})
-    with pytest.raises(LocalProtocolError):
-        plan_counters(wiped, {}, margin=MARGIN)
+    plan = plan_counters(wiped, {}, margin=MARGIN)
+    assert (plan.txn_id, plan.incarnation, plan.links, plan.adopt) == (MARGIN, 1, {}, [])
 
 
 # -- the agent: phases ------------------------------------------------------------------------
