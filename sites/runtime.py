@@ -770,7 +770,7 @@ class SiteRuntime:
                 answer = {"ok": False, "error": exc.message, "hint": exc.hint}
             except (KeyError, ValueError, TypeError) as exc:
                 answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
-            except Exception as exc:  # noqa: BLE001 - a bad command must not kill the site
+            except Exception as exc:
                 log.exception("%s: control command %r failed", self.site, command.get("cmd"))
                 answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
             if not answer["ok"]:

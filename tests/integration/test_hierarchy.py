@@ -12,8 +12,8 @@ import pytest
 from broker import admin
 from broker.faults import close_site_connection
 from emulator import orchestrator
-from sites.clients import read_client_versions
 from emulator.testing import DEMO_SITES, Lab, topology_yaml, wait_for
+from sites.clients import read_client_versions
 
 pytestmark = pytest.mark.integration
 
