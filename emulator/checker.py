@@ -21,6 +21,7 @@ lab is not settled, or part of it cannot be read); ``valid`` otherwise.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,19 @@ class Violation:
     site: str
     detail: str
     data: dict[str, Any] = field(default_factory=dict)
+    hard: bool = True  # counts against validity (set by the verdict)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Identity across two snapshots: what stays put when the violation is real."""
+        if self.data:
+            return (self.kind, self.site, tuple(sorted(
+                (k, str(v)) for k, v in self.data.items() if k not in _VOLATILE)))
+        return (self.kind, self.site, self.detail)
+
+
+# numbers that move on in a healthy lab (a client's version, a sender's counters)
+_VOLATILE = frozenset({"want", "sent", "acked"})
 
 
 @dataclass
@@ -115,8 +129,28 @@ def _read(lab_dir: LabDir, code: str) -> _Site | None:
         store.close()
 
 
-def check(lab_dir: LabDir, info: LabInfo | None = None) -> Report:
+def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5) -> Report:
+    """Judge the lab. Stores are read one after the other while sites run, so one snapshot
+    can catch two ends of a link at different moments; a violation makes the lab invalid
+    only if it stands, the same, in a second snapshot ``confirm`` seconds later."""
     info = info or lab_dir.load()
+    first = _check_once(lab_dir, info)
+    if first.verdict != "invalid" or confirm <= 0:
+        return first
+    time.sleep(confirm)
+    second = _check_once(lab_dir, info)
+    if second.verdict != "invalid":
+        return second
+    seen = {v.key for v in first.violations if v.hard}
+    for v in second.violations:
+        if v.hard and v.key not in seen:
+            v.hard = False
+            v.detail += " (not confirmed by a second look)"
+    second.verdict = "invalid" if any(v.hard for v in second.violations) else "unknown"
+    return second
+
+
+def _check_once(lab_dir: LabDir, info: LabInfo) -> Report:
     topo = info.topology
     settings = topo.settings
     violations: list[Violation] = []
@@ -240,8 +274,9 @@ def check(lab_dir: LabDir, info: LabInfo | None = None) -> Report:
     settled = not any(v.kind == "in_flight" for v in violations) and not any(
         n for site in sites.values() for n in site.outbox.values())
     soft = SOFT if settled else SOFT | LAG
-    hard = [v for v in violations if v.kind not in soft]
-    verdict: Verdict = "invalid" if hard else ("unknown" if violations else "valid")
+    for v in violations:
+        v.hard = v.kind not in soft
+    verdict: Verdict = "invalid" if any(v.hard for v in violations) else ("unknown" if violations else "valid")
     return Report(verdict, violations, {
         "sites": len(sites), "clients": clients_total, "objects": object_count,
         "links": len(topo.links()),
