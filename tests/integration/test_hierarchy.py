@@ -232,3 +232,19 @@ def test_a_control_command_sent_twice_runs_once(lab: Lab) -> None:
     assert lab.query("CEN", "SELECT COUNT(*) FROM objects WHERE name='once'") == [(1,)]
     other = lab.control("CEN", {"cmd": "create", "kind": "package", "name": "once"})
     assert other["object"]["id"] != first["object"]["id"]
+
+
+def test_check_on_a_busy_healthy_lab_is_never_invalid(lab: Lab) -> None:
+    """Sites run while the checker reads them one after the other: no false alarms."""
+    import time
+
+    lab.up(topology_yaml(DEMO_SITES, workload={
+        "inventory_interval": 0.2, "discovery_interval": 1.0, "status_interval": 1.0,
+        "object_interval": 0.5, "scf_interval": 1.0}))
+    verdicts: dict[str, int] = {}
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        report = lab.check()
+        verdicts[report.verdict] = verdicts.get(report.verdict, 0) + 1
+        assert report.verdict != "invalid", report.render()
+    assert sum(verdicts.values()) > 20
