@@ -351,6 +351,9 @@ class Recovery:
                            f"reinitialized the site data of {peer}'s subtree ({removed} records)"
                            " for its recovery; fresh copies follow", now)
                 sync_objects_to(rt, peer)
+                last = rt.store.get_control(f"control_last:{peer}")
+                if last is not None:  # a site control change purged with the old jobs
+                    rt.send_site_control(peer, now, settings=last)
             else:
                 sync_site_data_up(rt, now)
             entry.update(resynced=True, mark=link.sent_through)

@@ -575,11 +575,13 @@ class SiteRuntime:
         for child in self.children:
             self._emit(child, cls, obj["id"], self.site, obj, "delete" if obj["deleted"] else "upsert")
 
-    def send_site_control(self, child: str, now: float) -> None:
+    def send_site_control(self, child: str, now: float, settings: dict[str, Any] | None = None) -> None:
         serial = self.store.get_int(f"control_serial_sent:{child}") + 1
         self.store.set_meta(f"control_serial_sent:{child}", serial)
-        payload = {"target": child, "delta_serial": serial,
-                   "settings": {"inventory_schedule": f"every {self._rng.randint(1, 7)} days"}}
+        if settings is None:
+            settings = {"inventory_schedule": f"every {self._rng.randint(1, 7)} days"}
+        self.store.set_control(f"control_last:{child}", settings)  # sent again after a recovery
+        payload = {"target": child, "delta_serial": serial, "settings": settings}
         next_hop = next(c for c in self.children if child in self.topology.subtree(c))
         self._emit(next_hop, DataClass.SITE_CONTROL, f"{child}:{serial}", self.site, payload)
 
