@@ -8,6 +8,7 @@ restored with the site. The site asks them for a full report after a recovery.
 from __future__ import annotations
 
 import random
+import zlib
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +66,13 @@ def read_client_versions(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def inventory_payload(client: str, version: int) -> dict[str, object]:
-    rng = random.Random(f"{client}:{version}")
+    """A client's hardware and software inventory at a version: the same every time."""
+    h = zlib.crc32(f"{client}:{version}".encode())  # cheaper than seeding a Random per report
     return {
         "client": client,
         "version": version,
-        "hw": {"ram_mb": rng.choice([64, 128, 256]), "disk_gb": rng.randint(2, 40)},
-        "sw": [f"app{rng.randint(1, 50)}" for _ in range(3)],
+        "hw": {"ram_mb": (64, 128, 256)[h % 3], "disk_gb": 2 + (h >> 2) % 39},
+        "sw": [f"app{1 + (h >> s) % 50}" for s in (8, 14, 20)],
     }
 
 

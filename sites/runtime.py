@@ -474,14 +474,14 @@ class SiteRuntime:
             return version  # already held; while recovering, it is forwarded: the parent reinitialized
         self.store.upsert_site_data(env.data_class.value, env.key, env.origin, version, env.payload, now)
         if self.parent:
-            self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op)
+            self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
         return version
 
     def _apply_object(self, env: Envelope, now: float) -> int:
         obj = dict(env.payload)
         self.store.upsert_object(obj, via=env.source, now=now)
         for child in self.children:
-            self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op)
+            self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
         return int(obj.get("revision", 0))
 
     def _apply_site_control(self, env: Envelope, now: float) -> None:
@@ -489,7 +489,7 @@ class SiteRuntime:
         if target != self.site:
             for child in self.children:
                 if target in self.topology.subtree(child):
-                    self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op)
+                    self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
             return
         serial = int(env.payload["delta_serial"])
         last = self.store.get_int("control_serial_processed")
@@ -508,13 +508,15 @@ class SiteRuntime:
     # -- originating ----------------------------------------------------------------------
 
     def _emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
-              op: str = "upsert") -> None:
+              op: str = "upsert", hash_: str | None = None) -> None:
+        """Queue one envelope for a peer; ``hash_`` is the payload's hash when already known."""
         link = self.links[peer]
         self.txn_id += 1
         env = Envelope(
             source=self.site, dest=peer, incarnation=self.incarnation, origin=origin,
             data_class=cls, key=key, priority=priority_of(cls), txn_id=self.txn_id,
-            link_seq=link.next_send_seq, op=op, hash=content_hash(payload), payload=payload,  # type: ignore[arg-type]
+            link_seq=link.next_send_seq, op=op, hash=hash_ or content_hash(payload),
+            payload=payload,  # type: ignore[arg-type]
         )
         self.store.outbox_add(peer, link.next_send_seq, wire.encode_message(env))
         link.next_send_seq += 1
