@@ -14,22 +14,29 @@ import pika
 import pika.exceptions
 
 from broker import names
-from emulator.errors import BrokerUnavailable, LabError
+from emulator.errors import BrokerUnavailable, ConfigError, LabError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 
 @contextmanager
 def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
-    params = pika.URLParameters(url)
+    params = parameters(url)
     params.connection_attempts = 1
     params.socket_timeout = 5
     params.client_properties = {"connection_name": name}
     try:
         conn = pika.BlockingConnection(params)
+    except pika.exceptions.ProbableAuthenticationError as exc:
+        raise BrokerUnavailable(f"RabbitMQ at {_safe(url)} refused the login: {exc}",
+                                hint="check the user and password in the URL") from exc
+    except pika.exceptions.ProbableAccessDeniedError as exc:
+        raise BrokerUnavailable(f"RabbitMQ at {_safe(url)} refused access to the virtual host: {exc}",
+                                hint="check the virtual host in the URL (%2F is the default '/')") from exc
     except (pika.exceptions.AMQPError, OSError) as exc:
+        detail = str(exc) or repr(exc)
         raise BrokerUnavailable(
-            f"cannot reach RabbitMQ at {_safe(url)}: {exc.__class__.__name__} {exc}",
+            f"cannot reach RabbitMQ at {_safe(url)}: {exc.__class__.__name__}: {detail}",
             hint="start RabbitMQ (rabbitmq-server -detached) or pass --amqp URL / SMSLAB_AMQP_URL",
         ) from exc
     try:
@@ -42,6 +49,13 @@ def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
                 conn.close()
         except (pika.exceptions.AMQPError, OSError):
             pass
+
+
+def parameters(url: str) -> pika.URLParameters:
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"not an AMQP URL: {url!r}",
+                          hint="use amqp://USER:PASSWORD@HOST:PORT/VHOST, e.g. " + DEFAULT_URL)
+    return pika.URLParameters(url)
 
 
 def _safe(url: str) -> str:

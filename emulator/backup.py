@@ -97,7 +97,11 @@ def load(lab_dir: LabDir, backup_id: str) -> BackupRecord:
     try:
         return BackupRecord.model_validate_json(path.read_bytes())
     except ValidationError as exc:
-        raise CorruptBackup(f"backup {backup_id}: its control record is unreadable: {exc.error_count()} error(s)") from exc
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "top level"
+        raise CorruptBackup(f"backup {backup_id}: its control record backup.json is unreadable:"
+                            f" {first.get('msg')} at {where}",
+                            hint="use another backup (smslab backups)") from exc
 
 
 def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
@@ -118,16 +122,20 @@ def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
 def verify(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> BackupRecord:
     """Refuse a backup of another site or lab, or one whose files are damaged."""
     record = load(lab_dir, backup_id)
+    other = ("secondary sites have no backups; smslab recover " + site + " --wipe reinstalls it"
+             if info.topology.site(site).type == "secondary" else f"smslab backups {site} lists {site}'s backups")
     if record.site != site:
-        raise CorruptBackup(f"backup {backup_id} is of site {record.site}, not {site}",
-                            hint=f"smslab backups {site} lists {site}'s backups")
+        raise CorruptBackup(f"backup {backup_id} is of site {record.site}, not {site}", hint=other)
     if record.lab != info.lab_id:
-        raise CorruptBackup(f"backup {backup_id} was taken in lab {record.lab}, not {info.lab_id}")
+        raise CorruptBackup(f"backup {backup_id} was taken in lab {record.lab}, not {info.lab_id}",
+                            hint=f"smslab backups {site} lists this lab's backups")
     db = lab_dir.backups_dir() / backup_id / "site.db"
+    damaged = f"use another backup (smslab backups {site}) or recover {site} --wipe"
     if not db.exists():
-        raise CorruptBackup(f"backup {backup_id}: site.db is missing")
+        raise CorruptBackup(f"backup {backup_id}: site.db is missing", hint=damaged)
     if _sha256(db) != record.sha256:
-        raise CorruptBackup(f"backup {backup_id}: site.db does not match its checksum (damaged or changed)")
+        raise CorruptBackup(f"backup {backup_id}: site.db does not match its checksum (damaged or changed)",
+                            hint=damaged)
     check_backup_file(db, site_code=site, lab=info.lab_id)
     return record
 

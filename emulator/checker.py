@@ -66,7 +66,7 @@ class Report:
         return {"verdict": self.verdict, "violations": [asdict(v) for v in self.violations],
                 "stats": self.stats}
 
-    def render(self, limit: int = 40) -> str:
+    def render(self, limit: int = 40, more_hint: str = "--json for all") -> str:
         lines = [f"verdict: {self.verdict}"]
         kinds: dict[str, int] = {}
         for v in self.violations:
@@ -76,11 +76,14 @@ class Report:
         for v in self.violations[:limit]:
             lines.append(f"  {v.kind:<9} {v.site}: {v.detail}")
         if len(self.violations) > limit:
-            lines.append(f"  ... and {len(self.violations) - limit} more (--json for all)")
+            lines.append(f"  ... and {len(self.violations) - limit} more ({more_hint})")
         s = self.stats
-        lines.append(f"checked {s.get('sites', 0)} sites, {s.get('clients', 0)} clients,"
-                     f" {s.get('objects', 0)} objects, {s.get('links', 0)} links")
+        lines.append("checked " + ", ".join(_count(s.get(k, 0), k[:-1]) for k in ("sites", "clients", "objects", "links")))
         return "\n".join(lines)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass
@@ -145,7 +148,7 @@ def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5)
     for v in second.violations:
         if v.hard and v.key not in seen:
             v.hard = False
-            v.detail += " (not confirmed by a second look)"
+            v.detail += " (seen once, gone half a second later: not counted)"
     second.verdict = "invalid" if any(v.hard for v in second.violations) else "unknown"
     return second
 
@@ -184,11 +187,13 @@ def _check_once(lab_dir: LabDir, info: LabInfo) -> Report:
         for sender, s_link, receiver, r_link in ((parent, pl, child, cl), (child, cl, parent, pl)):
             name = f"{sender}->{receiver}"
             if s_link.sent_through < r_link.applied_through:
+                fate = (f"{receiver} refuses them: {sender} is quarantined until it is recovered"
+                        if topo.mode == "hardened" else "they are dropped as already seen")
                 violations.append(Violation(
                     "link", sender,
                     f"{name}: {receiver} has applied through seq {r_link.applied_through} but {sender}"
-                    f" has sent only {s_link.sent_through}: {sender}'s new envelopes reuse numbers"
-                    f" {receiver} already applied and are dropped as already seen",
+                    f" has sent only {s_link.sent_through}: {sender}'s counters went back and its new"
+                    f" envelopes reuse numbers {receiver} already applied; {fate}",
                     {"sent": s_link.sent_through, "applied": r_link.applied_through}))
             elif s_link.acked_through > r_link.applied_through:
                 violations.append(Violation(

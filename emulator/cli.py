@@ -72,7 +72,11 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
 
 @command("down")
 def cmd_down(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    kept = len(backup.list_all(lab_dir))
     info = orchestrator.down(lab_dir, keep=args.keep, progress=say)
+    if not args.keep:
+        say(f"removed the lab directory {lab_dir.path}" + (f" with its {kept} backup(s)" if kept else "")
+            + " (--keep keeps it)")
     say(f"lab {info.lab_id} is down")
     return 0
 
@@ -118,6 +122,8 @@ def cmd_start(args: argparse.Namespace, lab_dir: LabDir) -> int:
 
 def control(lab_dir: LabDir, code: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     info = lab_dir.load()
+    if lab_dir.pid(code) is None:
+        raise LabError(f"site {code} is not running", hint=f"smslab start {code}")
     answer = admin.control_request(info.amqp_url, info.lab_id, code, cmd, timeout=timeout)
     if not answer.get("ok", False):
         raise LabError(f"{code}: {answer.get('error')}", hint=answer.get("hint"))
@@ -182,20 +188,36 @@ def cmd_wait_converged(args: argparse.Namespace, lab_dir: LabDir) -> int:
             pass
     say(f"workload paused at {len(running)} site(s) (smslab workload resume to go on)")
     deadline = time.monotonic() + args.timeout
-    last = ""
+    started = time.monotonic()
+    last, last_said = "", 0.0
     while True:
         report = checker.check(lab_dir, info)
         if report.verdict == "valid":
-            say(f"converged: {report.render().splitlines()[-1]}")
+            if args.json:
+                print(json.dumps(report.to_dict(), indent=2))
+            else:
+                say(f"converged in {time.monotonic() - started:.1f}s: {report.render().splitlines()[-1]}")
             return 0
-        summary = report.render(limit=5)
-        if summary != last:
-            say(summary)
-            last = summary
-        if time.monotonic() > deadline:
+        summary = report.render(limit=5, more_hint="smslab check for all")
+        now = time.monotonic()
+        if not args.json and (summary != last or now - last_said > 5):
+            say(f"[{now - started:4.0f}s] {summary}")
+            last, last_said = summary, now
+        if now > deadline:
+            if args.json:
+                print(json.dumps(report.to_dict(), indent=2))
             say(f"not converged after {args.timeout:.0f}s")
-            return 1
+            if any(v.kind in ("link", "reused_id") and v.hard for v in report.violations):
+                say("hint: links are broken or IDs reused: recover the site (smslab recover SITE)")
+            return {"invalid": 1, "unknown": 2}[report.verdict]
         time.sleep(0.5)
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="bring a lab up from a topology file")
     s.add_argument("topology")
     s.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C brings it down")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every site")
+    s.add_argument("--timeout", type=positive, default=60.0, help="seconds to wait for every site")
     s = sub.add_parser("down", help="stop every site and delete the lab's broker objects")
     s.add_argument("--keep", action="store_true", help="keep the lab directory (stores, logs)")
     s = sub.add_parser("status", help="the tree, sites and links")
@@ -224,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("site")
     s = sub.add_parser("start", help="start a stopped or killed site")
     s.add_argument("site")
-    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--timeout", type=positive, default=30.0)
     add_start_options(s)
     s = sub.add_parser("workload", help="pause or resume the workload generators")
     s.add_argument("action", choices=["pause", "resume"])
-    s.add_argument("sites", nargs="*", help="sites (default: all)")
+    s.add_argument("sites", nargs="*", metavar="SITE", help="sites (default: every running site)")
     s = sub.add_parser("create", help="create a package, advertisement or collection at a site")
     s.add_argument("site")
     s.add_argument("kind", choices=["package", "advertisement", "collection"])
@@ -245,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="judge the lab: valid (0), invalid (1) or unknown (2)")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("wait-converged", help="pause the workload and wait until check is valid")
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--timeout", type=positive, default=60.0)
+    s.add_argument("--json", action="store_true", help="print the last report as JSON")
     add_more_commands(sub)
     return p
 
@@ -270,7 +293,7 @@ def add_more_commands(sub: Any) -> None:
     group.add_argument("--backup", metavar="BACKUP", help="restore this backup first")
     group.add_argument("--wipe", action="store_true", help="rebuild from nothing first (a secondary's reinstall)")
     s.add_argument("--reference", metavar="SITE", help="the child whose copy of our global objects is taken back")
-    s.add_argument("--timeout", type=float, default=120.0)
+    s.add_argument("--timeout", type=positive, default=120.0)
     s = sub.add_parser("syncchild", help="Preinst /syncchild: PARENT sends all global data to CHILD")
     s.add_argument("parent")
     s.add_argument("child")
@@ -302,6 +325,7 @@ def cmd_backup(args: argparse.Namespace, lab_dir: LabDir) -> int:
 
 @command("backups")
 def cmd_backups(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    lab_dir.load()  # "no lab in ..." like every other command
     code = known_site(lab_dir, args.site) if args.site else None
     records = backup.list_all(lab_dir, code)
     if args.json:
@@ -327,6 +351,10 @@ def cmd_recover(args: argparse.Namespace, lab_dir: LabDir) -> int:
 @command("syncchild")
 def cmd_syncchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
     parent, child = known_site(lab_dir, args.parent), known_site(lab_dir, args.child)
+    children = lab_dir.load().topology.children(parent)
+    if child not in children:
+        raise LabError(f"{child} is not a child of {parent}",
+                       hint=f"children of {parent}: {', '.join(children) or 'none'}")
     answer = control(lab_dir, parent, {"cmd": "syncchild", "child": child})
     say(f"{parent} queued {answer['sent']} global object(s) for {child}")
     return 0
@@ -353,6 +381,8 @@ def cmd_deljob(args: argparse.Namespace, lab_dir: LabDir) -> int:
 def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
     target, parent = known_site(lab_dir, args.site), known_site(lab_dir, args.parent)
     at = known_site(lab_dir, args.at) if args.at else parent
+    if at == target:
+        raise LabError("delsite deletes a site's data at another site", hint="pass --at SITE (default: the parent)")
     answer = control(lab_dir, at, {"cmd": "delsite", "site": target, "parent": parent})
     say(answer.get("note") or f"{at}: deleted {answer['deleted']} record(s) of {target} and {answer.get('jobs', 0)} job(s)")
     return 0
@@ -383,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lab_dir = LabDir(args.lab)
     try:
+        if args.amqp and args.command != "up" and lab_dir.exists():
+            used = lab_dir.load().amqp_url
+            if used != args.amqp:
+                print(f"smslab: note: this lab's sites use the broker given at `up` ({admin._safe(used)});"
+                      " --amqp is ignored", file=sys.stderr)
         return COMMANDS[args.command](args, lab_dir)
     except SmslabError as exc:
         if args.debug:

@@ -74,11 +74,10 @@ def attached(info: LabInfo, code: str, answer: dict[str, object]) -> bool:
     if answer.get("state") not in ("active", "quarantined") and not answer.get("recovering"):
         return False
     parent = info.topology.parent(code)
-    if parent is None:
+    if parent is None or answer.get("recovering"):
         return True
-    links = answer.get("links") or {}
-    link = links.get(parent) if isinstance(links, dict) else None
-    return bool(link and link.get("acked_through", 0) >= 1)
+    heard = answer.get("heard_from") or []
+    return parent in heard  # its parent acknowledged it since this process started
 
 
 def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: float,
@@ -88,6 +87,8 @@ def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: 
     pending = list(codes)
     while pending:
         for code in list(pending):
+            if time.monotonic() > deadline:
+                break
             if lab_dir.pid(code) is None:
                 raise LabError(
                     f"site {code} exited during start-up",
@@ -101,12 +102,22 @@ def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: 
                 pending.remove(code)
                 progress(f"  {code} attached and {answer.get('state')} ({len(codes) - len(pending)}/{len(codes)})")
         if pending and time.monotonic() > deadline:
+            parents = sorted({p for c in pending if (p := info.topology.parent(c)) and lab_dir.pid(p) is None})
+            why = f"; parent(s) not running: {', '.join(parents)}" if parents else ""
             raise LabError(
-                f"sites not attached after {timeout:.0f}s: {', '.join(pending)}",
-                hint="check their logs under " + str(lab_dir.path / "sites"),
+                f"not attached after {timeout:.0f}s: {', '.join(pending)}{why}"
+                " (they keep running and attach when they can)",
+                hint=(f"smslab start {parents[0]}" if parents
+                      else "check their logs under " + str(lab_dir.path / "sites")),
             )
         if pending:
             time.sleep(0.2)
+
+
+def ensure_broker_objects(info: LabInfo) -> None:
+    """(Re)declare the lab's exchange and queues: a lab kept by ``down --keep`` starts again."""
+    topo = info.topology
+    admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type)
 
 
 def signal_site(lab_dir: LabDir, code: str, sig: int) -> int:
@@ -171,6 +182,7 @@ def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progre
     elif wipe:
         backup.wipe_store(lab_dir, code)
         progress(f"  {code} rebuilt from nothing under its old site code, no recovery")
+    ensure_broker_objects(info)
     pid = spawn(lab_dir, code)
     wait_attached(lab_dir, info, [code], timeout=timeout, progress=progress)
     return pid

@@ -23,8 +23,8 @@ PHASES = ["announce", "counters", "resync", "complete"]
 PHASE_TEXT = {
     "announce": "announce: peers pause the link and report what they know of the site",
     "counters": "counters: every counter moved past what any peer has seen",
-    "resync": "resync: parent sends global data down, children resend site data up",
-    "complete": "complete: links active, old incarnation fenced",
+    "resync": "resync: global data sent down, site data and SCFs resent up",
+    "complete": "complete: links active under the new incarnation",
 }
 
 
@@ -97,6 +97,8 @@ def recover(
     else:
         if backup_id:
             backup.verify(lab_dir, info, backup_id, site)  # refuse a bad backup before stopping anything
+        if not backup_id and not wipe:
+            progress(f"no recovery of {site} in progress: a new one, from {site}'s current store")
         record = {"recovery_id": uuid.uuid4().hex[:12], "site": site, "backup": backup_id,
                   "wipe": wipe, "reference": reference, "started": time.time(), "phase": "prepare"}
         if lab_dir.pid(site):
@@ -112,6 +114,7 @@ def recover(
         progress(f"recovery {record['recovery_id']} of {site}: the agent joins under the reused site code")
     rid = record["recovery_id"]
     if not lab_dir.pid(site):
+        orchestrator.ensure_broker_objects(info)
         extra = ["--recover", rid] + (["--reference", record["reference"]] if record["reference"] else [])
         orchestrator.spawn(lab_dir, site, extra)
     deadline = time.monotonic() + timeout
@@ -126,7 +129,8 @@ def recover(
             for passed in PHASES[reached + 1:index]:
                 progress(f"  phase {PHASE_TEXT[passed]}")
             reached = max(reached, index)
-        line = f"  phase {PHASE_TEXT.get(phase, 'starting the agent')}" + (f" (waiting for {waiting})" if waiting else "")
+        waits = waiting.replace(",", ", ")
+        line = f"  phase {PHASE_TEXT.get(phase, 'starting the agent')}" + (f" (waiting for {waits})" if waiting else "")
         if line != shown:
             progress(line)
             shown = line
@@ -148,7 +152,7 @@ def recover(
             why = f"; not running: {', '.join(down)}" if down else ""
             raise LabError(
                 f"recovery {rid} of {site} did not finish in {timeout:.0f}s: phase {phase or 'start'},"
-                f" waiting for {waiting or 'nothing'}{why}",
+                f" waiting for {waiting.replace(',', ', ') or 'nothing'}{why}",
                 hint=(f"start them (smslab start {down[0]}); " if down else "")
                 + f"the agent keeps trying; smslab recover {site} follows it again")
         time.sleep(0.2)

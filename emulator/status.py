@@ -25,7 +25,7 @@ def read_site(lab_dir: LabDir, code: str) -> dict[str, Any] | None:
         outbox = store.outbox_counts()
         drops = dict(store.db.execute("SELECT reason, COUNT(*) FROM drops GROUP BY reason").fetchall())
         return {"meta": meta, "links": links, "outbox": outbox, "drops": drops,
-                "allocators": store.allocators()}
+                "allocators": store.allocators(), "workload_paused": store.get_control("workload_paused") is True}
     except sqlite3.DatabaseError:
         return None
     finally:
@@ -52,6 +52,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
             "scf_serial": int(meta.get("scf_serial", 0)), "clients": topo.clients_of(code),
             "outbox": sum(snap["outbox"].values()) if snap else 0,
             "drops": snap["drops"] if snap else {},
+            "workload_paused": bool(snap and snap["workload_paused"]),
         }
     links = []
     for parent, child in topo.links():
@@ -63,7 +64,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
             "parent": parent, "child": child,
             "down": _direction(pl, cl),
             "up": _direction(cl, pl),
-            "health": _worst([
+            "health": "down" if not (sites[parent]["pid"] and sites[child]["pid"]) else _worst([
                 health(x, degraded_after=settings.degraded_after, failed_after=settings.failed_after)
                 for x in (pl, cl) if x is not None
             ]),
@@ -87,7 +88,19 @@ def _direction(sender: LinkState | None, receiver: LinkState | None) -> dict[str
     }
 
 
-_ORDER = ["active", "paused", "degraded", "failed", "quarantined"]
+def _drops_text(d: dict[str, Any]) -> str:
+    parts = []
+    if d["duplicates"]:
+        reused = f" ({d['conflicts']} with new content: numbers reused)" if d["conflicts"] else ""
+        parts.append(f"{d['duplicates']} already seen{reused}")
+    for key, word in (("gaps", "out of sequence"), ("stale", "stale"), ("fenced", "fenced"),
+                      ("refused", "refused (quarantined)")):
+        if d[key]:
+            parts.append(f"{d[key]} {word}")
+    return ", ".join(parts)
+
+
+_ORDER = ["active", "paused", "degraded", "failed", "quarantined", "down"]
 
 
 def _worst(states: list[str]) -> str:
@@ -109,8 +122,9 @@ def render(status: dict[str, Any]) -> str:
         branch = "" if root else ("└─ " if last else "├─ ")
         pid = s["pid"] or "-"
         lines.append(
-            f"{prefix}{branch}{code} {s['type']:<9} {s['state']:<12} pid {pid:<7} inc {s['incarnation']}"
+            f"{prefix}{branch}{code} {s['type']:<9} {s['state']:<18} pid {pid:<7} inc {s['incarnation']}"
             f"  txn {s['txn_id']:<7} clients {s['clients']}  outbox {s['outbox']}"
+            + ("  workload paused" if s.get("workload_paused") and s["pid"] else "")
         )
         inner = prefix + ("" if root else ("   " if last else "│  "))
         if s["parent"]:
@@ -121,9 +135,10 @@ def render(status: dict[str, Any]) -> str:
                 f" expected {up['expected']}  |  down: sent {down['sent']} acked {down['acked']}"
                 f" expected {down['expected']}"
             )
-            drops = {k: up[k] + down[k] for k in ("duplicates", "conflicts", "gaps", "stale", "fenced", "refused")}
-            if any(drops.values()):
-                lines.append(f"{inner}   drops " + " ".join(f"{k} {v}" for k, v in drops.items() if v))
+            for receiver, sender, d in ((s["parent"], code, up), (code, s["parent"], down)):
+                text = _drops_text(d)
+                if text:
+                    lines.append(f"{inner}   dropped at {receiver} (from {sender}): {text}")
         kids = children.get(code, [])
         for i, kid in enumerate(kids):
             walk(kid, inner, i == len(kids) - 1, False)
@@ -161,14 +176,16 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             row["outbox"] = outbox.get(peer, 0)
             links[peer] = row
         status_rows = db.execute(
-            "SELECT message_id, severity, component, text, at FROM status_messages ORDER BY id DESC LIMIT 10"
+            "SELECT message_id, severity, component, text, at FROM status_messages WHERE message_id != 5000"
+            " ORDER BY id DESC LIMIT 10"
         ).fetchall()
+        pid = lab_dir.pid(code)
         return {
             "site": code,
-            "state": meta.get("state"),
-            "pid": lab_dir.pid(code),
-            "counters": {k: meta.get(k) for k in ("txn_id", "incarnation", "scf_serial", "status_serial",
-                                                    "control_serial_processed")},
+            "state": meta.get("state") if pid else "down",
+            "pid": pid,
+            "counters": {k: int(meta.get(k) or 0) for k in ("txn_id", "incarnation", "scf_serial",
+                                                              "status_serial", "control_serial_processed")},
             "object_next": store.allocators().get("object"),
             "recovery": {k: meta.get(k) for k in ("recovery_id", "recovery_phase", "recovery_waiting",
                                                     "recovered_at") if meta.get(k)},
@@ -192,7 +209,7 @@ def render_diag(d: dict[str, Any]) -> str:
         lines.append("recovery: " + ", ".join(f"{k} {v}" for k, v in d["recovery"].items()))
     lines.append("watermarks (.trs) per source and data class: keys, highest transaction ID")
     for source, classes in sorted(d["watermarks"].items()):
-        lines.append(f"  [{source}] " + "  ".join(f"{cls}={v['max_txn']} ({v['keys']} keys)"
+        lines.append(f"  [{source}] " + "  ".join(f"{cls}={v['max_txn']} ({v['keys']} key{'' if v['keys'] == 1 else 's'})"
                                                   for cls, v in sorted(classes.items())))
     lines.append("links")
     for peer, l in sorted(d["links"].items()):
@@ -208,7 +225,7 @@ def render_diag(d: dict[str, Any]) -> str:
             f"from {src}: " + ", ".join(f"{r} {n}" for r, n in sorted(rs.items()))
             for src, rs in sorted(d["drops"].items())))
     if d["recent_status"]:
-        lines.append("recent status messages")
+        lines.append("recent status messages (newest first, heartbeats left out)")
         for m in d["recent_status"]:
             lines.append(f"  {m['id']} {m['severity']:<7} {m['component']}: {m['text']}")
     return "\n".join(lines)

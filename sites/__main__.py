@@ -21,7 +21,9 @@ log = logging.getLogger("sites")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sites", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sites",
+        description="Run one site of a lab until stopped (the orchestrator starts these for you).")
     parser.add_argument("--lab", required=True, help="lab directory")
     parser.add_argument("--site", required=True, help="site code")
     parser.add_argument("--amqp", default=None, help="broker URL (default: the lab's)")

@@ -8,8 +8,8 @@ restored with the site. The site asks them for a full report after a recovery.
 from __future__ import annotations
 
 import random
-import zlib
 import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

@@ -41,7 +41,7 @@ from emulator.protocol.envelope import (
     content_hash,
     priority_of,
 )
-from emulator.protocol.objects import OBJECT_KINDS, object_id
+from emulator.protocol.objects import OBJECT_KINDS, object_id, parse_object_id
 from emulator.topology import Topology
 from sites import status_ids as sid
 from sites.clients import ClientStore, WorkloadClock, inventory_payload
@@ -116,6 +116,7 @@ class SiteRuntime:
         self._generation = 0
         self._started = False
         self._burst_step: Callable[[], None] | None = None
+        self.heard_from: set[str] = set()  # peers that acknowledged us since this process started
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
         self._load_counters()
@@ -411,6 +412,7 @@ class SiteRuntime:
             )
 
     def _receive_ack(self, link: seq.LinkState, ack: LinkAck, redelivered: bool, now: float) -> None:
+        self.heard_from.add(link.peer)
         if link.paused:
             return
         if self.mode == "hardened" and ack.incarnation != link.their_incarnation:
@@ -549,6 +551,8 @@ class SiteRuntime:
         self.originate_site_data(DataClass.SCF, self.site, self.scf_serial, payload, now)
 
     def create_object(self, kind: str, name: str | None, now: float) -> dict[str, Any]:
+        if name is not None and not name.strip():
+            raise SmslabError("an object's name cannot be empty")
         number = self.alloc["object"]
         self.alloc["object"] = number + 1
         oid = object_id(self.site, number)
@@ -559,8 +563,17 @@ class SiteRuntime:
 
     def update_object(self, oid: str, name: str | None, delete: bool, now: float) -> dict[str, Any]:
         obj = self.store.get_object(oid)
-        if obj is None or obj["origin"] != self.site:
-            raise SmslabError(f"object {oid} is not an object of site {self.site}")
+        owner = parse_object_id(oid)
+        if obj is None:
+            raise SmslabError(f"there is no object {oid} at {self.site}",
+                              hint=f"objects are changed at the site that owns them ({owner[0]})" if owner else None)
+        if obj["origin"] != self.site:
+            raise SmslabError(f"{oid} belongs to {obj['origin']}: objects from above are locked at {self.site}",
+                              hint=f"change it at {obj['origin']}")
+        if obj["deleted"]:
+            raise SmslabError(f"{obj['kind']} {oid} is deleted")
+        if name is not None and not name.strip():
+            raise SmslabError("an object's name cannot be empty")
         obj = dict(obj, revision=obj["revision"] + 1)
         if name:
             obj["name"] = name
@@ -789,6 +802,7 @@ class SiteRuntime:
         if cmd == "ping":
             return {"site": self.site, "state": self.state, "pid": os.getpid(),
                     "recovering": self.store.get_meta("recovery_phase") not in (None, "complete"),
+                    "heard_from": sorted(self.heard_from), "workload_paused": self.workload_paused,
                     "links": {p: {"acked_through": l.acked_through, "applied_through": l.applied_through,
                                   "sent_through": l.sent_through} for p, l in self.links.items()}}
         if cmd == "pause-workload":
