@@ -248,3 +248,41 @@ def test_check_on_a_busy_healthy_lab_is_never_invalid(lab: Lab) -> None:
         verdicts[report.verdict] = verdicts.get(report.verdict, 0) + 1
         assert report.verdict != "invalid", report.render()
     assert sum(verdicts.values()) > 20
+
+
+def test_start_waits_for_its_parent_and_names_it_when_it_is_down(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    lab.cli("stop", "CEN")
+    lab.cli("stop", "P01")
+    done = lab.cli("start", "P01", "--timeout", "3", check=False)
+    assert done.returncode == 2, done.stdout
+    assert "parent(s) not running: CEN" in done.stderr and "smslab start CEN" in done.stderr
+    lab.cli("start", "CEN")
+    wait_for("P01 to attach once CEN is back", lambda: "CEN" in lab.control("P01", {"cmd": "ping"})["heard_from"])
+
+
+def test_a_lab_kept_by_down_starts_again(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    lab.cli("down", "--keep")
+    lab.cli("start", "CEN")
+    lab.cli("start", "P01")
+    assert lab.wait_converged(timeout=30).verdict == "valid"
+
+
+def test_object_commands_refuse_what_an_administrator_cannot_do(lab: Lab) -> None:
+    lab.up(topology_yaml(DEMO_SITES[:2]))
+    lab.cli("workload", "pause")  # the workload's own admin actions would change the object too
+    obj = json.loads(lab.cli("create", "CEN", "package", "--name", "Office", "--json").stdout)
+    wait_for("P01 to hold it", lambda: lab.query("P01", "SELECT 1 FROM objects WHERE id=?", obj["id"]))
+    locked = lab.cli("update", "P01", obj["id"], "--name", "Mine", check=False)
+    assert locked.returncode == 2 and "locked at P01" in locked.stderr and "change it at CEN" in locked.stderr
+    empty = lab.cli("create", "CEN", "package", "--name", " ", check=False)
+    assert empty.returncode == 2 and "name cannot be empty" in empty.stderr
+    lab.cli("delete", "CEN", obj["id"])
+    again = lab.cli("delete", "CEN", obj["id"], check=False)
+    assert again.returncode == 2 and "is deleted" in again.stderr
+    missing = lab.cli("update", "CEN", "CEN99999", check=False)
+    assert missing.returncode == 2 and "there is no object CEN99999 at CEN" in missing.stderr
+    lab.cli("stop", "P01")
+    down = lab.cli("create", "P01", "package", check=False)
+    assert down.returncode == 2 and "site P01 is not running" in down.stderr
