@@ -286,3 +286,14 @@ def test_object_commands_refuse_what_an_administrator_cannot_do(lab: Lab) -> Non
     lab.cli("stop", "P01")
     down = lab.cli("create", "P01", "package", check=False)
     assert down.returncode == 2 and "site P01 is not running" in down.stderr
+
+
+def test_the_20_site_example_comes_up_and_converges(lab: Lab) -> None:
+    text = (REPO / "examples" / "lab-20.yaml").read_text()
+    lab.up(text, timeout=90)
+    snap = lab.status()
+    assert len(snap["sites"]) == 20 and all(s["state"] == "active" for s in snap["sites"])
+    wait_for("inventory from every primary and secondary at the central site",
+             lambda: len(lab.query("CEN", "SELECT DISTINCT origin FROM site_data WHERE data_class='inventory'")) >= 19,
+             timeout=60)
+    assert lab.wait_converged(timeout=90).verdict == "valid"
