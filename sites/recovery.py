@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sites.recovery")
 
 ANNOUNCE_RETRY = 1.0
-BULK = 500  # records per resync envelope
+RESYNC_STEP = 2000  # site data records sent up per step of a /syncparent during a recovery
 
 
 class Recovery:
@@ -332,6 +332,8 @@ class Recovery:
         if entry is None or entry["recovery_id"] != msg.recovery_id:
             log.warning("%s: resync from %s for an unknown recovery %s", rt.site, peer, msg.recovery_id)
             return
+        if entry.get("resyncing"):
+            return  # sending our data up in steps; Done follows the last one
         if not entry["resynced"]:
             link.next_expected = msg.next_send_seq
             rt.store.outbox_purge(peer, msg.next_expected - 1)
@@ -355,12 +357,54 @@ class Recovery:
                 if last is not None:  # a site control change purged with the old jobs
                     rt.send_site_control(peer, now, settings=last)
             else:
-                sync_site_data_up(rt, now)
+                # /syncparent in steps of RESYNC_STEP records, each its own transaction, so the
+                # first records travel while the rest are read (a resumable cursor in the entry).
+                entry.update(resyncing=True, cursor=None)
+                rt.store.set_control(f"peer_recovery:{peer}", entry)
+                rt.later(0, lambda: self._resync_up_step(peer))
+                return
             entry.update(resynced=True, mark=link.sent_through)
             rt.store.set_control(f"peer_recovery:{peer}", entry)
         out.messages[peer].append(RecoveryResyncDone(
             source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=msg.recovery_id,
             through=entry["mark"]))
+
+    def _resync_up_step(self, peer: str) -> None:
+        rt = self.rt
+        entry = self._entry(peer)
+        if entry is None or not entry.get("resyncing"):
+            return
+        now = rt.clock()
+        with rt.store.transaction():
+            cursor = tuple(entry["cursor"]) if entry.get("cursor") else None
+            rows = rt.store.site_data_page(after=cursor, limit=RESYNC_STEP)
+            for row in rows:
+                if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
+                    continue
+                rt._emit(peer, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
+            done = len(rows) < RESYNC_STEP
+            if rows:
+                entry["cursor"] = [rows[-1]["data_class"], rows[-1]["key"]]
+            if done:
+                rt._send_scf(now)
+                entry.update(resyncing=False, resynced=True, mark=rt.links[peer].sent_through)
+            rt.store.set_control(f"peer_recovery:{peer}", entry)
+            rt._save_links()
+            rt._save_counters()
+        if done:
+            rt._publish_direct(peer, [RecoveryResyncDone(
+                source=rt.site, dest=peer, incarnation=rt.incarnation,
+                recovery_id=entry["recovery_id"], through=entry["mark"])])
+        else:
+            rt.later(0, lambda: self._resync_up_step(peer))
+        rt.pump()
+
+    def resume_peer_resyncs(self) -> None:
+        """After a restart or a reconnect: go on with a /syncparent that was under way."""
+        if self.rt.parent:
+            entry = self._entry(self.rt.parent)
+            if entry and entry.get("resyncing"):
+                self.rt.later(0, lambda: self._resync_up_step(self.rt.parent))  # type: ignore[arg-type]
 
     def _on_complete(self, link: seq.LinkState, msg: RecoveryComplete, now: float) -> None:
         entry = self._entry(link.peer)

@@ -198,6 +198,7 @@ class SiteRuntime:
             self.later(0, self._burst_step)
         self.recovery.reset_kick()
         self.recovery.kick()  # a recovery agent announces at once
+        self.recovery.resume_peer_resyncs()
         if not self._started:
             self._started = True
             self._startup_reports()

@@ -265,6 +265,19 @@ class SiteStore:
         ).fetchone()
         return int(row[0] or 0)
 
+    def site_data_page(self, *, after: tuple[str, str] | None, limit: int) -> list[dict[str, Any]]:
+        """Site data in (data_class, key) order, after a cursor: for sending it in steps."""
+        sql = "SELECT data_class, key, origin, version, payload FROM site_data"
+        args: tuple[Any, ...] = ()
+        if after is not None:
+            sql += " WHERE (data_class, key) > (?, ?)"
+            args = after
+        sql += " ORDER BY data_class, key LIMIT ?"
+        return [
+            {"data_class": c, "key": k, "origin": o, "version": v, "payload": json.loads(p)}
+            for c, k, o, v, p in self.db.execute(sql, (*args, limit))
+        ]
+
     def site_data(self, data_class: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT data_class, key, origin, version, payload FROM site_data"
         args: tuple[Any, ...] = ()
