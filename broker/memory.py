@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from broker import names
+from broker.base import Delivery, TransportHandler
 from emulator.errors import BrokerUnavailable
 
 # A virtual epoch like the wall clock's, so nothing treats the start as "long ago".
@@ -65,7 +66,7 @@ START = 1_700_000_000.0
 class Timer:
     """A scheduled call; ``cancel()`` makes it never run."""
 
-    __slots__ = ("when", "fn", "cancelled", "on_done")
+    __slots__ = ("cancelled", "fn", "on_done", "when")
 
     def __init__(self, when: float, fn: Callable[[], None]) -> None:
         self.when = when
@@ -160,19 +161,6 @@ class Loop:
 
 
 # -- messages, queues, consumers -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a consumer gets: the fields of ``broker.transport.Delivery`` (which cannot be
-    imported here without importing pika)."""
-
-    queue: str  # the consumer's label: "site" or "control"
-    tag: int
-    body: bytes
-    redelivered: bool
-    reply_to: str | None
-    correlation_id: str | None
 
 
 @dataclass
@@ -494,7 +482,10 @@ class MemoryBroker:
         """Publish at once, as a client whose frame has arrived; True if routed."""
         msg = Message(body=body, exchange=exchange, routing_key=routing_key, reply_to=reply_to,
                       correlation_id=correlation_id)
-        status = self._route(exchange, routing_key, msg)
+        try:
+            status = self._route(exchange, routing_key, msg)
+        except _ChannelError as exc:
+            raise KeyError(str(exc)) from None
         if status == "unroutable" and mandatory:
             self.stats["returned"] += 1
         return status == "routed"
@@ -667,14 +658,7 @@ class MemoryBroker:
 # -- the site's transport ------------------------------------------------------------------
 
 
-class Handler(Protocol):
-    """``broker.transport.TransportHandler`` with this module's ``Delivery``."""
-
-    def on_ready(self) -> None: ...
-
-    def on_delivery(self, delivery: Delivery) -> None: ...
-
-    def on_confirm(self, token: Any, ok: bool) -> None: ...
+Handler = TransportHandler
 
 
 class MemoryTransport:

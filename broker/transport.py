@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -23,47 +22,10 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from broker import names
+from broker.base import Delivery, TransportHandler
 from emulator.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    queue: str  # "site" or "control"
-    tag: int
-    body: bytes
-    redelivered: bool
-    reply_to: str | None
-    correlation_id: str | None
-
-
-class TransportHandler(Protocol):
-    def on_ready(self) -> None: ...
-
-    def on_delivery(self, delivery: Delivery) -> None: ...
-
-    def on_confirm(self, token: Any, ok: bool) -> None: ...
-
-
-class Transport(Protocol):
-    """What the site runtime needs from a broker (an in-memory one can stand in)."""
-
-    def run(self, handler: TransportHandler) -> None: ...
-
-    def publish(self, routing_key: str, body: bytes, token: Any = None, *,
-                correlation_id: str | None = None) -> None: ...
-
-    def ack(self, tag: int, multiple: bool = False) -> None: ...
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> object: ...
-
-    def stop(self) -> None: ...
-
-    def stop_threadsafe(self) -> None: ...
-
-    @property
-    def ready(self) -> bool: ...
 
 
 def declare_args(queue_type: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import names
-from broker.transport import Delivery, Transport
+from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
@@ -189,6 +189,10 @@ class SiteRuntime:
         # Unconfirmed publishes of the last connection are unknown: send them again from the
         # last acknowledgement; receivers drop what they already have.
         self.published = {peer: link.acked_through for peer, link in self.links.items()}
+        # Deliveries of the last connection not yet flushed were requeued by the broker and
+        # their tags mean nothing on this channel; their flush timer died with the old loop.
+        self.batch.clear()
+        self.flush_scheduled = False
         log.info("%s connected to the broker; state %s", self.site, self.state)
         # Every connection has its own I/O loop: the timers of the last one died with it.
         self._generation += 1
@@ -683,7 +687,7 @@ class SiteRuntime:
         for body, reason in out.dead:
             self._publish_dead(body, reason, "site")
         for reply_to, corr, answer in out.replies:
-            self.transport.reply(reply_to, corr, json.dumps(answer).encode())  # type: ignore[attr-defined]
+            self.transport.reply(reply_to, corr, json.dumps(answer).encode())
 
     def _ack_for(self, link: seq.LinkState) -> LinkAck:
         return LinkAck(source=self.site, dest=link.peer, incarnation=self.incarnation,

@@ -105,11 +105,12 @@ class SimLab:
                    if spec.type != "central" or topo.clients_of(code) else None)
         transport = MemoryTransport(self.broker, lab=self.lab_id, site=code,
                                     prefetch=topo.settings.prefetch, queue_type=topo.settings.queue_type)
+        # The ignores: broker.memory has its own Delivery (broker.transport's module imports pika).
         runtime = SiteRuntime(lab=self.lab_id, topology=topo, site=code, store=store, clients=clients,
-                              transport=transport, clock=self.loop.time)
+                              transport=transport, clock=self.loop.time)  # type: ignore[arg-type]
         if recover:
             runtime.recovery.begin(recover, None)
-        transport.connect(runtime)
+        transport.connect(runtime)  # type: ignore[arg-type]
         site = self.sites[code] = SimSite(code, store, clients, transport, runtime)
         return site
 

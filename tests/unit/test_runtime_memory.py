@@ -143,19 +143,29 @@ def test_after_a_lost_connection_the_site_reconnects_ticks_and_produces(lab: Sim
     assert lab.query("P01", "SELECT COUNT(*) FROM status_messages")[0][0] > statuses
     assert max(versions_at(lab, "CEN", "inventory", "P01").values()) > before
 
-    # the broker closes it this time (rabbitmqctl close_connection)
+    # the broker closes it this time (rabbitmqctl close_connection), and is down for a while
+    lab.broker.accepting = False
     assert lab.broker.disconnect(names.connection_name(lab.lab_id, "P01")) == 1
-    lab.run(4)
+    lab.run(3)
+    assert not p01.transport.ready and len(p01.transport.losses) >= 3  # retried with backoff
+    lab.broker.accepting = True
+    lab.run(6)
     assert p01.transport.connects == 3
     lab.settle()
     assert_applied_once(lab)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SiteRuntime keeps flush_scheduled=True and the old connection's deliveries in "
-    "self.batch when the connection drops between on_delivery and the scheduled flush "
-    "(the flush timer dies with the connection); after reconnecting it never flushes "
-    "again. Fix: reset self.batch and self.flush_scheduled in on_ready."))
+def test_a_site_stopped_gracefully_and_started_again_goes_on(lab: SimLab) -> None:
+    lab.run(3)
+    lab.stop("P01")  # its last acks reach the broker before its connection closes
+    assert not lab.broker.queue(site_queue(lab, "P01")).consumers
+    lab.run(2)
+    lab.start("P01")
+    lab.run(3)
+    lab.settle()
+    assert_applied_once(lab)
+
+
 def test_a_connection_lost_between_a_delivery_and_its_flush_does_not_stall_the_site(lab: SimLab) -> None:
     lab.run(3)
     p01 = lab.sites["P01"]
@@ -189,7 +199,6 @@ def test_dropped_duplicated_reordered_and_nacked_messages_heal(lab: SimLab) -> N
     lab.run_until("every fault to happen", lambda: all(f.done for f in faults), timeout=15)
     lab.run(3)
     assert counter(lab, "CEN", "P01", "gaps") > gaps_cen  # the hole after a lost packet is seen
-    assert counter(lab, "P01", "CEN", "resends") + counter(lab, "P01", "S01", "resends") >= 0
     assert counter(lab, "P01", "S01", "duplicates") > 0  # the duplicated packet is dropped
     assert counter(lab, "S01", "P01", "gaps") > 0
     lab.settle()
