@@ -28,7 +28,9 @@ from emulator.protocol.recovery import (
     OwnCounters,
     Phase,
     RecoveryAgent,
+    accept_resync,
     plan_counters,
+    reset_link_to_plan,
 )
 from sites import status_ids as sid
 
@@ -181,14 +183,7 @@ class Recovery:
                 rt.store.set_meta(f"control_serial_sent:{child}", serial)
         for peer, lp in plan.links.items():
             link = rt.links[peer]
-            link.next_send_seq = lp.next_send_seq
-            link.acked_through = lp.next_send_seq - 1
-            link.next_expected = lp.next_expected
-            link.their_incarnation = lp.their_incarnation
-            link.gap_outstanding = False
-            link.in_failed_syncs = link.out_failed_syncs = 0
-            link.quarantined = False
-            link.last_progress = now
+            reset_link_to_plan(link, lp, now)
             rt.store.outbox_clear(peer)  # what the backup had queued is resent by the resync
             rt.published[peer] = link.acked_through
         for obj in plan.adopt:
@@ -335,16 +330,9 @@ class Recovery:
         if entry.get("resyncing"):
             return  # sending our data up in steps; Done follows the last one
         if not entry["resynced"]:
-            link.next_expected = msg.next_send_seq
-            rt.store.outbox_purge(peer, msg.next_expected - 1)
-            link.acked_through = max(0, msg.next_expected - 1)
+            void_through = accept_resync(link, msg, now)
+            rt.store.outbox_purge(peer, void_through)
             rt.published[peer] = link.acked_through
-            link.their_incarnation = msg.incarnation
-            link.paused = False
-            link.quarantined = False
-            link.gap_outstanding = False
-            link.in_failed_syncs = link.out_failed_syncs = 0
-            link.last_progress = now
             if peer in rt.children:
                 subtree = rt.topology.subtree(peer)
                 # status messages are history, not state: they stay (nothing acknowledged is lost)

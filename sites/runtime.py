@@ -31,6 +31,7 @@ from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
+from emulator.protocol.data import apply_control_change, keep_site_data
 from emulator.protocol.envelope import (
     DataClass,
     Envelope,
@@ -475,10 +476,8 @@ class SiteRuntime:
     def _apply_site_data(self, env: Envelope, now: float) -> int:
         version = int(env.payload.get("version", 0))
         held = self.store.site_data_version(env.data_class.value, env.key)
-        if held is not None and version < held:
-            return version  # older than what we hold: not stored, not forwarded
-        if env.data_class is DataClass.SCF and held is not None and version == held and self.state != "recovering":
-            return version  # already held; while recovering, it is forwarded: the parent reinitialized
+        if not keep_site_data(env.data_class, version, held, recovering=self.state == "recovering"):
+            return version
         self.store.upsert_site_data(env.data_class.value, env.key, env.origin, version, env.payload, now)
         if self.parent:
             self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
@@ -500,7 +499,7 @@ class SiteRuntime:
             return
         serial = int(env.payload["delta_serial"])
         last = self.store.get_int("control_serial_processed")
-        if serial <= last:
+        if not apply_control_change(serial, last):
             self._status(sid.SCM_OLDER_DELTA, "warning",
                          f"SMS_SITE_CONTROL_MANAGER will ignore delta serial {serial} because it"
                          f" was already processed as part of an older delta site control file"

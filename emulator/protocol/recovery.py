@@ -40,8 +40,9 @@ from enum import Enum
 from typing import Any
 
 from emulator.errors import LocalProtocolError
-from emulator.protocol.envelope import RecoveryReport
+from emulator.protocol.envelope import RecoveryReport, RecoveryResync
 from emulator.protocol.objects import recovered_counter, recovered_txn_id
+from emulator.protocol.sequencing import LinkState
 
 
 class Phase(str, Enum):
@@ -136,6 +137,36 @@ def plan_counters(
         status_serial=status,
         adopt=sorted(adopt.values(), key=lambda o: o["id"]),
     )
+
+
+def reset_link_to_plan(link: LinkState, plan: LinkPlan, now: float) -> None:
+    """Step 3 at the recovering site: the link restarts from what the peer expects."""
+    link.next_send_seq = plan.next_send_seq
+    link.acked_through = plan.next_send_seq - 1
+    link.next_expected = plan.next_expected
+    link.their_incarnation = plan.their_incarnation
+    _clear_trouble(link, now)
+
+
+def accept_resync(link: LinkState, msg: RecoveryResync, now: float) -> int:
+    """Step 4 at a peer: take the recovering site's new link sequences and incarnation.
+
+    Returns the sequence through which the peer's outbox to the site is void: those
+    envelopes were meant for the old incarnation, and the resync sends their data again.
+    """
+    link.next_expected = msg.next_send_seq
+    link.acked_through = max(0, msg.next_expected - 1)
+    link.their_incarnation = msg.incarnation
+    link.paused = False
+    _clear_trouble(link, now)
+    return link.acked_through
+
+
+def _clear_trouble(link: LinkState, now: float) -> None:
+    link.gap_outstanding = False
+    link.in_failed_syncs = link.out_failed_syncs = 0
+    link.quarantined = False
+    link.last_progress = now
 
 
 @dataclass

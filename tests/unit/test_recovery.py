@@ -26,7 +26,9 @@ from emulator.protocol.recovery import (
     OwnCounters,
     Phase,
     RecoveryAgent,
+    accept_resync,
     plan_counters,
+    reset_link_to_plan,
 )
 from emulator.protocol.sequencing import (
     AckOutcome,
@@ -639,28 +641,12 @@ def apply_plan(site: Node, plan: CounterPlan, now: float) -> None:
     site.txn = plan.txn_id
     site.incarnation = plan.incarnation
     for peer, lp in plan.links.items():
-        link = site.links[peer]
-        link.next_send_seq = lp.next_send_seq
-        link.acked_through = lp.next_send_seq - 1
-        link.next_expected = lp.next_expected
-        link.their_incarnation = lp.their_incarnation
-        link.gap_outstanding = False
-        link.in_failed_syncs = link.out_failed_syncs = 0
-        link.quarantined = False
-        link.last_progress = now
+        reset_link_to_plan(site.links[peer], lp, now)
 
 
 def on_resync(peer: Node, msg: RecoveryResync, now: float) -> None:
     """``sites/recovery.py::_on_resync``, on the sequencing state."""
-    link = peer.links[msg.source]
-    link.next_expected = msg.next_send_seq
-    link.acked_through = max(0, msg.next_expected - 1)
-    link.their_incarnation = msg.incarnation
-    link.paused = False
-    link.quarantined = False
-    link.gap_outstanding = False
-    link.in_failed_syncs = link.out_failed_syncs = 0
-    link.last_progress = now
+    accept_resync(peer.links[msg.source], msg, now)
 
 
 def exchange_acks(a: Node, b: Node, now: float) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from emulator.protocol.envelope import content_hash
+from emulator.protocol.data import apply_control_change, keep_site_data
+from emulator.protocol.envelope import DataClass, content_hash
 from emulator.protocol.objects import (
     object_id,
     parse_object_id,
@@ -436,3 +437,25 @@ def test_recovered_txn_id(own: int, peers: list[int], margin: int, expected: int
 )
 def test_recovered_counter(own: int, seen: list[int], expected: int) -> None:
     assert recovered_counter(own, seen) == expected
+
+
+@pytest.mark.parametrize(
+    ("data_class", "version", "held", "recovering", "keep"),
+    [
+        (DataClass.INVENTORY, 3, None, False, True),   # first copy
+        (DataClass.INVENTORY, 4, 3, False, True),      # newer
+        (DataClass.INVENTORY, 3, 3, False, True),      # the same version again (a resync) passes on
+        (DataClass.INVENTORY, 2, 3, False, False),     # older than held: not stored, not forwarded
+        (DataClass.SCF, 5, 5, False, False),           # an SCF at the serial held is a repeat
+        (DataClass.SCF, 5, 5, True, True),             # ... but a recovering site forwards it
+        (DataClass.SCF, 4, 5, True, False),            # an older SCF never
+    ],
+)
+def test_site_data_versions(data_class: DataClass, version: int, held: int | None, recovering: bool, keep: bool) -> None:
+    assert keep_site_data(data_class, version, held, recovering=recovering) is keep
+
+
+def test_a_delta_site_control_file_at_or_below_the_last_processed_is_ignored() -> None:
+    assert apply_control_change(12, 11)
+    assert not apply_control_change(11, 11)
+    assert not apply_control_change(10, 11)
