@@ -150,6 +150,18 @@ def restore_into(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> B
     return record
 
 
+def replace_store(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str | None,
+                  wipe: bool) -> str | None:
+    """Put a stopped site's store back to a backup, or to nothing; say what was done."""
+    if backup_id:
+        record = restore_into(lab_dir, info, backup_id, site)
+        return f"{site} restored from backup {record.id} (transaction ID {record.txn_id})"
+    if wipe:
+        wipe_store(lab_dir, site)
+        return f"{site} rebuilt from nothing under its old site code"
+    return None
+
+
 def wipe_store(lab_dir: LabDir, site: str) -> None:
     if lab_dir.pid(site):
         raise LabError(f"site {site} is running", hint=f"smslab stop {site} (or kill) first")

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.sequencing import LinkState, health
 from sites.clients import read_client_versions
-from sites.store import SiteStore
+from sites.store import SiteStore, read_only
 
 Verdict = Literal["valid", "invalid", "unknown"]
 SOFT = {"in_flight", "down"}
@@ -94,24 +94,27 @@ class _Site:
     outbox: dict[str, int]
     site_data: dict[tuple[str, str], int]
     objects: dict[str, dict[str, Any]]
-    history: dict[str, set[str]]
+    history: dict[str, dict[str, float]]  # object ID -> definition -> first seen
     drops: dict[tuple[str, str], int]
 
 
 def _read(lab_dir: LabDir, code: str) -> _Site | None:
-    path = lab_dir.site_db(code)
-    if not path.exists():
-        return None
+    with read_only(lab_dir.site_db(code)) as store:
+        if store is None:
+            return None
+        try:
+            return _snapshot(code, store)
+        except sqlite3.DatabaseError:
+            return None
+
+
+def _snapshot(code: str, store: SiteStore) -> _Site:
+    db = store.db
+    db.execute("BEGIN")  # one consistent snapshot of the store
     try:
-        store = SiteStore(path, readonly=True)
-    except Exception:  # noqa: BLE001
-        return None
-    try:
-        db = store.db
-        db.execute("BEGIN")  # one consistent snapshot of the store
-        history: dict[str, set[str]] = {}
-        for oid, uid in db.execute("SELECT id, def_uid FROM object_history"):
-            history.setdefault(oid, set()).add(uid)
+        history: dict[str, dict[str, float]] = {}
+        for oid, uid, seen in db.execute("SELECT id, def_uid, first_seen FROM object_history"):
+            history.setdefault(oid, {})[uid] = seen
         site = _Site(
             code=code,
             meta=store.meta(),
@@ -124,12 +127,9 @@ def _read(lab_dir: LabDir, code: str) -> _Site | None:
                 "SELECT data_class, key, COUNT(*) FROM drops WHERE reason IN ('conflict','stale')"
                 " GROUP BY data_class, key")},
         )
-        db.execute("COMMIT")
         return site
-    except sqlite3.DatabaseError:
-        return None
     finally:
-        store.close()
+        db.execute("COMMIT")
 
 
 def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5) -> Report:
@@ -264,8 +264,14 @@ def _check_once(lab_dir: LabDir, info: LabInfo) -> Report:
                                             f"{ours[oid]['kind']} {oid} is not (any more) at its owner {anc}",
                                             {"id": oid, "owner": anc}))
         object_count += len(site.objects)
-        for oid, uids in site.history.items():
-            if len(uids) > 1:
+        for oid, seen in site.history.items():
+            # An overwrite before its owner's last recovery is history (diag shows it); the
+            # recovery made the lab consistent again. One after it is a live violation.
+            owner = sites.get(oid[:3])
+            since = float(owner.meta.get("recovered_at", 0)) if owner else 0.0
+            after = [uid for uid, first in seen.items() if first >= since]
+            if len(after) > 1 or (after and len(seen) > len(after)):
+                uids = list(seen)
                 violations.append(Violation(
                     "reused_id", code,
                     f"object ID {oid} has named {len(uids)} different definitions here (package 14 hazard)",

@@ -176,12 +176,9 @@ def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progre
     if lab_dir.pid(code):
         raise LabError(f"site {code} is already running (pid {lab_dir.pid(code)})",
                        hint=f"smslab stop {code} (or kill) first")
-    if restore:
-        record = backup.restore_into(lab_dir, info, restore, code)
-        progress(f"  {code} restored from backup {record.id} (transaction ID {record.txn_id}), no recovery")
-    elif wipe:
-        backup.wipe_store(lab_dir, code)
-        progress(f"  {code} rebuilt from nothing under its old site code, no recovery")
+    done = backup.replace_store(lab_dir, info, code, backup_id=restore, wipe=wipe)
+    if done:
+        progress(f"  {done}, no recovery")
     ensure_broker_objects(info)
     pid = spawn(lab_dir, code)
     wait_attached(lab_dir, info, [code], timeout=timeout, progress=progress)

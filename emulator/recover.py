@@ -8,6 +8,7 @@ the store is not restored twice and the counters are not bumped twice.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 from emulator import backup, orchestrator
 from emulator.errors import LabError
 from emulator.lab import LabDir
-from sites.store import SiteStore
+from sites.store import read_only
 
 PHASES = ["announce", "counters", "resync", "complete"]
 PHASE_TEXT = {
@@ -49,19 +50,13 @@ def save_record(lab_dir: LabDir, site: str, record: dict[str, Any]) -> None:
 
 
 def read_progress(lab_dir: LabDir, site: str) -> dict[str, str]:
-    path = lab_dir.site_db(site)
-    if not path.exists():
-        return {}
-    try:
-        store = SiteStore(path, readonly=True)
-    except Exception:  # noqa: BLE001 - being created
-        return {}
-    try:
-        return store.meta()
-    except Exception:  # noqa: BLE001
-        return {}
-    finally:
-        store.close()
+    with read_only(lab_dir.site_db(site)) as store:
+        if store is None:
+            return {}
+        try:
+            return store.meta()
+        except sqlite3.DatabaseError:  # the schema is still being written
+            return {}
 
 
 def recover(
@@ -104,12 +99,9 @@ def recover(
         if lab_dir.pid(site):
             orchestrator.stop(lab_dir, site)
             progress(f"stopped the running {site}")
-        if backup_id:
-            restored = backup.restore_into(lab_dir, info, backup_id, site)
-            progress(f"restored {site} from backup {backup_id} (transaction ID {restored.txn_id})")
-        elif wipe:
-            backup.wipe_store(lab_dir, site)
-            progress(f"{site} rebuilt from nothing under its old site code")
+        done = backup.replace_store(lab_dir, info, site, backup_id=backup_id, wipe=wipe)
+        if done:
+            progress(done)
         save_record(lab_dir, site, record)
         progress(f"recovery {record['recovery_id']} of {site}: the agent joins under the reused site code")
     rid = record["recovery_id"]

@@ -7,29 +7,24 @@ from typing import Any
 
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.sequencing import LinkState, health
-from sites.store import SiteStore
+from sites.store import SiteStore, read_only
 
 
 def read_site(lab_dir: LabDir, code: str) -> dict[str, Any] | None:
     """A snapshot of one site's store, or None if it has none yet."""
-    path = lab_dir.site_db(code)
-    if not path.exists():
-        return None
-    try:
-        store = SiteStore(path, readonly=True)
-    except Exception:  # noqa: BLE001 - a store being replaced under us reads as absent
-        return None
-    try:
-        meta = store.meta()
-        links = store.load_links()
-        outbox = store.outbox_counts()
-        drops = dict(store.db.execute("SELECT reason, COUNT(*) FROM drops GROUP BY reason").fetchall())
-        return {"meta": meta, "links": links, "outbox": outbox, "drops": drops,
-                "allocators": store.allocators(), "workload_paused": store.get_control("workload_paused") is True}
-    except sqlite3.DatabaseError:
-        return None
-    finally:
-        store.close()
+    with read_only(lab_dir.site_db(code)) as store:
+        if store is None:
+            return None
+        try:
+            meta = store.meta()
+            links = store.load_links()
+            outbox = store.outbox_counts()
+            drops = dict(store.db.execute("SELECT reason, COUNT(*) FROM drops GROUP BY reason").fetchall())
+            return {"meta": meta, "links": links, "outbox": outbox, "drops": drops,
+                    "allocators": store.allocators(),
+                    "workload_paused": store.get_control("workload_paused") is True}
+        except sqlite3.DatabaseError:
+            return None
 
 
 def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:

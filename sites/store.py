@@ -342,6 +342,24 @@ class SiteStore:
             dest.close()
 
 
+@contextmanager
+def read_only(path: Path) -> Iterator[SiteStore | None]:
+    """A site's store opened read-only, or None if it does not exist or cannot be read yet
+    (being created or replaced under us)."""
+    if not path.exists():
+        yield None
+        return
+    try:
+        store = SiteStore(path, readonly=True)
+    except StoreError:
+        yield None
+        return
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def _object_row(row: tuple[Any, ...]) -> dict[str, Any]:
     payload = json.loads(row[7])
     payload.update(

@@ -124,6 +124,13 @@ def test_reused_object_id_overwrites_downstream_package_14(lab: Lab) -> None:
     done = lab.cli("check", check=False)
     assert done.returncode == 1
     assert f"object ID {office['id']} has named 2 different definitions" in done.stdout
+    # The recovery cannot bring Office back (its definition was overwritten everywhere), but
+    # it makes the lab consistent again; the overwrite stays in S01's object history.
+    lab.cli("recover", "P01", "--backup", backup_id)
+    assert lab.cli("wait-converged", "--timeout", "60", check=False).returncode == 0
+    assert lab.query("P01", "SELECT name FROM objects WHERE id=?", office["id"]) == [("SQL Server",)]
+    fresh = json.loads(lab.cli("create", "P01", "package", "--json").stdout)
+    assert fresh["id"] > office["id"]
 
 
 def test_hardened_mode_detects_the_rollback_and_quarantines(lab: Lab) -> None:
