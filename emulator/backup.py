@@ -105,7 +105,7 @@ def load(lab_dir: LabDir, backup_id: str) -> BackupRecord:
 
 
 def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
-    out = []
+    out: list[BackupRecord] = []
     root = lab_dir.backups_dir()
     if not root.exists():
         return out

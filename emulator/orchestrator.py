@@ -76,8 +76,8 @@ def attached(info: LabInfo, code: str, answer: dict[str, object]) -> bool:
     parent = info.topology.parent(code)
     if parent is None or answer.get("recovering"):
         return True
-    heard = answer.get("heard_from") or []
-    return parent in heard  # its parent acknowledged it since this process started
+    heard = answer.get("heard_from")
+    return isinstance(heard, list) and parent in heard  # its parent acknowledged it since this process started
 
 
 def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: float,

@@ -148,7 +148,8 @@ class Lab:
         return rows[0][0] if rows else None
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.cli("status", "--json").stdout)
+        snapshot: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
+        return snapshot
 
     def link_health(self, parent: str, child: str) -> str:
         for link in self.status()["links"]:

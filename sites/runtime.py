@@ -24,7 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from broker import names
 from broker.base import Delivery, Transport
@@ -101,7 +101,7 @@ class SiteRuntime:
         self.site = site
         self.spec = topology.site(site)
         self.settings = topology.settings
-        self.mode: seq.Mode = topology.mode  # type: ignore[assignment]
+        self.mode: seq.Mode = topology.mode
         self.store = store
         self.clients = clients
         self.transport = transport
@@ -514,7 +514,7 @@ class SiteRuntime:
     # -- originating ----------------------------------------------------------------------
 
     def _emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
-              op: str = "upsert", hash_: str | None = None) -> None:
+              op: Literal["upsert", "delete"] = "upsert", hash_: str | None = None) -> None:
         """Queue one envelope for a peer; ``hash_`` is the payload's hash when already known."""
         link = self.links[peer]
         self.txn_id += 1
@@ -522,7 +522,7 @@ class SiteRuntime:
             source=self.site, dest=peer, incarnation=self.incarnation, origin=origin,
             data_class=cls, key=key, priority=priority_of(cls), txn_id=self.txn_id,
             link_seq=link.next_send_seq, op=op, hash=hash_ or content_hash(payload),
-            payload=payload,  # type: ignore[arg-type]
+            payload=payload,
         )
         self.store.outbox_add(peer, link.next_send_seq, wire.encode_message(env))
         link.next_send_seq += 1

@@ -186,7 +186,7 @@ class SiteStore:
 
     def outbox_min_seq(self, peer: str) -> int | None:
         row = self.db.execute("SELECT MIN(seq) FROM outbox WHERE peer=?", (peer,)).fetchone()
-        return row[0]
+        return int(row[0]) if row and row[0] is not None else None
 
     # -- the .trs watermarks and the applied log ------------------------------------------
 
@@ -361,7 +361,7 @@ def read_only(path: Path) -> Iterator[SiteStore | None]:
 
 
 def _object_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    payload = json.loads(row[7])
+    payload: dict[str, Any] = json.loads(row[7])
     payload.update(
         id=row[0], kind=row[1], origin=row[2], def_uid=row[3], name=row[4], revision=row[5],
         deleted=bool(row[6]),
