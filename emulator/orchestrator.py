@@ -39,7 +39,10 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
                 f"a lab ({old.lab_id}) is already up in {lab_dir.path} with {len(running)} site(s) running",
                 hint=f"smslab --lab {lab_dir.path} down, or use another --lab DIR",
             )
-        shutil.rmtree(lab_dir.path)
+        raise LabError(
+            f"a stopped lab ({old.lab_id}) is kept in {lab_dir.path}, with its stores and backups",
+            hint=f"start its sites (smslab start SITE), or remove it: smslab --lab {lab_dir.path} down",
+        )
     admin.check(amqp_url)
     info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_url=amqp_url, created=time.time(),
                    topology=topology)
