@@ -119,6 +119,18 @@ def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
     return sorted(out, key=lambda r: r.created)
 
 
+def unreadable(lab_dir: LabDir) -> list[str]:
+    """Backup folders whose control record is missing or unreadable."""
+    root = lab_dir.backups_dir()
+    bad = []
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.exists() else []:
+        try:
+            BackupRecord.model_validate_json((folder / "backup.json").read_bytes())
+        except (OSError, ValidationError):
+            bad.append(folder.name)
+    return bad
+
+
 def verify(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> BackupRecord:
     """Refuse a backup of another site or lab, or one whose files are damaged."""
     record = load(lab_dir, backup_id)

@@ -331,8 +331,11 @@ def cmd_backups(args: argparse.Namespace, lab_dir: LabDir) -> int:
     if args.json:
         print(json.dumps([r.model_dump() for r in records], indent=2))
         return 0
-    if not records:
+    damaged = backup.unreadable(lab_dir)
+    if not records and not damaged:
         say("no backups" + (f" of {code}" if code else ""))
+    for name in damaged:
+        say(f"{name}  unreadable: its backup.json is missing or damaged (not usable)")
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
         say(f"{r.id}  {r.site}  {when}  txn {r.txn_id}  incarnation {r.incarnation}  next object {r.object_next}")
