@@ -55,7 +55,8 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
         amqp or info.amqp_url, lab=info.lab_id, site=site,
         prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
     )
-    runtime = make_runtime(info.lab_id, topology, site, store, clients, transport)
+    runtime = SiteRuntime(lab=info.lab_id, topology=topology, site=site, store=store, clients=clients,
+                          transport=transport)
     if recover:
         runtime.recovery.begin(recover, reference)
     lab_dir.pid_file(site).write_text(f"{os.getpid()}\n")
@@ -95,11 +96,6 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
             pass
     log.info("site %s stopped", site)
     return 0
-
-
-def make_runtime(lab: str, topology, site, store, clients, transport) -> SiteRuntime:  # type: ignore[no-untyped-def]
-    return SiteRuntime(lab=lab, topology=topology, site=site, store=store, clients=clients,
-                       transport=transport)
 
 
 if __name__ == "__main__":
