@@ -29,6 +29,7 @@ from typing import Any, Literal
 from broker import names
 from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
+from emulator.protocol import control as ctl
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
 from emulator.protocol.data import apply_control_change, keep_site_data
@@ -61,9 +62,6 @@ _REJECT_FOR = {
     seq.Verdict.FENCED: RejectReason.FENCED,
     seq.Verdict.QUARANTINED: RejectReason.QUARANTINED,
 }
-
-
-READ_ONLY_COMMANDS = frozenset({"ping"})
 
 
 class ControlFailed(Exception):
@@ -118,6 +116,10 @@ class SiteRuntime:
         self._started = False
         self._burst_step: Callable[[], None] | None = None
         self.heard_from: set[str] = set()  # peers that acknowledged us since this process started
+        self.connects = 0  # broker connections made ready since this process started
+        self._failures_logged: set[str] = set()
+        self._unconfirmed: dict[str, int] = {}
+        self._unconfirmed_logged: dict[str, float] = {}
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
         self._load_counters()
@@ -194,6 +196,7 @@ class SiteRuntime:
         # their tags mean nothing on this channel; their flush timer died with the old loop.
         self.batch.clear()
         self.flush_scheduled = False
+        self.connects += 1
         log.info("%s connected to the broker; state %s", self.site, self.state)
         # Every connection has its own I/O loop: the timers of the last one died with it.
         self._generation += 1
@@ -206,8 +209,8 @@ class SiteRuntime:
         self.recovery.resume_peer_resyncs()
         if not self._started:
             self._started = True
-            self._startup_reports()
-        self.pump()
+            self.guarded(self._startup_reports)
+        self.guarded(self.pump)
 
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` after ``delay`` on this connection's loop (never on a later one)."""
@@ -215,15 +218,50 @@ class SiteRuntime:
 
         def run() -> None:
             if generation == self._generation:
-                fn()
+                self.guarded(fn)
 
         self.transport.call_later(delay, run)
+
+    def guarded(self, fn: Callable[[], None]) -> None:
+        """Run a callback of the I/O loop; an unexpected exception never ends the site.
+
+        It is logged once per place with its traceback (then one line each time), and the
+        in-memory state is read back from the store, which the failed transaction left as
+        it was before.
+        """
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the site goes on; the store is the truth
+            where = f"{getattr(fn, '__qualname__', fn)}:{type(exc).__name__}"
+            if where not in self._failures_logged:
+                self._failures_logged.add(where)
+                log.exception("%s: unexpected error in %s; the site goes on", self.site, where)
+            else:
+                log.error("%s: unexpected error in %s again: %r", self.site, where, exc)
+            self.reload_state()
+
+    def reload_state(self) -> None:
+        """Make the in-memory state what the store says (after a transaction failed)."""
+        self.links.clear()
+        self.links.update(self.store.load_links())
+        self._load_counters()
+        self.published = {peer: link.acked_through for peer, link in self.links.items()}
+        self.recovery.reload()
 
     def on_delivery(self, delivery: Delivery) -> None:
         self.batch.append(delivery)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.transport.call_later(0, self.flush)
+            self.later(0, self.flush)
+
+    def on_queue_restored(self, queue: str) -> None:
+        now = self.clock()
+        with self.store.transaction():
+            self._status(sid.QUEUE_RESTORED, "warning",
+                         f"the broker deleted this site's {queue} queue; it was declared and bound again"
+                         " (what peers sent meanwhile came back to them and is sent again)", now)
+            self._save_counters()
+        self.pump()
 
     def on_confirm(self, token: Any, ok: bool) -> None:
         if ok:
@@ -231,7 +269,14 @@ class SiteRuntime:
         kind = token[0]
         if kind == "out":
             _, peer, first = token
-            log.warning("%s: publish to %s from seq %s not confirmed; will resend", self.site, peer, first)
+            self._unconfirmed[peer] = self._unconfirmed.get(peer, 0) + 1
+            now = self.clock()
+            if now - self._unconfirmed_logged.get(peer, 0.0) >= 10.0:  # a warning, not a flood
+                log.warning("%s: %d publish(es) to %s not confirmed (unroutable or refused) since the"
+                            " last warning, now from seq %s; will resend", self.site,
+                            self._unconfirmed[peer], peer, first)
+                self._unconfirmed_logged[peer] = now
+                self._unconfirmed[peer] = 0
             self.published[peer] = min(self.published.get(peer, 0), first - 1)
         elif kind == "dead":
             log.error("%s: the broker refused a dead letter; it is in this site's log only", self.site)
@@ -246,6 +291,22 @@ class SiteRuntime:
         now = self.clock()
         out = Outgoing()
         malformed: list[tuple[Delivery, str]] = []
+        try:
+            self._apply_batch(batch, out, malformed, now)
+        except Exception:
+            # Nothing of the batch was committed or acknowledged: take it again in a moment
+            # (``guarded`` logs this and reads the state back from the store).
+            self.batch = batch + self.batch
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.later(1.0, self.flush)
+            raise
+        self._ack_batch(batch, malformed)
+        self._send(out, now)
+        self.pump()
+
+    def _apply_batch(self, batch: list[Delivery], out: Outgoing, malformed: list[tuple[Delivery, str]],
+                     now: float) -> None:
         with self.store.transaction() as db:
             for delivery in batch:
                 # Each delivery in a savepoint: one we cannot apply is undone and dead-lettered,
@@ -275,9 +336,6 @@ class SiteRuntime:
                 db.execute("RELEASE delivery")
             self._save_links()
             self._save_counters()
-        self._ack_batch(batch, malformed)
-        self._send(out, now)
-        self.pump()
 
     def _snapshot(self) -> tuple[Any, ...]:
         agent = self.recovery.agent
@@ -772,14 +830,15 @@ class SiteRuntime:
 
     def _handle_control(self, delivery: Delivery, out: Outgoing, now: float) -> None:
         try:
-            command = json.loads(delivery.body)
-            if not isinstance(command, dict) or "cmd" not in command:
-                raise ValueError("a control command is a JSON object with 'cmd'")
-        except ValueError as exc:
-            raise MalformedEnvelope(f"malformed control command: {exc}") from exc
+            command = ctl.parse(delivery.body)
+        except ctl.MalformedCommand as exc:
+            if not delivery.reply_to:
+                raise  # dead-lettered with its reason
+            raise ControlFailed(delivery, {"ok": False, "error": exc.message,
+                                           "hint": "see emulator/protocol/control.py for the commands"}) from None
         # A command redelivered after a crash or a reconnect (committed, not yet acked) is
         # answered from the record of its first run, never run twice.
-        cid = delivery.correlation_id if command["cmd"] not in READ_ONLY_COMMANDS else None
+        cid = delivery.correlation_id if command.cmd not in ctl.READ_ONLY else None
         done = self.store.command_answer(cid) if cid else None
         if done is not None:
             answer = done
@@ -789,11 +848,9 @@ class SiteRuntime:
                 answer.setdefault("ok", True)
             except SmslabError as exc:
                 answer = {"ok": False, "error": exc.message, "hint": exc.hint}
-            except (KeyError, ValueError, TypeError) as exc:
-                answer = {"ok": False, "error": f"bad {command.get('cmd')!r} command: {exc!r}"}
             except Exception as exc:
-                log.exception("%s: control command %r failed", self.site, command.get("cmd"))
-                answer = {"ok": False, "error": f"{command.get('cmd')!r} failed at {self.site}: {exc!r}"}
+                log.exception("%s: control command %r failed", self.site, command.cmd)
+                answer = {"ok": False, "error": f"{command.cmd!r} failed at {self.site}: {exc!r}"}
             if not answer["ok"]:
                 raise ControlFailed(delivery, answer)  # undone to the savepoint, then answered
             if cid:
@@ -801,42 +858,36 @@ class SiteRuntime:
         if delivery.reply_to:
             out.replies.append((delivery.reply_to, delivery.correlation_id, answer))
 
-    def control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
-        cmd = command["cmd"]
-        if cmd == "ping":
+    def control(self, command: ctl.Command, now: float) -> dict[str, Any]:
+        if isinstance(command, ctl.Ping):
             return {"site": self.site, "state": self.state, "pid": os.getpid(),
                     "recovering": self.store.get_meta("recovery_phase") not in (None, "complete"),
                     "heard_from": sorted(self.heard_from), "workload_paused": self.workload_paused,
+                    "connects": self.connects,
                     "links": {p: {"acked_through": l.acked_through, "applied_through": l.applied_through,
                                   "sent_through": l.sent_through} for p, l in self.links.items()}}
-        if cmd == "pause-workload":
-            self.workload_paused = True
-            self.store.set_control("workload_paused", True)
+        if isinstance(command, ctl.PauseWorkload | ctl.ResumeWorkload):
+            self.workload_paused = isinstance(command, ctl.PauseWorkload)
+            self.store.set_control("workload_paused", True if self.workload_paused else None)
             return {}
-        if cmd == "resume-workload":
-            self.workload_paused = False
-            self.store.set_control("workload_paused", None)
-            return {}
-        if cmd in ("create", "update", "delete", "burst", "syncchild", "syncparent") and self.state != "active":
+        if command.cmd in ctl.ADMINISTRATIVE and self.state != "active":
             hint = (f"wait for smslab recover {self.site} to finish" if self.state == "recovering"
                     else f"recover it first: smslab recover {self.site}")
             raise SmslabError(f"{self.site} is {self.state}: administrative actions are refused", hint=hint)
-        if cmd == "create":
+        if isinstance(command, ctl.Create):
             if self.spec.type == "secondary":
                 raise SmslabError(f"{self.site} is a secondary site: objects are created at primaries")
-            kind = command["kind"]
-            if kind not in OBJECT_KINDS:
-                raise SmslabError(f"unknown object kind {kind!r}; one of {', '.join(OBJECT_KINDS)}")
-            return {"object": self.create_object(kind, command.get("name"), now)}
-        if cmd in ("update", "delete"):
-            return {"object": self.update_object(command["id"], command.get("name"), cmd == "delete", now)}
-        if cmd == "report":
+            return {"object": self.create_object(command.kind, command.name, now)}
+        if isinstance(command, ctl.Update | ctl.Delete):
+            name = command.name if isinstance(command, ctl.Update) else None
+            return {"object": self.update_object(command.id, name, isinstance(command, ctl.Delete), now)}
+        if isinstance(command, ctl.Report):
             self._client_catch_up(now, full=True)
             return {}
-        if cmd == "burst":
-            self._burst(int(command["count"]), int(command.get("keys", 1000)), int(command.get("chunk", 1000)))
+        if isinstance(command, ctl.Burst):
+            self._burst(command.count, command.keys, command.chunk)
             return {}
-        if cmd == "stop":
+        if isinstance(command, ctl.Stop):
             self.transport.call_later(0, self.shutdown)
             return {}
         return self.extra_control(command, now)
@@ -867,34 +918,35 @@ class SiteRuntime:
         self._burst_step = step  # resumed on the next connection if the broker drops
         self.later(0, step)
 
-    def extra_control(self, command: dict[str, Any], now: float) -> dict[str, Any]:
+    def extra_control(self, command: ctl.Command, now: float) -> dict[str, Any]:
         """The Preinst-equivalent verbs."""
         from sites.recovery import sync_objects_to, sync_site_data_up
 
-        cmd = command["cmd"]
-        if cmd == "syncchild":
-            child = command["child"]
+        if isinstance(command, ctl.SyncChild):
+            child = command.child
             if child not in self.children:
                 raise SmslabError(f"{child} is not a child of {self.site}",
                                   hint=f"children of {self.site}: {', '.join(self.children) or 'none'}")
             return {"sent": sync_objects_to(self, child)}
-        if cmd == "syncparent":
+        if isinstance(command, ctl.SyncParent):
             sent = sync_site_data_up(self, now) if self.parent else 0
             for child in self.children:  # "the current site and all its child sites"
-                self.transport.publish(names.control_key(child), json.dumps({"cmd": "syncparent"}).encode(),
+                self.transport.publish(names.control_key(child), ctl.encode(ctl.SyncParent(cmd="syncparent")),
                                        correlation_id=uuid.uuid4().hex)
             return {"sent": sent, "children": self.children}
-        if cmd == "deljob":
-            dest = command["dest"]
+        if isinstance(command, ctl.DelJob):
+            dest = command.dest
             if dest not in self.links:
                 raise SmslabError(f"{dest} is not a neighbour of {self.site}")
             deleted = self.store.outbox_clear(dest)
             self.published[dest] = self.links[dest].sent_through
             return {"deleted": deleted}
-        if cmd == "delsite":
-            target, parent = command["site"], command["parent"]
+        if isinstance(command, ctl.DelSite):
+            target, parent = command.site, command.parent
             if target == self.site:
                 raise SmslabError("delsite deletes another site's data, not this site's own")
+            if target not in self.topology.codes:
+                raise SmslabError(f"unknown site {target}; sites in this lab: {', '.join(self.topology.codes)}")
             actual = self.topology.parent(target)
             if actual != parent:
                 return {"deleted": 0, "note": f"{target} reports to {actual}, not {parent}: nothing deleted"}
@@ -903,7 +955,7 @@ class SiteRuntime:
             self._status(sid.SITE_DELETED, "info",
                          f"delsite: deleted {removed} record(s) of site {target} and {jobs} job(s)", now)
             return {"deleted": removed, "jobs": jobs}
-        raise SmslabError(f"unknown control command {cmd!r}")
+        raise SmslabError(f"unknown control command {command.cmd!r}")
 
     def shutdown(self) -> None:
         self.stopping = True
