@@ -28,6 +28,10 @@ class TransportHandler(Protocol):
 
     def on_confirm(self, token: Any, ok: bool) -> None: ...
 
+    def on_queue_restored(self, queue: str) -> None:
+        """The broker deleted the site's ``queue`` ("site" or "control") and the transport
+        declared it again."""
+
 
 class Transport(Protocol):
     """What the site runtime needs from a broker."""

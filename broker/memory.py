@@ -311,6 +311,10 @@ class Client(Protocol):
 
     def _lost(self, reason: str) -> None: ...
 
+    def _cancelled(self, label: str) -> None: ...
+
+    def _restored(self, label: str) -> None: ...
+
 
 class _ChannelError(Exception):
     pass
@@ -398,6 +402,10 @@ class Connection:
             queue._dispatch()
 
 
+def _cancel_notice(conn: Connection, label: str) -> Callable[[], None]:
+    return lambda: conn.client._cancelled(label)
+
+
 # -- the broker ----------------------------------------------------------------------------
 
 
@@ -449,6 +457,8 @@ class MemoryBroker:
             bound.append(queue)
 
     def delete_queue(self, name: str) -> None:
+        """Delete a queue, its messages and its bindings; its consumers are cancelled (the
+        broker tells their clients, as RabbitMQ's consumer cancel notification does)."""
         queue = self.queues.pop(name, None)
         if queue is None:
             return
@@ -456,6 +466,27 @@ class MemoryBroker:
             for bound in ex.bindings.values():
                 if name in bound:
                     bound.remove(name)
+        self._trace("delete_queue", name)
+        for consumer in list(queue.consumers):
+            conn = consumer.connection
+            if consumer in conn.consumers:
+                conn.consumers.remove(consumer)
+            conn.send_to_client(_cancel_notice(conn, consumer.label))
+        queue.consumers.clear()
+
+    def _reconsume(self, conn: Connection, lab: str, site: str, label: str, prefetch: int,
+                   queue_type: str) -> None:
+        """A client declares a cancelled consumer's queue and binding again and consumes."""
+        name = (names.site_queue if label == "site" else names.control_queue)(lab, site)
+        key = names.site_key(site) if label == "site" else names.control_key(site)
+        self.declare_queue(name, names.queue_arguments(queue_type))
+        self.bind(name, names.exchange(lab), key)
+        consumer = Consumer(conn, self.queues[name], label, prefetch)
+        conn.consumers.append(consumer)
+        self.queues[name].consumers.append(consumer)
+        self._trace("reconsume", conn.name, name)
+        conn.send_to_client(lambda: conn.client._restored(label))
+        self.queues[name]._dispatch()
 
     def declare_lab(self, lab: str, sites: list[str], queue_type: str = "classic") -> None:
         """What ``broker.admin.declare_lab`` declares on RabbitMQ."""
@@ -800,6 +831,19 @@ class MemoryTransport:
 
     def _returned(self, seq: int) -> None:
         self._returned_seqs.add(seq)
+
+    def _cancelled(self, label: str) -> None:
+        """The broker cancelled a consumer (its queue was deleted): declare it again, as
+        ``PikaTransport`` does."""
+        conn = self._conn
+        if conn is None or not conn.open:
+            return
+        conn.send_to_broker(lambda: self.broker._reconsume(conn, self.lab, self.site, label, self.prefetch,
+                                                           self.queue_type))
+
+    def _restored(self, label: str) -> None:
+        assert self._handler is not None
+        self._handler.on_queue_restored(label)
 
     def _lost(self, reason: str) -> None:
         self._ready = False

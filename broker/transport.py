@@ -58,6 +58,7 @@ class PikaTransport:
         self._handler: TransportHandler | None = None
         self._pending: OrderedDict[int, Any] = OrderedDict()
         self._returned: set[int] = set()
+        self._consumers: dict[str, str] = {}  # consumer tag -> "site" | "control"
         self._publish_seq = 0
         self._stopping = False
         self._error: str | None = None
@@ -132,6 +133,7 @@ class PikaTransport:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_cancelled)
         channel.exchange_declare(
             names.exchange(self.lab), "direct", durable=True,
             callback=lambda _f: self._declare_queues(),
@@ -177,28 +179,67 @@ class PikaTransport:
 
     def _start_consuming(self) -> None:
         assert self._channel is not None and self._handler is not None
-        self._channel.basic_consume(
-            names.site_queue(self.lab, self.site), self._make_consumer("site")
-        )
-        self._channel.basic_consume(
-            names.control_queue(self.lab, self.site), self._make_consumer("control")
-        )
+        self._consumers.clear()
+        for label in ("site", "control"):
+            self._consume(label)
         self._ready = True
-        self._handler.on_ready()
+        self._guard(self._handler.on_ready)
+
+    def _queue_of(self, label: str) -> str:
+        return (names.site_queue if label == "site" else names.control_queue)(self.lab, self.site)
+
+    def _consume(self, label: str) -> None:
+        assert self._channel is not None
+        tag = self._channel.basic_consume(self._queue_of(label), self._make_consumer(label))
+        self._consumers[tag] = label
+
+    def _on_cancelled(self, frame: Any) -> None:
+        """The broker cancelled a consumer: its queue was deleted under the site. Declare the
+        queue and its binding again and consume again; peers' publishes meanwhile came back
+        to them unroutable (mandatory) and are sent again."""
+        label = self._consumers.pop(frame.method.consumer_tag, None)
+        ch = self._channel
+        if label is None or ch is None or not ch.is_open:
+            return
+        queue = self._queue_of(label)
+        key = names.site_key(self.site) if label == "site" else names.control_key(self.site)
+        log.warning("%s: the broker cancelled the consumer of %s (queue deleted?); declaring it again",
+                    self.site, queue)
+
+        def bound(_frame: Any) -> None:
+            self._consume(label)
+            if self._handler is not None:
+                handler = self._handler
+                self._guard(lambda: handler.on_queue_restored(label))
+
+        ch.queue_declare(queue, durable=True, arguments=declare_args(self.queue_type),
+                         callback=lambda _f: ch.queue_bind(queue, names.exchange(self.lab), routing_key=key,
+                                                           callback=bound))
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """The last line of defence: an exception out of a handler must not end pika's loop
+        (and with it the site). Log it and drop the connection; the site reconnects."""
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            log.exception("%s: unexpected error in a broker callback; reconnecting", self.site)
+            self._error = "unexpected error in a callback (see the log)"
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
 
     def _make_consumer(self, queue: str) -> Callable[..., None]:
         def on_message(_ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
-            assert self._handler is not None
-            self._handler.on_delivery(
-                Delivery(
-                    queue=queue,
-                    tag=method.delivery_tag,
-                    body=body,
-                    redelivered=bool(method.redelivered),
-                    reply_to=props.reply_to,
-                    correlation_id=props.correlation_id,
-                )
+            handler = self._handler
+            assert handler is not None
+            delivery = Delivery(
+                queue=queue,
+                tag=method.delivery_tag,
+                body=body,
+                redelivered=bool(method.redelivered),
+                reply_to=props.reply_to,
+                correlation_id=props.correlation_id,
             )
+            self._guard(lambda: handler.on_delivery(delivery))
 
         return on_message
 
@@ -222,15 +263,21 @@ class PikaTransport:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        """Answer a control request (the default exchange routes to the reply queue)."""
+        """Answer a control request (the default exchange routes to the reply queue).
+
+        A reply that cannot be sent is not an error of the site: the asker times out and
+        asks again (the command's request id makes the second answer the first one)."""
         if self._channel is None or not self._ready:
             return
         self._publish_seq += 1
         self._pending[self._publish_seq] = None
-        self._channel.basic_publish(
-            "", reply_to, body, BasicProperties(correlation_id=correlation_id,
-                                                message_id=str(self._publish_seq)),
-        )
+        try:
+            self._channel.basic_publish(
+                "", reply_to, body, BasicProperties(correlation_id=correlation_id,
+                                                    message_id=str(self._publish_seq)),
+            )
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            log.warning("%s: cannot answer a control request: %r", self.site, exc)
 
     def _on_return(self, _ch: Channel, _method: Any, props: BasicProperties, _body: bytes) -> None:
         if props.message_id is not None:
@@ -242,17 +289,23 @@ class PikaTransport:
         tag = method.delivery_tag
         done = [t for t in self._pending if t <= tag] if method.multiple else [tag]
         assert self._handler is not None
+        handler = self._handler
         for t in done:
             token = self._pending.pop(t, None)
             returned = t in self._returned
             self._returned.discard(t)
             if token is not None:
-                self._handler.on_confirm(token, ok and not returned)
+                self._guard(lambda: handler.on_confirm(token, ok and not returned))
 
     def ack(self, tag: int, multiple: bool = False) -> None:
+        """Acknowledge deliveries; on a closed channel nothing is acknowledged and the broker
+        delivers them again (the site drops them as duplicates)."""
         if self._channel is not None and self._channel.is_open:
-            self._channel.basic_ack(tag, multiple=multiple)
+            try:
+                self._channel.basic_ack(tag, multiple=multiple)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.warning("%s: cannot acknowledge deliveries: %r", self.site, exc)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> object:
         assert self._conn is not None
-        return self._conn.ioloop.call_later(delay, fn)
+        return self._conn.ioloop.call_later(delay, lambda: self._guard(fn))

@@ -24,6 +24,7 @@ RECOVERY_PHASE = 5301
 RECOVERY_COMPLETE = 5302
 PEER_RECOVERY = 5310  # a neighbour is recovering: link paused / resumed
 SITE_DELETED = 5320  # delsite removed a site's data here
+QUEUE_RESTORED = 5400  # the broker deleted one of the site's queues; the site declared it again
 
 _COMPONENTS = {
     3300: "SMS_HIERARCHY_MANAGER", 3301: "SMS_HIERARCHY_MANAGER",
