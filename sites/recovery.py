@@ -47,6 +47,7 @@ class Recovery:
     def __init__(self, rt: SiteRuntime) -> None:
         self.rt = rt
         self._kicked = False
+        self._uploading = False
         state = rt.store.get_control("recovery_agent")
         self.agent: RecoveryAgent | None = RecoveryAgent.from_state(state) if state else None
         if self.agent and self.agent.phase is not Phase.COMPLETE:
@@ -71,6 +72,7 @@ class Recovery:
             store.set_meta("recovery_reference", reference or "")
             store.set_meta("recovery_started", now)
             store.set_meta("recovery_waiting", ",".join(peers))
+            store.delete_meta("recovery_plan")  # a plan of an earlier recovery is not this one's
             self.agent = agent
             self._persist()
             rt.state = "recovering"
@@ -80,6 +82,11 @@ class Recovery:
                        f"site recovery {recovery_id} started under the reused site code {rt.site}", now)
             rt._save_links()
             rt._save_counters()
+
+    def reload(self) -> None:
+        """Read the agent back from the store (after a failed transaction)."""
+        state = self.rt.store.get_control("recovery_agent")
+        self.restore_agent(state if isinstance(state, dict) else None)
 
     def restore_agent(self, state: dict[str, Any] | None) -> None:
         self.agent = RecoveryAgent.from_state(state) if state else None
@@ -136,6 +143,7 @@ class Recovery:
             self._start_resync(now)
         elif agent.phase is Phase.RESYNC:
             self._send_resync_messages()
+            self._upload_step()
             self._maybe_complete(now)
 
     def on_report(self, report: RecoveryReport, now: float) -> None:
@@ -201,16 +209,53 @@ class Recovery:
             for child in rt.children:
                 sync_objects_to(rt, child)  # our own and our ancestors' objects, down
                 agent.our_marks[child] = rt.links[child].sent_through
+            for target in rt.topology.subtree(rt.site)[1:]:
+                last = rt.store.get_control(f"control_last:{target}")
+                if last is not None:  # a site control change cleared with the old jobs
+                    rt.send_site_control(target, now, settings=last)
             rt._send_scf(now)
             rt._client_catch_up(now, full=True)  # the clients report their full inventory again
-            if rt.parent and not rt.children:
-                agent.our_marks[rt.parent] = rt.links[rt.parent].sent_through
+            agent.upload_done = rt.parent is None
             agent.advance(Phase.RESYNC)
             self._persist()
             rt._save_links()
             rt._save_counters()
         self._send_resync_messages(force=True)
         rt.pump()
+
+    def _upload_step(self) -> None:
+        """Resync, up: every site data record the recovering site holds goes to its parent
+        again (its own data, its status messages, what its subtree had sent it), in steps of
+        ``RESYNC_STEP`` records, each its own transaction; the parent reinitialized its copy.
+        Resumable: the cursor is part of the agent's state."""
+        rt = self.rt
+        agent = self.agent
+        if agent is None or agent.phase is not Phase.RESYNC or agent.upload_done or rt.parent is None:
+            return
+        if self._uploading:
+            return
+        self._uploading = True
+        try:
+            with rt.store.transaction():
+                cursor = (agent.upload_cursor[0], agent.upload_cursor[1]) if agent.upload_cursor else None
+                rows = rt.store.site_data_page(after=cursor, limit=RESYNC_STEP)
+                for row in rows:
+                    if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
+                        continue  # a fresh SCF of ours went up at the start of the resync
+                    rt._emit(rt.parent, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
+                if rows:
+                    agent.upload_cursor = [rows[-1]["data_class"], rows[-1]["key"]]
+                agent.upload_done = len(rows) < RESYNC_STEP
+                self._persist()
+                rt._save_links()
+                rt._save_counters()
+        finally:
+            self._uploading = False
+        rt.pump()
+        if agent.upload_done:
+            self.kick()
+        else:
+            rt.later(0, self._upload_step)
 
     def _send_resync_messages(self, force: bool = False) -> None:
         rt = self.rt
@@ -244,7 +289,7 @@ class Recovery:
         if rt.parent and rt.parent not in agent.our_marks:
             children_in = all(
                 c in agent.done_marks and applied[c] >= agent.done_marks[c] for c in rt.children)
-            if not children_in:
+            if not children_in or not agent.upload_done:
                 return
             agent.our_marks[rt.parent] = rt.links[rt.parent].sent_through
         waiting = agent.waiting_for(applied, acked)

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,9 @@ class SiteStore:
 
     def set_meta(self, key: str, value: object) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, str(value)))
+
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE k=?", (key,))
 
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT k, v FROM meta").fetchall())
@@ -340,6 +343,68 @@ class SiteStore:
             self.db.backup(dest)
         finally:
             dest.close()
+
+
+@dataclass
+class StoreSnapshot:
+    """What the checker and ``status`` read of a store, in one consistent read."""
+
+    meta: dict[str, str]
+    links: dict[str, LinkState]
+    outbox: dict[str, int]  # peer -> envelopes not yet acknowledged
+    site_data: dict[tuple[str, str], tuple[int, str]]  # (data class, key) -> (version, origin)
+    objects: dict[str, dict[str, Any]]
+    object_history: dict[str, dict[str, float]]  # object ID -> definition -> first seen
+    drops: dict[tuple[str, str], int]  # (data class, key) -> envelopes dropped as seen/stale
+    max_txn: dict[str, int]  # sender -> highest transaction ID accepted from it (.trs)
+
+    def counter(self, name: str) -> int:
+        return int(self.meta.get(name) or 0)
+
+
+def snapshot(store: SiteStore) -> StoreSnapshot:
+    db = store.db
+    db.execute("BEGIN")  # one consistent snapshot of the store
+    try:
+        history: dict[str, dict[str, float]] = {}
+        for oid, uid, seen in db.execute("SELECT id, def_uid, first_seen FROM object_history"):
+            history.setdefault(oid, {})[uid] = seen
+        return StoreSnapshot(
+            meta=store.meta(),
+            links=store.load_links(),
+            outbox=store.outbox_counts(),
+            site_data={(c, k): (v, o) for c, k, v, o in db.execute(
+                "SELECT data_class, key, version, origin FROM site_data")},
+            objects={o["id"]: o for o in store.objects()},
+            object_history=history,
+            drops={(c, k): n for c, k, n in db.execute(
+                "SELECT data_class, key, COUNT(*) FROM drops WHERE reason IN ('conflict','stale')"
+                " GROUP BY data_class, key")},
+            max_txn=dict(db.execute("SELECT source, MAX(txn) FROM watermark GROUP BY source").fetchall()),
+        )
+    finally:
+        db.execute("COMMIT")
+
+
+def read_snapshot(path: Path) -> StoreSnapshot | None:
+    """A snapshot of the store at ``path``, or None if there is none (yet) or it is unreadable."""
+    with read_only(path) as store:
+        if store is None:
+            return None
+        try:
+            return snapshot(store)
+        except sqlite3.DatabaseError:
+            return None
+
+
+def read_meta(path: Path) -> dict[str, str] | None:
+    with read_only(path) as store:
+        if store is None:
+            return None
+        try:
+            return store.meta()
+        except sqlite3.DatabaseError:
+            return None
 
 
 @contextmanager

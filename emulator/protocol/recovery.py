@@ -182,6 +182,9 @@ class RecoveryAgent:
     our_marks: dict[str, int] = field(default_factory=dict)  # peer -> last seq of our resync
     last_announce: float = 0.0
     announces: int = 0  # rounds of announces sent (the retry interval backs off)
+    # resync up: every site data record the site holds goes to its parent again, in steps
+    upload_cursor: list[str] | None = None  # (data class, key) of the last record queued
+    upload_done: bool = False
 
     def advance(self, to: Phase) -> None:
         if to not in TRANSITIONS[self.phase]:
