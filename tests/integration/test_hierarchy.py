@@ -130,8 +130,7 @@ def test_kill_9_primary_mid_traffic_loses_nothing_applies_nothing_twice(lab: Lab
 
 def test_broker_connection_closed_under_a_site_is_survived(lab: Lab) -> None:
     _burst_then(lab, "close_connection")
-    log = lab.dir.log_file("P01").read_text()
-    assert "reconnecting" in log
+    assert lab.control("P01", {"cmd": "ping"})["connects"] >= 2, "P01 reconnected"
 
 
 def test_malformed_envelope_is_dead_lettered_and_the_site_goes_on(lab: Lab) -> None:
@@ -206,9 +205,9 @@ def test_an_envelope_that_cannot_be_applied_is_consumed_recorded_and_dead_letter
 def test_after_a_reconnect_the_site_keeps_producing_and_ticking(lab: Lab) -> None:
     lab.up(topology_yaml(DEMO_SITES[:2]))
     wait_for("traffic from P01", lambda: lab.link("CEN", "P01")["next_expected"] > 5)
+    assert lab.control("P01", {"cmd": "ping"})["connects"] == 1
     assert close_site_connection(lab.lab_id, "P01") == 1
-    log = lab.dir.log_file("P01")
-    wait_for("P01 to reconnect", lambda: log.read_text().count("connected to the broker") >= 2)
+    wait_for("P01 to reconnect", lambda: lab.control("P01", {"cmd": "ping"}, timeout=2)["connects"] >= 2)
     start = lab.link("CEN", "P01")["next_expected"]
 
     def reports() -> int:
@@ -218,10 +217,13 @@ def test_after_a_reconnect_the_site_keeps_producing_and_ticking(lab: Lab) -> Non
     before = reports()
     wait_for("P01's clients to report after the reconnect", lambda: reports() >= before + 8, timeout=15)
     wait_for("their reports to reach CEN", lambda: lab.link("CEN", "P01")["next_expected"] > start + 8)
+    # the periodic tick too: with CEN stopped nothing is acknowledged, so P01's tick resends
     resends = lab.link("P01", "CEN")["resends"]
-    lab.control("CEN", {"cmd": "pause-workload"})
+    lab.cli("stop", "CEN")
+    wait_for("P01's tick to resend what CEN did not acknowledge",
+             lambda: lab.link("P01", "CEN")["resends"] > resends, timeout=15)
+    lab.cli("start", "CEN")
     assert lab.wait_converged(timeout=30).verdict == "valid"
-    assert lab.link("P01", "CEN")["resends"] >= resends
 
 
 def test_a_control_command_sent_twice_runs_once(lab: Lab) -> None:

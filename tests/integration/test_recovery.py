@@ -89,7 +89,12 @@ def test_restore_without_recovery_reproduces_the_kb_then_recover_converges(lab: 
     assert applied_from(lab, "CEN", "P02") > before, "traffic went on during the recovery"
     record = backups.load(lab.dir, backup_id)
     assert int(lab.meta("P01", "incarnation") or 0) == record.incarnation + 1
-    assert int(lab.meta("P01", "txn_id") or 0) > int(lab.query("CEN", "SELECT MAX(txn) FROM watermark WHERE source='P01'")[0][0] or 0) - 1
+    # Q288970's workaround: the transaction ID moved to the peers' highest watermark + txn_margin
+    agent = json.loads(lab.query("P01", "SELECT v FROM control WHERE k='recovery_agent'")[0][0])
+    peers_max = max(r["txn_watermark"] for r in agent["reports"].values())
+    assert set(agent["reports"]) == {"CEN", "S01"} and peers_max > record.txn_id
+    plan = json.loads(lab.meta("P01", "recovery_plan") or "{}")
+    assert plan["txn_id"] == peers_max + 20, (plan, peers_max)
     done = lab.cli("wait-converged", "--timeout", "90", check=False)
     assert done.returncode == 0, done.stdout
     assert lab.cli("check").returncode == 0
@@ -148,6 +153,15 @@ def test_hardened_mode_detects_the_rollback_and_quarantines(lab: Lab) -> None:
     extra = lab.link("P01", "CEN")["extra"]
     assert extra.get("rejected_quarantined", 0) + extra.get("rejected_gap", 0) > 0, extra
     # Not silently lost: S01's data waits in S01's outbox instead of being acknowledged.
+    wait_for("S01 to hold its data back from the rolled-back P01", lambda: lab.link("S01", "P01")["quarantined"],
+             timeout=15)
+
+    def held() -> int:
+        return int(lab.query("S01", "SELECT COUNT(*) FROM outbox WHERE peer='P01'")[0][0])
+
+    acked, waiting = lab.link("S01", "P01")["acked_through"], held()
+    wait_for("S01's new data to wait in its outbox too", lambda: held() > waiting + 2, timeout=15)
+    assert lab.link("S01", "P01")["acked_through"] == acked, "nothing of it was acknowledged"
     assert lab.cli("check", check=False).returncode == 1
     lab.cli("recover", "P01", "--backup", backup_id)
     assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
@@ -215,12 +229,16 @@ def test_agent_killed_in_each_phase_and_rerun_converges(lab: Lab, phase: str) ->
                       env={"SMSLAB_HOLD_PHASE": phase})
     assert stalled.returncode == 2 and f"phase {phase}" in stalled.stderr, stalled.stderr
     plan = lab.meta("P01", "recovery_plan")
+    # the counter plan is made once, when every peer has reported: not yet in the announce phase
+    assert (plan is None) == (phase == "announce"), plan
     kill(lab, "P01")  # the agent dies in that phase
     resumed = lab.cli("recover", "P01")
     assert "resuming recovery" in resumed.stdout
     record = backups.load(lab.dir, backup_id)
     assert int(lab.meta("P01", "incarnation") or 0) == record.incarnation + 1, "counters bumped once"
-    if plan:
+    if phase == "announce":
+        assert lab.meta("P01", "recovery_plan") is not None, "the resumed agent made its plan"
+    else:
         assert lab.meta("P01", "recovery_plan") == plan, "the plan was not made again"
     assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
 

@@ -289,3 +289,37 @@ def test_restored_without_recovery_breaks_then_the_recovery_handshake_converges(
         assert objects_of(lab, code, "P01")[office["id"]][0] == office["def_uid"], code
     assert lab.broker.dead_letters(lab.lab_id) == []
     assert lab.broker.errors == []
+
+
+def test_a_deleted_inbox_is_declared_again_and_nothing_is_lost(lab: SimLab) -> None:
+    lab.run(3)
+    lab.broker.delete_queue(site_queue(lab, "P01"))
+    assert site_queue(lab, "P01") not in lab.broker.queues
+    lab.run(5)
+    assert site_queue(lab, "P01") in lab.broker.queues, "P01 declared its inbox again"
+    assert lab.query("P01", "SELECT COUNT(*) FROM status_messages WHERE message_id=5400") == [(1,)]
+    lab.settle()
+    assert_applied_once(lab)
+
+
+def test_a_bad_control_command_is_refused_and_a_timer_error_never_ends_the_site(lab: SimLab) -> None:
+    lab.run(2)
+    answer = lab.control("P01", {"cmd": "burst", "count": 5, "keys": 0})
+    assert answer["ok"] is False and "keys" in answer["error"]
+    runtime = lab.sites["P01"].runtime
+    calls = {"n": 0}
+
+    def boom() -> None:
+        calls["n"] += 1
+        with runtime.store.transaction():
+            runtime.txn_id += 1000  # in memory and in the store: both undone
+            runtime._save_counters()
+            raise RuntimeError("a bug in a timer")
+
+    before = runtime.store.get_int("txn_id")
+    runtime.later(0, boom)
+    lab.run(1)
+    assert calls["n"] == 1
+    assert runtime.txn_id < before + 1000 and runtime.store.get_int("txn_id") < before + 1000
+    lab.settle()
+    assert_applied_once(lab)
