@@ -29,19 +29,36 @@ recovery they drop its new data as already seen, and it rejects theirs as out of
                acknowledged the site's own, it sends RecoveryComplete; links are active and
                the old incarnation is fenced (hardened mode).
 
+The peers' side is a state machine of its own, one ``PeerRecovery`` per recovering
+neighbour, with its transitions in ``PEER_TRANSITIONS``:
+
+    (none)     --announce-->                 PAUSED     link paused, report sent
+    PAUSED     --announce (same recovery)--> PAUSED     the report again (the first was lost)
+    PAUSED     --resync (site is our child)--> RESYNCED reinit its subtree's data, global data
+                                                        down, then Done(through)
+    PAUSED     --resync (site is our parent)-> RESYNCING our site data up, in steps
+    RESYNCING  --last step-->                RESYNCED   Done(through)
+    RESYNCED   --announce or resync-->       RESYNCED   Done again (the first was lost)
+    RESYNCED   --complete-->                 (none)     forgotten; the link is active
+    any        --announce (a new recovery)-->  PAUSED   the old one is abandoned
+
+A late announce or resync of the same recovery (a duplicate, or delayed on the way) never
+pauses a link that is resyncing again. Each handler returns a ``PeerStep``: what the runtime
+does, in order, and the new state to persist.
+
 Everything here is pure: the runtime persists the agent's state (``to_state`` /
 ``from_state``) and does the I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from emulator.errors import LocalProtocolError
 from emulator.protocol.envelope import RecoveryReport, RecoveryResync
-from emulator.protocol.objects import recovered_counter, recovered_txn_id
+from emulator.protocol.objects import parse_object_id, recovered_counter, recovered_txn_id
 from emulator.protocol.sequencing import LinkState
 
 
@@ -243,3 +260,140 @@ class RecoveryAgent:
         state = dict(state)
         state["phase"] = Phase(state["phase"])
         return cls(**state)
+
+
+# -- the peers' side ---------------------------------------------------------------------------
+
+
+class PeerPhase(str, Enum):
+    PAUSED = "paused"  # the announce came: the link is paused, our report sent
+    RESYNCING = "resyncing"  # resync accepted; our site data goes up to the site in steps
+    RESYNCED = "resynced"  # all our resync data is queued, through ``mark``; Done sent
+
+
+PEER_TRANSITIONS: dict[PeerPhase | None, set[PeerPhase | None]] = {
+    None: {PeerPhase.PAUSED},
+    PeerPhase.PAUSED: {PeerPhase.PAUSED, PeerPhase.RESYNCING, PeerPhase.RESYNCED},
+    PeerPhase.RESYNCING: {PeerPhase.RESYNCING, PeerPhase.RESYNCED, PeerPhase.PAUSED},
+    PeerPhase.RESYNCED: {PeerPhase.RESYNCED, PeerPhase.PAUSED, None},
+}
+
+
+@dataclass(frozen=True)
+class PeerRecovery:
+    """A neighbour's view of one recovery of the site at the other end of a link."""
+
+    recovery_id: str
+    phase: PeerPhase = PeerPhase.PAUSED
+    mark: int = 0  # the last seq of our resync data (RESYNCED)
+    cursor: tuple[str, str] | None = None  # (data class, key) of the last record sent up
+
+    def to_state(self) -> dict[str, Any]:
+        return {"recovery_id": self.recovery_id, "phase": self.phase.value, "mark": self.mark,
+                "cursor": list(self.cursor) if self.cursor else None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PeerRecovery:
+        cursor = state.get("cursor")
+        return cls(recovery_id=str(state["recovery_id"]), phase=PeerPhase(state["phase"]),
+                   mark=int(state.get("mark", 0)), cursor=(cursor[0], cursor[1]) if cursor else None)
+
+
+@dataclass(frozen=True)
+class PeerStep:
+    """What a peer does on one handshake message, in this order, and its state afterwards."""
+
+    entry: PeerRecovery | None
+    started: bool = False  # a new recovery of the neighbour: say so
+    pause: bool = False
+    report: bool = False  # answer RecoveryReport
+    accept: bool = False  # take the new link sequences and incarnation (``accept_resync``)
+    reinit_child: bool = False  # our child: reinitialize its subtree's site data, global data down
+    start_upload: bool = False  # our parent: send our site data up, in steps
+    done_through: int | None = None  # answer RecoveryResyncDone(through)
+    unpause: bool = False
+    completed: bool = False  # forget the recovery: the link is active
+    ignored: str | None = None  # why nothing was done
+
+
+def _move(entry: PeerRecovery | None, to: PeerRecovery | None) -> PeerRecovery | None:
+    before = entry.phase if entry else None
+    after = to.phase if to else None
+    if after not in PEER_TRANSITIONS[before]:
+        raise LocalProtocolError(f"peer recovery: {before} cannot go to {after}")
+    return to
+
+
+def peer_on_announce(entry: PeerRecovery | None, recovery_id: str) -> PeerStep:
+    if entry is None or entry.recovery_id != recovery_id:
+        return PeerStep(_move(entry, PeerRecovery(recovery_id)), started=True, pause=True, report=True)
+    if entry.phase is PeerPhase.RESYNCED:
+        return PeerStep(entry, done_through=entry.mark, unpause=True)
+    if entry.phase is PeerPhase.RESYNCING:
+        return PeerStep(entry, ignored="already sending our resync data; Done follows the last step")
+    return PeerStep(entry, pause=True, report=True)
+
+
+def peer_on_resync(entry: PeerRecovery | None, recovery_id: str, *, site_is_child: bool) -> PeerStep:
+    if entry is None or entry.recovery_id != recovery_id:
+        return PeerStep(entry, ignored=f"a resync for recovery {recovery_id}, which is not under way here")
+    if entry.phase is PeerPhase.RESYNCED:
+        return PeerStep(entry, done_through=entry.mark)
+    if entry.phase is PeerPhase.RESYNCING:
+        return PeerStep(entry, ignored="already sending our resync data; Done follows the last step")
+    if site_is_child:
+        # the caller reinitializes, sends global data down, then calls ``peer_resynced``
+        return PeerStep(entry, accept=True, reinit_child=True)
+    return PeerStep(_move(entry, replace(entry, phase=PeerPhase.RESYNCING, cursor=None)), accept=True,
+                    start_upload=True)
+
+
+def peer_resynced(entry: PeerRecovery, mark: int) -> PeerStep:
+    """Our resync data for the recovering site is all queued, through ``mark``."""
+    return PeerStep(_move(entry, replace(entry, phase=PeerPhase.RESYNCED, mark=mark)), done_through=mark)
+
+
+def peer_upload_step(entry: PeerRecovery, cursor: tuple[str, str] | None, *, last: bool, mark: int) -> PeerStep:
+    """One step of our site data went up; on the last, we are resynced."""
+    if entry.phase is not PeerPhase.RESYNCING:
+        return PeerStep(entry, ignored=f"not sending resync data ({entry.phase.value})")
+    moved = replace(entry, cursor=cursor or entry.cursor)
+    if not last:
+        return PeerStep(_move(entry, moved))
+    return PeerStep(_move(entry, replace(moved, phase=PeerPhase.RESYNCED, mark=mark)), done_through=mark)
+
+
+def peer_on_complete(entry: PeerRecovery | None, recovery_id: str) -> PeerStep:
+    if entry is None or entry.recovery_id != recovery_id:
+        return PeerStep(entry, ignored=f"complete for recovery {recovery_id}, which is not under way here")
+    if entry.phase is not PeerPhase.RESYNCED:
+        # the site completed without our Done (it was counted before a crash): we are done too
+        entry = replace(entry, phase=PeerPhase.RESYNCED)
+    return PeerStep(_move(entry, None), completed=True, unpause=True)
+
+
+def peer_report(
+    *,
+    site: str,
+    peer: str,
+    incarnation: int,
+    recovery_id: str,
+    link: LinkState,
+    txn_watermark: int,
+    held_objects: list[dict[str, Any]],
+    scf_serial: int,
+    control_serial: int,
+    status_serial: int,
+) -> RecoveryReport:
+    """Phase 2 at a peer: what we know of the recovering site ``peer``. ``held_objects`` are
+    the objects we hold that the site (or its ancestors, when it is our child) made."""
+    numbers = [p[1] for o in held_objects if (p := parse_object_id(o["id"])) and p[0] == peer]
+    return RecoveryReport(
+        source=site, dest=peer, incarnation=incarnation, recovery_id=recovery_id,
+        next_expected=link.next_expected, last_sent=link.sent_through,
+        txn_watermark=txn_watermark,
+        max_object_ids={"object": max(numbers, default=0)},
+        scf_serial=scf_serial, control_serial=control_serial, their_incarnation=link.their_incarnation,
+        status_serial=status_serial,
+        objects=[o for o in held_objects if o["origin"] == peer],
+    )

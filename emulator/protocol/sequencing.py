@@ -33,6 +33,26 @@ An ack above what we ever sent means *we* were rolled back (``SELF_ROLLBACK``).
 Health follows ConfigMgr's link states: ``degraded_after`` consecutive failed syncs make a
 link degraded, ``failed_after`` make it failed, one success makes it active again.
 
+Decisions
+---------
+The runtime does not interpret verdicts itself: ``receive``, ``take_ack``, ``serve_resend``
+and ``tick`` move the link state and return what to do, as values the runtime executes and
+records as history events:
+
+    verdict        ack sender   record drop   hardened: reject   hardened: quarantine   resend
+    APPLY          yes          -             -                  -                      -
+    STALE          yes          stale         stale              -                      -
+    DUPLICATE      yes          -             duplicate          -                      -
+    CONFLICT       yes          conflict      quarantined        the sender             -
+    GAP            -            -             gap                -                      ask again
+    FENCED         -            fenced        fenced             -                      -
+    QUARANTINED    -            quarantined   quarantined        -                      -
+    PAUSED         -            -             -                  -                      -
+
+(``PAUSED``: a recovery handshake holds the link; nothing moves, the sender resends later.)
+An envelope that is well formed but cannot be applied is consumed anyway (``unappliable``):
+one bad envelope never blocks its link.
+
 Nothing here does I/O or reads a clock: time comes in as ``now``.
 """
 
@@ -42,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from emulator.protocol.envelope import Envelope, LinkAck
+from emulator.protocol.envelope import Envelope, LinkAck, RejectReason, ResendRequest
 
 Mode = Literal["sms20", "hardened"]
 
@@ -55,6 +75,7 @@ class Verdict(str, Enum):
     STALE = "stale"
     FENCED = "fenced"
     QUARANTINED = "quarantined"
+    PAUSED = "paused"
 
     @property
     def consumes(self) -> bool:
@@ -155,7 +176,10 @@ def record(link: LinkState, verdict: Verdict) -> None:
         Verdict.STALE: "stale",
         Verdict.FENCED: "fenced",
         Verdict.QUARANTINED: "refused",
+        Verdict.PAUSED: "",
     }[verdict]
+    if not counter:
+        return
     setattr(link, counter, getattr(link, counter) + 1)
     if verdict is Verdict.CONFLICT:
         link.conflicts += 1
@@ -224,3 +248,157 @@ def health(link: LinkState, *, degraded_after: int, failed_after: int) -> Health
     if failed >= degraded_after:
         return "degraded"
     return "active"
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a receiver does with one envelope (the table in the module docstring)."""
+
+    verdict: Verdict
+    ack: bool = False  # acknowledge the sender: the envelope moved the link or was a repeat
+    drop: str | None = None  # record the envelope as dropped, with this reason
+    reject: RejectReason | None = None  # hardened: tell the sender why it was refused
+    resend_from: int | None = None  # ask the sender to send again from this seq
+    quarantine: str | None = None  # hardened: quarantine the sender, saying why
+
+    @property
+    def apply(self) -> bool:
+        return self.verdict is Verdict.APPLY
+
+
+_REJECT_FOR = {
+    Verdict.DUPLICATE: RejectReason.DUPLICATE,
+    Verdict.CONFLICT: RejectReason.QUARANTINED,
+    Verdict.STALE: RejectReason.STALE,
+    Verdict.GAP: RejectReason.GAP,
+    Verdict.FENCED: RejectReason.FENCED,
+    Verdict.QUARANTINED: RejectReason.QUARANTINED,
+}
+_DROPPED = frozenset({Verdict.STALE, Verdict.CONFLICT, Verdict.FENCED, Verdict.QUARANTINED})
+_ACKED = frozenset({Verdict.APPLY, Verdict.STALE, Verdict.DUPLICATE, Verdict.CONFLICT})
+
+
+def receive(
+    link: LinkState,
+    env: Envelope,
+    *,
+    mode: Mode,
+    watermark: int,
+    applied_hash: str | None,
+    now: float,
+    sync_interval: float,
+) -> Receipt:
+    """Judge one envelope, move the link, and decide what follows (see the table above)."""
+    if link.paused:
+        return Receipt(Verdict.PAUSED)
+    verdict = judge(link, env, mode=mode, watermark=watermark, applied_hash=applied_hash)
+    record(link, verdict)
+    hardened = mode == "hardened"
+    resend = None
+    if verdict is Verdict.GAP and should_request_resend(link, now, sync_interval):
+        resend = link.next_expected
+    quarantine = None
+    if verdict is Verdict.CONFLICT and hardened and not link.quarantined:
+        link.quarantined = True
+        quarantine = f"link seq {env.link_seq} reused with other content"
+    return Receipt(
+        verdict,
+        ack=verdict in _ACKED,
+        drop=verdict.value if verdict in _DROPPED else None,
+        reject=_REJECT_FOR.get(verdict) if hardened else None,
+        resend_from=resend,
+        quarantine=quarantine,
+    )
+
+
+def unappliable(link: LinkState, env: Envelope) -> Receipt:
+    """A well-formed envelope whose data cannot be applied is consumed all the same, so one
+    bad envelope never blocks its link; it is recorded and dead-lettered."""
+    link.next_expected = env.link_seq + 1
+    link.extra["unappliable"] = link.extra.get("unappliable", 0) + 1
+    return Receipt(Verdict.APPLY, ack=True, drop="unappliable")
+
+
+class AckEffect(str, Enum):
+    PROGRESS = "progress"  # purge the outbox through ``through``
+    NO_CHANGE = "no_change"
+    PAUSED = "paused"  # a recovery handshake holds the link: acks wait
+    FENCED = "fenced"  # hardened: an ack of another incarnation of the peer
+    ROLLBACK = "rollback"  # the peer's counters went backwards
+    SELF_ROLLBACK = "self_rollback"  # the peer has applied more than we ever sent: we went back
+
+
+@dataclass(frozen=True)
+class AckDecision:
+    effect: AckEffect
+    purge_through: int | None = None  # outbox envelopes to this peer through this seq are done
+    quarantine_peer: str | None = None  # hardened: the peer went back (AD event 2095 analog)
+    quarantine_self: str | None = None  # hardened: we were restored without recovery
+
+
+def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redelivered: bool) -> AckDecision:
+    """Take the peer's acknowledgement (and heartbeat) and decide what follows."""
+    if link.paused:
+        return AckDecision(AckEffect.PAUSED)
+    hardened = mode == "hardened"
+    if hardened and ack.incarnation != link.their_incarnation:
+        link.fenced += 1
+        return AckDecision(AckEffect.FENCED)
+    outcome = on_ack(link, ack, now=now, redelivered=redelivered)
+    if outcome is AckOutcome.PROGRESS:
+        return AckDecision(AckEffect.PROGRESS, purge_through=link.acked_through)
+    if outcome is AckOutcome.SELF_ROLLBACK:
+        # SMS 2.0 never noticed: its new data was silently dropped as already seen. What we
+        # sent is taken as acknowledged, as the restored site's Replication Manager did.
+        link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
+        link.acked_through = link.sent_through
+        why = (f"{link.peer} acknowledges seq {ack.through} but this site has sent only"
+               f" {link.sent_through}: restored without recovery")
+        return AckDecision(AckEffect.SELF_ROLLBACK, purge_through=link.sent_through,
+                           quarantine_self=why if hardened else None)
+    if outcome is AckOutcome.ROLLBACK:
+        quarantine = None
+        if hardened and not link.quarantined:
+            link.quarantined = True
+            quarantine = f"its counters went backwards (acks {ack.through}, sent {ack.sent_through})"
+        return AckDecision(AckEffect.ROLLBACK, quarantine_peer=quarantine)
+    return AckDecision(AckEffect.NO_CHANGE)
+
+
+def serve_resend(link: LinkState, req: ResendRequest, first_in_outbox: int | None) -> int | None:
+    """A peer asks for envelopes again from ``req.from_seq``: the seq to republish from, or
+    None when none of them is kept (SMS's parent "cannot resend them": the link stays broken)."""
+    if first_in_outbox is None or req.from_seq < first_in_outbox:
+        link.resend_unavailable += 1
+        if first_in_outbox is None:
+            return None
+    return max(req.from_seq, first_in_outbox)
+
+
+@dataclass(frozen=True)
+class TickDecision:
+    resend: bool  # republish unacknowledged envelopes from the last acknowledgement
+    request_resend_from: int | None  # ask the peer again for a gap
+    heartbeat: bool  # send our ack (and heartbeat) to the peer
+    health_before: Health
+    health_after: Health
+
+    @property
+    def health_changed(self) -> bool:
+        return self.health_before != self.health_after
+
+
+def tick(link: LinkState, *, now: float, unacked: int, resend_after: float, sync_interval: float,
+         degraded_after: int, failed_after: int) -> TickDecision:
+    """Once per sync interval, per link: resends, gap accounting, heartbeats, health."""
+    before = health(link, degraded_after=degraded_after, failed_after=failed_after)
+    resend = resend_due(link, now=now, resend_after=resend_after, unacked=unacked)
+    sync_tick(link)
+    request = None
+    if link.gap_outstanding and should_request_resend(link, now, sync_interval):
+        request = link.next_expected
+    after = health(link, degraded_after=degraded_after, failed_after=failed_after)
+    return TickDecision(resend, request, heartbeat=not link.paused, health_before=before, health_after=after)

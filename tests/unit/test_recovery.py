@@ -27,6 +27,7 @@ from emulator.protocol.recovery import (
     Phase,
     RecoveryAgent,
     accept_resync,
+    peer_report,
     plan_counters,
     reset_link_to_plan,
 )
@@ -619,34 +620,23 @@ def restored_site(incarnation: int = 1) -> tuple[Node, OwnCounters]:
     return node, counters
 
 
-def peer_report(peer: Node, recovery_id: str) -> RecoveryReport:
-    """What ``sites/recovery.py::_report`` answers, from the peer's state."""
-    link = peer.links[SITE]
-    objects = HELD_OBJECTS[peer.code]
-    numbers = [int(o["id"][3:]) for o in objects]
-    return RecoveryReport(
-        source=peer.code, dest=SITE, incarnation=peer.incarnation, recovery_id=recovery_id,
-        next_expected=link.next_expected, last_sent=link.sent_through,
-        txn_watermark=peer.watermark.get(SITE, 0),
-        max_object_ids={"object": max(numbers, default=0)},
+def node_report(peer: Node, recovery_id: str) -> RecoveryReport:
+    """The core's ``peer_report`` (what ``sites/recovery.py`` answers), from the peer's state."""
+    return peer_report(
+        site=peer.code, peer=SITE, incarnation=peer.incarnation, recovery_id=recovery_id,
+        link=peer.links[SITE], txn_watermark=peer.watermark.get(SITE, 0), held_objects=HELD_OBJECTS[peer.code],
         scf_serial={PARENT: 9, "SE1": 0, "SE2": 0}[peer.code],
-        control_serial={PARENT: 0, "SE1": 6, "SE2": 1}[peer.code],
-        objects=[o for o in objects if o["origin"] == SITE],
-        their_incarnation=link.their_incarnation,
+        control_serial={PARENT: 0, "SE1": 6, "SE2": 1}[peer.code], status_serial=0,
     )
 
 
 def apply_plan(site: Node, plan: CounterPlan, now: float) -> None:
-    """``sites/recovery.py::_apply_plan``, on the sequencing state."""
+    """The plan's counters and links, as ``sites/recovery.py`` applies them (the core's
+    ``reset_link_to_plan`` per link)."""
     site.txn = plan.txn_id
     site.incarnation = plan.incarnation
     for peer, lp in plan.links.items():
         reset_link_to_plan(site.links[peer], lp, now)
-
-
-def on_resync(peer: Node, msg: RecoveryResync, now: float) -> None:
-    """``sites/recovery.py::_on_resync``, on the sequencing state."""
-    accept_resync(peer.links[msg.source], msg, now)
 
 
 def exchange_acks(a: Node, b: Node, now: float) -> None:
@@ -672,11 +662,11 @@ def run_recovery(site: Node, counters: OwnCounters, peers: dict[str, Node], mode
     # ANNOUNCE, with a kill and restart in the middle
     announced = a.should_announce(now, 1.0)
     assert announced == PEERS
-    assert a.on_report(peer_report(peers["SE2"], RID)) is False
+    assert a.on_report(node_report(peers["SE2"], RID)) is False
     a = roundtrip(a)
     assert a.should_announce(now + 1, 1.0) == [PARENT, "SE1"]
-    assert a.on_report(peer_report(peers[PARENT], RID)) is False
-    assert a.on_report(peer_report(peers["SE1"], RID)) is True
+    assert a.on_report(node_report(peers[PARENT], RID)) is False
+    assert a.on_report(node_report(peers["SE1"], RID)) is True
     # COUNTERS
     plan = plan_counters(counters, a.parsed_reports(), margin=MARGIN)
     apply_plan(site, plan, now)
@@ -689,7 +679,7 @@ def run_recovery(site: Node, counters: OwnCounters, peers: dict[str, Node], mode
                              next_send_seq=r["next_expected"], next_expected=r["last_sent"] + 1)
         assert (msg.next_send_seq, msg.next_expected) == (
             plan.links[peer].next_send_seq, plan.links[peer].next_expected)
-        on_resync(peers[peer], msg, now)
+        accept_resync(peers[peer].links[SITE], msg, now)
     for child in CHILDREN:  # syncchild: our objects down
         for i in range(2):
             env = site.make(child, key=f"obj-{i}")

@@ -1,0 +1,209 @@
+"""The core's decisions, as the runtime executes them: what follows each verdict and each ack
+(``sequencing.receive`` / ``take_ack`` / ``serve_resend`` / ``tick``), and the peers' side of the
+recovery handshake (``PeerRecovery`` and its handlers), table by table."""
+
+from __future__ import annotations
+
+import pytest
+
+from emulator.errors import LocalProtocolError
+from emulator.protocol import sequencing as seq
+from emulator.protocol.envelope import RejectReason, ResendRequest
+from emulator.protocol.recovery import (
+    PEER_TRANSITIONS,
+    PeerPhase,
+    PeerRecovery,
+    _move,
+    peer_on_announce,
+    peer_on_complete,
+    peer_on_resync,
+    peer_resynced,
+    peer_upload_step,
+)
+from tests.unit.helpers import CHILD, PARENT, ack, envelope, link
+
+# verdict, mode -> (ack, drop, reject)
+RECEIPTS = [
+    ("apply", "sms20", True, None, None),
+    ("apply", "hardened", True, None, None),
+    ("stale", "sms20", True, "stale", None),
+    ("stale", "hardened", True, "stale", RejectReason.STALE),
+    ("duplicate", "sms20", True, None, None),
+    ("duplicate", "hardened", True, None, RejectReason.DUPLICATE),
+    ("conflict", "sms20", True, "conflict", None),
+    ("conflict", "hardened", True, "conflict", RejectReason.QUARANTINED),
+    ("gap", "sms20", False, None, None),
+    ("gap", "hardened", False, None, RejectReason.GAP),
+    ("fenced", "hardened", False, "fenced", RejectReason.FENCED),
+    ("quarantined", "hardened", False, "quarantined", RejectReason.QUARANTINED),
+]
+
+
+def situation(verdict: str) -> tuple[seq.LinkState, dict[str, object], dict[str, object]]:
+    """A link, an envelope and the store's answers that make ``verdict``."""
+    state = link(next_expected=5, their_incarnation=1)
+    env: dict[str, object] = {"link_seq": 5, "txn_id": 50, "incarnation": 1}
+    store: dict[str, object] = {"watermark": 10, "applied_hash": None}
+    if verdict == "stale":
+        store["watermark"] = 60
+    elif verdict in ("duplicate", "conflict"):
+        env["link_seq"] = 3
+        e = envelope(**env)  # type: ignore[arg-type]
+        store["applied_hash"] = e.hash if verdict == "duplicate" else "0" * 16
+    elif verdict == "gap":
+        env["link_seq"] = 7
+    elif verdict == "fenced":
+        env["incarnation"] = 0
+    elif verdict == "quarantined":
+        state.quarantined = True
+    return state, env, store
+
+
+@pytest.mark.parametrize("verdict, mode, acks, drop, reject", RECEIPTS)
+def test_what_follows_each_verdict(verdict: str, mode: str, acks: bool, drop: str | None,
+                                   reject: RejectReason | None) -> None:
+    state, env, store = situation(verdict)
+    receipt = seq.receive(state, envelope(**env), mode=mode, now=100.0, sync_interval=1.0,  # type: ignore[arg-type]
+                          **store)  # type: ignore[arg-type]
+    assert receipt.verdict.value == verdict
+    assert (receipt.ack, receipt.drop, receipt.reject) == (acks, drop, reject)
+    assert receipt.apply == (verdict == "apply")
+    assert (receipt.resend_from is not None) == (verdict == "gap")
+    assert (receipt.quarantine is not None) == (verdict == "conflict" and mode == "hardened")
+
+
+def test_a_paused_link_takes_nothing_and_moves_nothing() -> None:
+    state = link(next_expected=5, paused=True)
+    receipt = seq.receive(state, envelope(link_seq=5), mode="sms20", watermark=0, applied_hash=None,
+                          now=1.0, sync_interval=1.0)
+    assert receipt == seq.Receipt(seq.Verdict.PAUSED)
+    assert state.next_expected == 5 and state.applied == 0
+
+
+def test_a_gap_is_asked_for_once_per_sync_interval() -> None:
+    state = link(next_expected=5)
+    asks = [seq.receive(state, envelope(link_seq=9), mode="sms20", watermark=0, applied_hash=None,
+                        now=t, sync_interval=1.0).resend_from for t in (10.0, 10.5, 11.2)]
+    assert asks == [5, None, 5]
+
+
+def test_a_conflict_quarantines_the_sender_once() -> None:
+    state = link(next_expected=5)
+    first = seq.receive(state, envelope(link_seq=2), mode="hardened", watermark=0, applied_hash="x" * 16,
+                        now=1.0, sync_interval=1.0)
+    again = seq.receive(state, envelope(link_seq=3), mode="hardened", watermark=0, applied_hash="y" * 16,
+                        now=2.0, sync_interval=1.0)
+    assert first.quarantine and state.quarantined
+    assert again.verdict is seq.Verdict.QUARANTINED and again.quarantine is None
+
+
+def test_an_unappliable_envelope_is_consumed_acked_and_recorded() -> None:
+    state = link(next_expected=5)
+    receipt = seq.unappliable(state, envelope(link_seq=5))
+    assert (receipt.ack, receipt.drop, state.next_expected, state.extra["unappliable"]) == (True, "unappliable", 6, 1)
+
+
+ACKS = [
+    # (link state, ack through / sent_through, mode) -> effect, purge, quarantine peer, quarantine self
+    (dict(next_send_seq=11, acked_through=4), (8, 0), "sms20", seq.AckEffect.PROGRESS, 8, False, False),
+    (dict(next_send_seq=11, acked_through=8), (8, 0), "sms20", seq.AckEffect.NO_CHANGE, None, False, False),
+    (dict(next_send_seq=11, acked_through=8), (3, 0), "sms20", seq.AckEffect.ROLLBACK, None, False, False),
+    (dict(next_send_seq=11, acked_through=8), (3, 0), "hardened", seq.AckEffect.ROLLBACK, None, True, False),
+    (dict(next_send_seq=5, acked_through=2), (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, 4, False, False),
+    (dict(next_send_seq=5, acked_through=2), (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, 4, False, True),
+    (dict(next_send_seq=11, acked_through=4, paused=True), (8, 0), "sms20", seq.AckEffect.PAUSED, None, False, False),
+]
+
+
+@pytest.mark.parametrize("state, numbers, mode, effect, purge, q_peer, q_self", ACKS)
+def test_what_follows_each_ack(state: dict[str, object], numbers: tuple[int, int], mode: str,
+                               effect: seq.AckEffect, purge: int | None, q_peer: bool, q_self: bool) -> None:
+    ours = link(their_incarnation=0, **state)
+    decision = seq.take_ack(ours, ack(through=numbers[0], sent_through=numbers[1]), mode=mode,  # type: ignore[arg-type]
+                            now=5.0, redelivered=False)
+    assert decision.effect is effect
+    assert decision.purge_through == purge
+    assert bool(decision.quarantine_peer) == q_peer and bool(decision.quarantine_self) == q_self
+    if effect is seq.AckEffect.SELF_ROLLBACK:
+        assert ours.acked_through == ours.sent_through  # taken as acknowledged, as SMS 2.0 did
+
+
+def test_an_ack_of_another_incarnation_is_fenced_in_hardened_mode() -> None:
+    ours = link(next_send_seq=11, acked_through=4, their_incarnation=2)
+    decision = seq.take_ack(ours, ack(through=8, incarnation=1), mode="hardened", now=1.0, redelivered=False)
+    assert decision.effect is seq.AckEffect.FENCED and ours.acked_through == 4 and ours.fenced == 1
+
+
+@pytest.mark.parametrize("first, asked, start, unavailable", [
+    (5, 7, 7, 0), (5, 3, 5, 1), (None, 3, None, 1)])
+def test_a_resend_request_is_served_from_what_the_outbox_keeps(first: int | None, asked: int,
+                                                              start: int | None, unavailable: int) -> None:
+    ours = link()
+    req = ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked)
+    assert seq.serve_resend(ours, req, first) == start
+    assert ours.resend_unavailable == unavailable
+
+
+def test_a_tick_resends_counts_failed_syncs_and_reports_health_changes() -> None:
+    ours = link(next_send_seq=11, acked_through=4, last_progress=0.0, out_failed_syncs=1)
+    d = seq.tick(ours, now=10.0, unacked=6, resend_after=3.0, sync_interval=1.0, degraded_after=2, failed_after=4)
+    assert d.resend and d.heartbeat and d.health_before == "active" and d.health_after == "degraded"
+    assert d.health_changed
+    calm = seq.tick(link(), now=10.0, unacked=0, resend_after=3.0, sync_interval=1.0, degraded_after=2,
+                    failed_after=4)
+    assert not calm.resend and calm.request_resend_from is None and not calm.health_changed
+
+
+# -- the peers' side of the recovery handshake ----------------------------------------------------
+
+
+def test_the_peer_table_allows_only_the_documented_moves() -> None:
+    assert PEER_TRANSITIONS[None] == {PeerPhase.PAUSED}
+    assert None in PEER_TRANSITIONS[PeerPhase.RESYNCED]
+    with pytest.raises(LocalProtocolError):
+        _move(None, PeerRecovery("r", PeerPhase.RESYNCED))
+    with pytest.raises(LocalProtocolError):
+        _move(PeerRecovery("r", PeerPhase.PAUSED), None)
+
+
+def test_a_child_peer_walks_announce_resync_complete() -> None:
+    step = peer_on_announce(None, "r1")
+    assert step.started and step.pause and step.report and step.entry == PeerRecovery("r1")
+    again = peer_on_announce(step.entry, "r1")  # our report was lost: again, nothing else
+    assert again.report and not again.started
+    resync = peer_on_resync(again.entry, "r1", site_is_child=True)
+    assert resync.accept and resync.reinit_child and resync.done_through is None
+    assert resync.entry is not None
+    done = peer_resynced(resync.entry, 42)
+    assert done.done_through == 42 and done.entry == PeerRecovery("r1", PeerPhase.RESYNCED, 42)
+    late = peer_on_announce(done.entry, "r1")  # a late announce: Done again, the link goes on
+    assert late.done_through == 42 and late.unpause and not late.pause
+    complete = peer_on_complete(done.entry, "r1")
+    assert complete.completed and complete.entry is None
+
+
+def test_a_parent_peer_sends_its_data_up_in_steps_and_is_never_paused_again_by_a_late_announce() -> None:
+    entry = peer_on_announce(None, "r1").entry
+    step = peer_on_resync(entry, "r1", site_is_child=False)
+    assert step.accept and step.start_upload and step.entry is not None
+    assert step.entry.phase is PeerPhase.RESYNCING
+    late = peer_on_announce(step.entry, "r1")
+    assert late.ignored and not late.pause, "a delayed announce must not pause a link that is resyncing"
+    assert peer_on_resync(step.entry, "r1", site_is_child=False).ignored
+    half = peer_upload_step(step.entry, ("inventory", "k1"), last=False, mark=0)
+    assert half.entry is not None and half.entry.cursor == ("inventory", "k1") and half.done_through is None
+    last = peer_upload_step(half.entry, ("status", "x"), last=True, mark=77)
+    assert last.done_through == 77 and last.entry is not None and last.entry.phase is PeerPhase.RESYNCED
+
+
+def test_messages_of_another_recovery_are_ignored_or_start_anew() -> None:
+    entry = peer_resynced(PeerRecovery("r1"), 5).entry
+    assert peer_on_resync(entry, "r2", site_is_child=True).ignored
+    assert peer_on_complete(entry, "r2").ignored
+    anew = peer_on_announce(entry, "r2")
+    assert anew.started and anew.entry == PeerRecovery("r2")
+
+
+def test_peer_state_roundtrips() -> None:
+    entry = PeerRecovery("r1", PeerPhase.RESYNCING, 3, ("inventory", "k"))
+    assert PeerRecovery.from_state(entry.to_state()) == entry
