@@ -10,6 +10,7 @@ become ours here.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -221,7 +222,7 @@ class PikaTransport:
         (and with it the site). Log it and drop the connection; the site reconnects."""
         try:
             fn()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("%s: unexpected error in a broker callback; reconnecting", self.site)
             self._error = "unexpected error in a callback (see the log)"
             if self._conn is not None and self._conn.is_open:
@@ -295,7 +296,7 @@ class PikaTransport:
             returned = t in self._returned
             self._returned.discard(t)
             if token is not None:
-                self._guard(lambda: handler.on_confirm(token, ok and not returned))
+                self._guard(functools.partial(handler.on_confirm, token, ok and not returned))
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         """Acknowledge deliveries; on a closed channel nothing is acknowledged and the broker

@@ -8,10 +8,8 @@ whole store, plus a control record, in ``<lab>/backups/<ID>/``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from emulator.errors import CorruptBackup, LabError
 from emulator.lab import LabDir, LabInfo
-from sites.store import check_backup_file
+from sites.store import backup_file, check_backup_file
 
 
 class BackupRecord(BaseModel):
@@ -60,24 +58,8 @@ def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
     target_dir = lab_dir.backups_dir() / backup_id
     target_dir.mkdir(parents=True)
     target = target_dir / "site.db"
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
-    dst = sqlite3.connect(target)
-    try:
-        src.backup(dst)  # one consistent snapshot, even while the site writes
-    finally:
-        dst.close()
-        src.close()
-    db = sqlite3.connect(target)
-    try:
-        db.execute("PRAGMA journal_mode=DELETE")
-        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
-        alloc = dict(db.execute("SELECT kind, next FROM alloc").fetchall())
-        links = {
-            peer: {k: json.loads(state)[k] for k in ("next_send_seq", "acked_through", "next_expected")}
-            for peer, state in db.execute("SELECT peer, state FROM link")
-        }
-    finally:
-        db.close()
+    held = backup_file(source, target)
+    meta, alloc, links = held["meta"], held["alloc"], held["links"]
     record = BackupRecord(
         id=backup_id, site=site, lab=info.lab_id, created=time.time(), sha256=_sha256(target),
         txn_id=int(meta.get("txn_id", 0)), incarnation=int(meta.get("incarnation", 0)),

@@ -44,10 +44,6 @@ class BrokerUnavailable(TransportError):
     """Connecting failed, or the connection was lost; retrying may help."""
 
 
-class PublishNotConfirmed(TransportError):
-    """The broker nacked or returned a publish."""
-
-
 class StoreError(SmslabError):
     """The site's SQLite store failed."""
 

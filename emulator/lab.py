@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -114,6 +113,3 @@ def _is_zombie(pid: int) -> bool:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
-
-def now() -> float:
-    return time.time()

@@ -19,7 +19,7 @@ from broker import admin
 from emulator import backup
 from emulator.errors import LabError
 from emulator.lab import LabDir, LabInfo, new_lab_id
-from emulator.topology import Topology, load_topology
+from emulator.topology import load_topology
 
 Progress = Callable[[str], None]
 
@@ -210,6 +210,3 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
             shutil.rmtree(lab_dir.path, ignore_errors=True)
     return info
 
-
-def topology_of(lab_dir: LabDir) -> Topology:
-    return lab_dir.load().topology

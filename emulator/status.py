@@ -19,7 +19,10 @@ def read_site(lab_dir: LabDir, code: str) -> dict[str, Any] | None:
             meta = store.meta()
             links = store.load_links()
             outbox = store.outbox_counts()
-            drops = dict(store.db.execute("SELECT reason, COUNT(*) FROM drops GROUP BY reason").fetchall())
+            drops: dict[str, int] = {}
+            for reasons in store.drop_counts().values():
+                for reason, n in reasons.items():
+                    drops[reason] = drops.get(reason, 0) + n
             return {"meta": meta, "links": links, "outbox": outbox, "drops": drops,
                     "allocators": store.allocators(),
                     "workload_paused": store.get_control("workload_paused") is True}
@@ -153,15 +156,8 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
     settings = info.topology.settings
     store = SiteStore(path, readonly=True)
     try:
-        db = store.db
-        watermarks: dict[str, dict[str, dict[str, int]]] = {}
-        for source, cls, keys, top in db.execute(
-            "SELECT source, data_class, COUNT(*), MAX(txn) FROM watermark GROUP BY source, data_class"
-        ):
-            watermarks.setdefault(source, {})[cls] = {"keys": keys, "max_txn": top}
-        drops: dict[str, dict[str, int]] = {}
-        for source, reason, n in db.execute("SELECT source, reason, COUNT(*) FROM drops GROUP BY source, reason"):
-            drops.setdefault(source, {})[reason] = n
+        watermarks = store.watermark_summary()
+        drops = store.drop_counts()
         meta = store.meta()
         links = {}
         outbox = store.outbox_counts()
@@ -170,10 +166,7 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             row["health"] = health(link, degraded_after=settings.degraded_after, failed_after=settings.failed_after)
             row["outbox"] = outbox.get(peer, 0)
             links[peer] = row
-        status_rows = db.execute(
-            "SELECT message_id, severity, component, text, at FROM status_messages WHERE message_id != 5000"
-            " ORDER BY id DESC LIMIT 10"
-        ).fetchall()
+        recent = store.recent_status(10, skip=(5000,))
         pid = lab_dir.pid(code)
         return {
             "site": code,
@@ -187,9 +180,7 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             "watermarks": watermarks,
             "links": links,
             "drops": drops,
-            "recent_status": [
-                {"id": m, "severity": s, "component": c, "text": t, "at": a} for m, s, c, t, a in status_rows
-            ],
+            "recent_status": recent,
         }
     finally:
         store.close()

@@ -22,6 +22,7 @@ from broker import admin
 from emulator import checker, orchestrator
 from emulator.errors import BrokerUnavailable
 from emulator.lab import LabDir, LabInfo
+from sites.store import read_only
 
 T = TypeVar("T")
 
@@ -140,12 +141,13 @@ class Lab:
             return conn.execute(sql, args).fetchall()
 
     def link(self, site: str, peer: str) -> dict[str, Any]:
-        rows = self.query(site, "SELECT state FROM link WHERE peer=?", peer)
-        return json.loads(rows[0][0]) if rows else {}
+        with read_only(self.dir.site_db(site)) as store:
+            link = store.load_links().get(peer) if store else None
+            return link.to_row() if link else {}
 
     def meta(self, site: str, key: str) -> str | None:
-        rows = self.query(site, "SELECT v FROM meta WHERE k=?", key)
-        return rows[0][0] if rows else None
+        with read_only(self.dir.site_db(site)) as store:
+            return store.get_meta(key) if store else None
 
     def status(self) -> dict[str, Any]:
         snapshot: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)

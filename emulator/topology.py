@@ -148,6 +148,9 @@ class Settings(BaseModel):
     """Broker prefetch per site."""
     queue_type: QueueType = "classic"
     """``classic`` or ``quorum`` (for a clustered broker)."""
+    history_retention: float = Field(default=3600.0, ge=0)
+    """Seconds a site keeps its history events (0: forever); the lab's history.jsonl keeps what
+    was merged into it before."""
 
     @field_validator("failed_after")
     @classmethod

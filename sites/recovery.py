@@ -1,8 +1,12 @@
-"""The recovery handshake in a running site: both the recovering site's agent and the
-peers' side. The decisions (phases, counter plan) are in ``emulator.protocol.recovery``;
-this module applies them to the store and sends the messages.
+"""The recovery handshake in a running site: the recovering site's agent and the peers' side.
 
-All handlers run inside the runtime's batch transaction (messages) or a tick transaction.
+The decisions are in ``emulator.protocol.recovery``: the agent's phases and counter plan
+(``RecoveryAgent``, ``plan_counters``), and the peers' state machine (``PeerRecovery`` and its
+``peer_on_*`` handlers). This module applies them to the store and sends the messages, through
+``RecoveryHost``: the small part of the site runtime that recovery may use.
+
+All handlers run inside the runtime's batch transaction (messages) or a transaction of
+their own (ticks, steps); every phase is a history event.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
-from typing import TYPE_CHECKING, Any
+import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Literal, Protocol
 
+from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
 from emulator.protocol.envelope import (
     DataClass,
@@ -22,34 +29,83 @@ from emulator.protocol.envelope import (
     RecoveryResync,
     RecoveryResyncDone,
 )
-from emulator.protocol.objects import parse_object_id
 from emulator.protocol.recovery import (
     CounterPlan,
     OwnCounters,
+    PeerRecovery,
+    PeerStep,
     Phase,
     RecoveryAgent,
     accept_resync,
+    peer_on_announce,
+    peer_on_complete,
+    peer_on_resync,
+    peer_report,
+    peer_resynced,
+    peer_upload_step,
     plan_counters,
     reset_link_to_plan,
 )
+from emulator.topology import Settings, Topology
 from sites import status_ids as sid
-
-if TYPE_CHECKING:
-    from sites.runtime import Outgoing, SiteRuntime
+from sites.store import SiteStore
 
 log = logging.getLogger("sites.recovery")
 
 ANNOUNCE_RETRY = 1.0
-RESYNC_STEP = 2000  # site data records sent up per step of a /syncparent during a recovery
+RESYNC_STEP = 2000  # site data records sent up per step of a resync
+
+
+class RecoveryHost(Protocol):
+    """What recovery may use of the site runtime."""
+
+    site: str
+    parent: str | None
+    children: list[str]
+    topology: Topology
+    settings: Settings
+    store: SiteStore
+    links: dict[str, seq.LinkState]
+    published: dict[str, int]
+    txn_id: int
+    incarnation: int
+    scf_serial: int
+    status_serial: int
+    alloc: dict[str, int]
+    state: str
+    clock: Callable[[], float]
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def event(self, kind: str, now: float, *, link: str | None = ..., seq_: int | None = ...,
+              txn: int | None = ..., data_class: str | None = ..., key: str | None = ...,
+              hash_: str | None = ..., inc: int | None = ..., detail: dict[str, Any] | None = ...) -> None: ...
+
+    def emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
+             op: Literal["upsert", "delete"] = ..., hash_: str | None = ...) -> None: ...
+
+    def status(self, message_id: int, severity: str, text: str, now: float) -> None: ...
+
+    def send_scf(self, now: float) -> None: ...
+
+    def client_catch_up(self, now: float, *, full: bool) -> None: ...
+
+    def send_site_control(self, child: str, now: float, settings: dict[str, Any] | None = ...) -> None: ...
+
+    def publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None: ...
+
+    def later(self, delay: float, fn: Callable[[], None]) -> None: ...
+
+    def pump(self) -> None: ...
 
 
 class Recovery:
-    def __init__(self, rt: SiteRuntime) -> None:
+    def __init__(self, rt: RecoveryHost) -> None:
         self.rt = rt
         self._kicked = False
         self._uploading = False
-        state = rt.store.get_control("recovery_agent")
-        self.agent: RecoveryAgent | None = RecoveryAgent.from_state(state) if state else None
+        self.agent: RecoveryAgent | None = None
+        self.reload()
         if self.agent and self.agent.phase is not Phase.COMPLETE:
             rt.state = "recovering"
             for peer in self.agent.peers:
@@ -67,7 +123,7 @@ class Recovery:
         peers = ([rt.parent] if rt.parent else []) + list(rt.children)
         agent = RecoveryAgent(recovery_id=recovery_id, site=rt.site, peers=peers)
         now = rt.clock()
-        with store.transaction():
+        with rt.transaction():
             store.set_meta("recovery_id", recovery_id)
             store.set_meta("recovery_reference", reference or "")
             store.set_meta("recovery_started", now)
@@ -78,13 +134,12 @@ class Recovery:
             rt.state = "recovering"
             for peer in peers:
                 rt.links[peer].paused = True
-            rt._status(sid.RECOVERY_STARTED, "info",
-                       f"site recovery {recovery_id} started under the reused site code {rt.site}", now)
-            rt._save_links()
-            rt._save_counters()
+            self._phase_event(now)
+            rt.status(sid.RECOVERY_STARTED, "info",
+                      f"site recovery {recovery_id} started under the reused site code {rt.site}", now)
 
     def reload(self) -> None:
-        """Read the agent back from the store (after a failed transaction)."""
+        """Read the agent back from the store (at start, and after a failed transaction)."""
         state = self.rt.store.get_control("recovery_agent")
         self.restore_agent(state if isinstance(state, dict) else None)
 
@@ -111,6 +166,11 @@ class Recovery:
         self.rt.store.set_control("recovery_agent", self.agent.to_state())
         self.rt.store.set_meta("recovery_phase", self.agent.phase.value)
 
+    def _phase_event(self, now: float) -> None:
+        assert self.agent is not None
+        self.rt.event("recovery", now, inc=self.rt.incarnation,
+                      detail={"recovery_id": self.agent.recovery_id, "phase": self.agent.phase.value})
+
     # -- the agent, driven by the tick ----------------------------------------------------
 
     def tick(self) -> None:
@@ -123,21 +183,19 @@ class Recovery:
         now = rt.clock()
         if agent.phase is Phase.ANNOUNCE:
             if not agent.peers:  # a site alone: nothing to ask, only its own counters to move
-                with rt.store.transaction():
+                with rt.transaction():
                     self._plan(now)
-                    rt._save_links()
-                    rt._save_counters()
                 self.kick()
                 return
             for peer in agent.should_announce(now, agent.announce_retry(ANNOUNCE_RETRY)):
                 link = rt.links[peer]
-                rt._publish_direct(peer, [RecoveryAnnounce(
+                rt.publish_direct(peer, [RecoveryAnnounce(
                     source=rt.site, dest=peer, incarnation=rt.incarnation,
                     recovery_id=agent.recovery_id, txn_id=rt.txn_id,
                     next_send_seq=link.next_send_seq, next_expected=link.next_expected)])
             waiting = ",".join(agent.missing_reports())
             if waiting != rt.store.get_meta("recovery_waiting"):
-                with rt.store.transaction():
+                with rt.transaction():
                     rt.store.set_meta("recovery_waiting", waiting)
         elif agent.phase is Phase.COUNTERS:
             self._start_resync(now)
@@ -146,7 +204,7 @@ class Recovery:
             self._upload_step()
             self._maybe_complete(now)
 
-    def on_report(self, report: RecoveryReport, now: float) -> None:
+    def _on_report(self, report: RecoveryReport, now: float) -> None:
         agent = self.agent
         if agent is None or not agent.on_report(report):
             if agent is not None:
@@ -173,11 +231,12 @@ class Recovery:
         agent.advance(Phase.COUNTERS)
         rt.store.set_meta("recovery_waiting", "")
         self._persist()
+        self._phase_event(now)
         self.kick()  # runs after this batch commits
-        rt._status(sid.RECOVERY_PHASE, "info",
-                   f"recovery {agent.recovery_id}: counters moved past every peer: transaction ID"
-                   f" {plan.txn_id}, incarnation {plan.incarnation}, next object number"
-                   f" {plan.object_next}, SCF serial {plan.scf_serial}", now)
+        rt.status(sid.RECOVERY_PHASE, "info",
+                  f"recovery {agent.recovery_id}: counters moved past every peer: transaction ID"
+                  f" {plan.txn_id}, incarnation {plan.incarnation}, next object number"
+                  f" {plan.object_next}, SCF serial {plan.scf_serial}", now)
 
     def _apply_plan(self, plan: CounterPlan, now: float) -> None:
         rt = self.rt
@@ -194,6 +253,9 @@ class Recovery:
             reset_link_to_plan(link, lp, now)
             rt.store.outbox_clear(peer)  # what the backup had queued is resent by the resync
             rt.published[peer] = link.acked_through
+            rt.event("link_reset", now, link=f"{rt.site}<->{peer}", inc=rt.incarnation,
+                     detail={"next_send_seq": link.next_send_seq, "next_expected": link.next_expected,
+                             "their_incarnation": link.their_incarnation})
         for obj in plan.adopt:
             held = rt.store.get_object(obj["id"])
             if held is None or (held["def_uid"] == obj["def_uid"] and held["revision"] < obj["revision"]):
@@ -203,7 +265,7 @@ class Recovery:
         rt = self.rt
         agent = self.agent
         assert agent is not None
-        with rt.store.transaction():
+        with rt.transaction():
             for peer in agent.peers:
                 rt.links[peer].paused = False
             for child in rt.children:
@@ -213,13 +275,12 @@ class Recovery:
                 last = rt.store.get_control(f"control_last:{target}")
                 if last is not None:  # a site control change cleared with the old jobs
                     rt.send_site_control(target, now, settings=last)
-            rt._send_scf(now)
-            rt._client_catch_up(now, full=True)  # the clients report their full inventory again
+            rt.send_scf(now)
+            rt.client_catch_up(now, full=True)  # the clients report their full inventory again
             agent.upload_done = rt.parent is None
             agent.advance(Phase.RESYNC)
             self._persist()
-            rt._save_links()
-            rt._save_counters()
+            self._phase_event(now)
         self._send_resync_messages(force=True)
         rt.pump()
 
@@ -236,19 +297,13 @@ class Recovery:
             return
         self._uploading = True
         try:
-            with rt.store.transaction():
+            with rt.transaction():
                 cursor = (agent.upload_cursor[0], agent.upload_cursor[1]) if agent.upload_cursor else None
-                rows = rt.store.site_data_page(after=cursor, limit=RESYNC_STEP)
-                for row in rows:
-                    if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
-                        continue  # a fresh SCF of ours went up at the start of the resync
-                    rt._emit(rt.parent, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
-                if rows:
-                    agent.upload_cursor = [rows[-1]["data_class"], rows[-1]["key"]]
-                agent.upload_done = len(rows) < RESYNC_STEP
+                last = _send_site_data(rt, rt.parent, cursor)
+                if last is not None:
+                    agent.upload_cursor = list(last)
+                agent.upload_done = last is None or rt.store.site_data_page(after=last, limit=1) == []
                 self._persist()
-                rt._save_links()
-                rt._save_counters()
         finally:
             self._uploading = False
         rt.pump()
@@ -269,11 +324,11 @@ class Recovery:
             if peer in agent.done_marks:
                 continue
             report = agent.reports[peer]
-            rt._publish_direct(peer, [RecoveryResync(
+            rt.publish_direct(peer, [RecoveryResync(
                 source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=agent.recovery_id,
                 next_send_seq=report["next_expected"], next_expected=report["last_sent"] + 1)])
 
-    def on_resync_done(self, msg: RecoveryResyncDone, now: float) -> None:
+    def _on_resync_done(self, msg: RecoveryResyncDone, now: float) -> None:
         if self.agent is None:
             return
         self.agent.on_resync_done(msg.source, msg.recovery_id, msg.through)
@@ -293,172 +348,179 @@ class Recovery:
                 return
             agent.our_marks[rt.parent] = rt.links[rt.parent].sent_through
         waiting = agent.waiting_for(applied, acked)
-        with rt.store.transaction():
+        with rt.transaction():
             if waiting:
                 rt.store.set_meta("recovery_waiting", ",".join(waiting))
                 self._persist()
                 return
             agent.advance(Phase.COMPLETE)
             self._persist()
+            self._phase_event(now)
             rt.state = "active"
             rt.store.set_meta("recovery_waiting", "")
             rt.store.set_meta("recovered_at", now)
-            rt._status(sid.RECOVERY_COMPLETE, "info",
-                       f"site recovery {agent.recovery_id} complete: links active, incarnation"
-                       f" {rt.incarnation}", now)
-            rt._save_links()
-            rt._save_counters()
+            rt.status(sid.RECOVERY_COMPLETE, "info",
+                      f"site recovery {agent.recovery_id} complete: links active, incarnation"
+                      f" {rt.incarnation}", now)
         for peer in agent.peers:
-            rt._publish_direct(peer, [RecoveryComplete(
+            rt.publish_direct(peer, [RecoveryComplete(
                 source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=agent.recovery_id)])
         rt.pump()
 
+    # -- handshake messages ---------------------------------------------------------------
+
+    def on_peer_message(self, link: seq.LinkState, msg: Any, now: float) -> list[wire._Msg]:
+        """A handshake message from ``link.peer``; returns what to send back to it."""
+        if isinstance(msg, RecoveryReport):
+            self._on_report(msg, now)
+        elif isinstance(msg, RecoveryResyncDone):
+            self._on_resync_done(msg, now)
+        elif isinstance(msg, RecoveryAnnounce):
+            return self._peer(link, peer_on_announce(self._entry(link.peer), msg.recovery_id), msg.recovery_id, now)
+        elif isinstance(msg, RecoveryResync):
+            step = peer_on_resync(self._entry(link.peer), msg.recovery_id, site_is_child=link.peer in self.rt.children)
+            return self._peer(link, step, msg.recovery_id, now, resync=msg)
+        elif isinstance(msg, RecoveryComplete):
+            return self._peer(link, peer_on_complete(self._entry(link.peer), msg.recovery_id), msg.recovery_id, now)
+        return []
+
     # -- the peers' side ------------------------------------------------------------------
 
-    def on_peer_message(self, link: seq.LinkState, msg: Any, out: Outgoing, now: float) -> None:
-        if isinstance(msg, RecoveryReport):
-            self.on_report(msg, now)
-        elif isinstance(msg, RecoveryResyncDone):
-            self.on_resync_done(msg, now)
-        elif isinstance(msg, RecoveryAnnounce):
-            self._on_announce(link, msg, out, now)
-        elif isinstance(msg, RecoveryResync):
-            self._on_resync(link, msg, out, now)
-        elif isinstance(msg, RecoveryComplete):
-            self._on_complete(link, msg, now)
-
-    def _entry(self, peer: str) -> dict[str, Any] | None:
+    def _entry(self, peer: str) -> PeerRecovery | None:
         value = self.rt.store.get_control(f"peer_recovery:{peer}")
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        if "phase" not in value:  # written by an earlier version: {recovery_id, resynced, mark}
+            value = {**value, "phase": "resynced" if value.get("resynced") else "paused"}
+        return PeerRecovery.from_state(value)
 
-    def _on_announce(self, link: seq.LinkState, msg: RecoveryAnnounce, out: Outgoing, now: float) -> None:
+    def _save_entry(self, peer: str, entry: PeerRecovery | None) -> None:
+        self.rt.store.set_control(f"peer_recovery:{peer}", entry.to_state() if entry else None)
+
+    def _peer(self, link: seq.LinkState, step: PeerStep, recovery_id: str, now: float,
+              resync: RecoveryResync | None = None) -> list[wire._Msg]:
+        """Carry out one step of the peers' state machine, in its order."""
         rt = self.rt
-        entry = self._entry(link.peer)
-        if entry is None or entry["recovery_id"] != msg.recovery_id:
-            entry = {"recovery_id": msg.recovery_id, "resynced": False, "mark": 0}
-            rt._status(sid.PEER_RECOVERY, "info",
-                       f"site {link.peer} is recovering ({msg.recovery_id}); link paused", now)
-        link.paused = True
-        rt.store.set_control(f"peer_recovery:{link.peer}", entry)
-        if entry["resynced"]:
-            out.messages[link.peer].append(RecoveryResyncDone(
-                source=rt.site, dest=link.peer, incarnation=rt.incarnation,
-                recovery_id=msg.recovery_id, through=entry["mark"]))
+        peer = link.peer
+        reply: list[wire._Msg] = []
+        if step.ignored:
+            log.info("%s: recovery message from %s ignored: %s", rt.site, peer, step.ignored)
+            return reply
+        entry = step.entry
+        if step.started:
+            rt.status(sid.PEER_RECOVERY, "info", f"site {peer} is recovering ({recovery_id}); link paused", now)
+        if step.pause:
+            link.paused = True
+        if step.report:
+            reply.append(self._report(link, recovery_id))
+        if step.accept and resync is not None:
+            void_through = accept_resync(link, resync, now)
+            rt.store.outbox_purge(peer, void_through)
+            rt.published[peer] = link.acked_through
+            rt.event("link_reset", now, link=f"{rt.site}<->{peer}", inc=resync.incarnation,
+                     detail={"next_send_seq": link.next_send_seq, "next_expected": link.next_expected,
+                             "their_incarnation": link.their_incarnation, "void_through": void_through})
+        if step.reinit_child and entry is not None:
+            self._reinit_child(peer, now)
+            step = peer_resynced(entry, rt.links[peer].sent_through)
+            entry = step.entry
+        if step.start_upload:
+            rt.later(0, lambda: self._resync_up_step(peer))
+        if step.done_through is not None:
+            reply.append(RecoveryResyncDone(source=rt.site, dest=peer, incarnation=rt.incarnation,
+                                            recovery_id=recovery_id, through=step.done_through))
+        if step.unpause:
             link.paused = False
-            return
-        out.messages[link.peer].append(self._report(link, msg.recovery_id))
+        if step.completed:
+            rt.status(sid.PEER_RECOVERY, "info", f"site {peer} completed its recovery ({recovery_id}); link active", now)
+        self._save_entry(peer, entry)
+        rt.event("peer_recovery", now, link=f"{rt.site}<->{peer}",
+                 detail={"recovery_id": recovery_id, "phase": entry.phase.value if entry else "complete"})
+        return reply
 
     def _report(self, link: seq.LinkState, recovery_id: str) -> RecoveryReport:
         rt = self.rt
         peer = link.peer
-        own_objects = rt.store.objects(origin=peer) if peer in rt.topology.ancestors(rt.site) else []
-        numbers = [n for o in own_objects if (p := parse_object_id(o["id"])) and (n := p[1])]
-        scf = rt.store.site_data_version(DataClass.SCF.value, peer) or 0
-        control = rt.store.get_int("control_serial_processed") if peer == rt.parent else 0
-        return RecoveryReport(
-            source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=recovery_id,
-            next_expected=link.next_expected, last_sent=link.sent_through,
-            txn_watermark=rt.store.max_watermark(peer),
-            max_object_ids={"object": max(numbers, default=0)},
-            scf_serial=scf, control_serial=control, their_incarnation=link.their_incarnation,
+        held = rt.store.objects(origin=peer) if peer in rt.topology.ancestors(rt.site) else []
+        return peer_report(
+            site=rt.site, peer=peer, incarnation=rt.incarnation, recovery_id=recovery_id, link=link,
+            txn_watermark=rt.store.max_watermark(peer), held_objects=held,
+            scf_serial=rt.store.site_data_version(DataClass.SCF.value, peer) or 0,
+            control_serial=rt.store.get_int("control_serial_processed") if peer == rt.parent else 0,
             status_serial=rt.store.max_site_data_version(DataClass.STATUS.value, peer),
-            objects=[o for o in own_objects if o["origin"] == peer],
         )
 
-    def _on_resync(self, link: seq.LinkState, msg: RecoveryResync, out: Outgoing, now: float) -> None:
+    def _reinit_child(self, child: str, now: float) -> None:
+        """The recovering site is our child: reinitialize the site data we hold from its
+        subtree (its fresh copies follow) and send it all global data again."""
         rt = self.rt
-        peer = link.peer
-        entry = self._entry(peer)
-        if entry is None or entry["recovery_id"] != msg.recovery_id:
-            log.warning("%s: resync from %s for an unknown recovery %s", rt.site, peer, msg.recovery_id)
-            return
-        if entry.get("resyncing"):
-            return  # sending our data up in steps; Done follows the last one
-        if not entry["resynced"]:
-            void_through = accept_resync(link, msg, now)
-            rt.store.outbox_purge(peer, void_through)
-            rt.published[peer] = link.acked_through
-            if peer in rt.children:
-                subtree = rt.topology.subtree(peer)
-                # status messages are history, not state: they stay (nothing acknowledged is lost)
-                removed = rt.store.delete_site_data_of(subtree, keep=(DataClass.STATUS.value,))
-                rt._status(sid.SITE_DELETED, "info",
-                           f"reinitialized the site data of {peer}'s subtree ({removed} records)"
-                           " for its recovery; fresh copies follow", now)
-                sync_objects_to(rt, peer)
-                last = rt.store.get_control(f"control_last:{peer}")
-                if last is not None:  # a site control change purged with the old jobs
-                    rt.send_site_control(peer, now, settings=last)
-            else:
-                # /syncparent in steps of RESYNC_STEP records, each its own transaction, so the
-                # first records travel while the rest are read (a resumable cursor in the entry).
-                entry.update(resyncing=True, cursor=None)
-                rt.store.set_control(f"peer_recovery:{peer}", entry)
-                rt.later(0, lambda: self._resync_up_step(peer))
-                return
-            entry.update(resynced=True, mark=link.sent_through)
-            rt.store.set_control(f"peer_recovery:{peer}", entry)
-        out.messages[peer].append(RecoveryResyncDone(
-            source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=msg.recovery_id,
-            through=entry["mark"]))
+        subtree = rt.topology.subtree(child)
+        # status messages are history, not state: they stay (nothing acknowledged is lost)
+        removed = rt.store.delete_site_data_of(subtree, keep=(DataClass.STATUS.value,))
+        rt.status(sid.SITE_DELETED, "info",
+                  f"reinitialized the site data of {child}'s subtree ({removed} records)"
+                  " for its recovery; fresh copies follow", now)
+        sync_objects_to(rt, child)
+        last = rt.store.get_control(f"control_last:{child}")
+        if last is not None:  # a site control change purged with the old jobs
+            rt.send_site_control(child, now, settings=last)
 
     def _resync_up_step(self, peer: str) -> None:
+        """The recovering site is our parent: our site data goes up again, in steps of
+        ``RESYNC_STEP`` records, each its own transaction (a resumable cursor in the entry)."""
         rt = self.rt
         entry = self._entry(peer)
-        if entry is None or not entry.get("resyncing"):
+        if entry is None:
             return
         now = rt.clock()
-        with rt.store.transaction():
-            cursor = tuple(entry["cursor"]) if entry.get("cursor") else None
-            rows = rt.store.site_data_page(after=cursor, limit=RESYNC_STEP)
-            for row in rows:
-                if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
-                    continue
-                rt._emit(peer, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
-            done = len(rows) < RESYNC_STEP
-            if rows:
-                entry["cursor"] = [rows[-1]["data_class"], rows[-1]["key"]]
+        with rt.transaction():
+            last = _send_site_data(rt, peer, entry.cursor)
+            done = last is None or rt.store.site_data_page(after=last, limit=1) == []
             if done:
-                rt._send_scf(now)
-                entry.update(resyncing=False, resynced=True, mark=rt.links[peer].sent_through)
-            rt.store.set_control(f"peer_recovery:{peer}", entry)
-            rt._save_links()
-            rt._save_counters()
-        if done:
-            rt._publish_direct(peer, [RecoveryResyncDone(
+                rt.send_scf(now)
+            step = peer_upload_step(entry, last, last=done, mark=rt.links[peer].sent_through)
+            if step.ignored:
+                return
+            self._save_entry(peer, step.entry)
+        if step.done_through is not None:
+            rt.publish_direct(peer, [RecoveryResyncDone(
                 source=rt.site, dest=peer, incarnation=rt.incarnation,
-                recovery_id=entry["recovery_id"], through=entry["mark"])])
+                recovery_id=entry.recovery_id, through=step.done_through)])
         else:
             rt.later(0, lambda: self._resync_up_step(peer))
         rt.pump()
 
     def resume_peer_resyncs(self) -> None:
-        """After a restart or a reconnect: go on with a /syncparent that was under way."""
-        if self.rt.parent:
-            entry = self._entry(self.rt.parent)
-            if entry and entry.get("resyncing"):
-                self.rt.later(0, lambda: self._resync_up_step(self.rt.parent))  # type: ignore[arg-type]
-
-    def _on_complete(self, link: seq.LinkState, msg: RecoveryComplete, now: float) -> None:
-        entry = self._entry(link.peer)
-        if entry is None or entry["recovery_id"] != msg.recovery_id:
-            return
-        self.rt.store.set_control(f"peer_recovery:{link.peer}", None)
-        self.rt._status(sid.PEER_RECOVERY, "info",
-                        f"site {link.peer} completed its recovery ({msg.recovery_id}); link active", now)
+        """After a restart or a reconnect: go on with a resync up that was under way."""
+        parent = self.rt.parent
+        if parent:
+            entry = self._entry(parent)
+            if entry and entry.phase.value == "resyncing":
+                self.rt.later(0, lambda: self._resync_up_step(parent))
 
 
-def sync_objects_to(rt: SiteRuntime, child: str) -> int:
+def _send_site_data(rt: RecoveryHost, peer: str, after: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Queue one step of site data records for ``peer`` (our parent), after a cursor; our own
+    SCF is left out (a fresh one goes up). Returns the cursor of the last record, or None."""
+    rows = rt.store.site_data_page(after=after, limit=RESYNC_STEP)
+    for row in rows:
+        if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
+            continue
+        rt.emit(peer, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
+    return (rows[-1]["data_class"], rows[-1]["key"]) if rows else None
+
+
+def sync_objects_to(rt: RecoveryHost, child: str) -> int:
     """``/syncchild``: send every global object this site holds down to one child."""
     count = 0
     for obj in rt.store.objects():
-        rt._emit(child, DataClass(obj["kind"]), obj["id"], obj["origin"], obj,
-                 "delete" if obj["deleted"] else "upsert")
+        rt.emit(child, DataClass(obj["kind"]), obj["id"], obj["origin"], obj,
+                "delete" if obj["deleted"] else "upsert")
         count += 1
     return count
 
 
-def sync_site_data_up(rt: SiteRuntime, now: float) -> int:
+def sync_site_data_up(rt: RecoveryHost, now: float) -> int:
     """``/syncparent``: send every site data record this site holds up, and a fresh SCF."""
     if not rt.parent:
         return 0
@@ -466,11 +528,7 @@ def sync_site_data_up(rt: SiteRuntime, now: float) -> int:
     for row in rt.store.site_data():
         if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
             continue
-        rt._emit(rt.parent, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
+        rt.emit(rt.parent, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
         count += 1
-    rt._send_scf(now)
+    rt.send_scf(now)
     return count + 1
-
-
-def new_recovery_id() -> str:
-    return uuid.uuid4().hex[:12]

@@ -2,14 +2,19 @@
 
 One thread, driven by the transport's I/O loop:
 
-    deliveries -> batch -> one SQLite transaction (judge, apply, watermarks, outbox, links)
+    deliveries -> batch -> one SQLite transaction (the core decides, the runtime applies,
+               advances watermarks, queues forwards, writes the history events)
                -> COMMIT -> broker ack (multiple) -> acks/requests to peers -> pump outbox
     outbox pump -> packets of envelopes, publisher confirms pipelined up to the link window
     tick (every sync interval) -> resends, gap accounting, heartbeats, health, workload
 
 The broker message is acknowledged only after the transaction that applied it committed,
 so a kill -9 at any point loses nothing and applies nothing twice: a redelivered envelope
-is a duplicate by its link sequence.
+is a duplicate by its link sequence. Every decision of the core is an event in the store's
+history, written in the same transaction as the decision.
+
+The runtime never interprets a verdict itself: ``sequencing.receive`` / ``take_ack`` /
+``serve_resend`` / ``tick`` return decisions, and the runtime executes them.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,13 +44,13 @@ from emulator.protocol.envelope import (
     Envelope,
     LinkAck,
     Reject,
-    RejectReason,
     ResendRequest,
     content_hash,
     priority_of,
 )
 from emulator.protocol.objects import OBJECT_KINDS, object_id, parse_object_id
 from emulator.topology import Topology
+from sites import commands
 from sites import status_ids as sid
 from sites.clients import ClientStore, WorkloadClock, inventory_payload
 from sites.recovery import Recovery
@@ -53,15 +59,9 @@ from sites.store import SiteStore
 log = logging.getLogger("sites.runtime")
 
 PACKET_SIZE = 200  # envelopes per AMQP message at most (Replication Manager bundles too)
+PRUNE_EVERY = 60.0  # seconds between two prunings of the history by its retention
 
-_REJECT_FOR = {
-    seq.Verdict.DUPLICATE: RejectReason.DUPLICATE,
-    seq.Verdict.CONFLICT: RejectReason.QUARANTINED,
-    seq.Verdict.STALE: RejectReason.STALE,
-    seq.Verdict.GAP: RejectReason.GAP,
-    seq.Verdict.FENCED: RejectReason.FENCED,
-    seq.Verdict.QUARANTINED: RejectReason.QUARANTINED,
-}
+_COUNTERS = ("txn_id", "incarnation", "scf_serial", "status_serial", "state")
 
 
 class ControlFailed(Exception):
@@ -82,6 +82,36 @@ class Outgoing:
     dead: list[tuple[bytes, str]] = field(default_factory=list)  # envelopes consumed unapplied
 
 
+@dataclass(frozen=True)
+class Saved:
+    """The runtime's memory as it was before one delivery: put back when the delivery's
+    savepoint is rolled back, so memory and store never disagree."""
+
+    links: dict[str, seq.LinkState]
+    published: dict[str, int]
+    txn_id: int
+    incarnation: int
+    scf_serial: int
+    status_serial: int
+    object_next: int
+    state: str
+    agent: dict[str, Any] | None
+    workload_paused: bool
+
+
+@dataclass(frozen=True)
+class SendMark:
+    """What applying one envelope can change in memory (the store has a savepoint): the
+    counters and the send side of each link."""
+
+    txn_id: int
+    scf_serial: int
+    status_serial: int
+    object_next: int
+    sends: dict[str, tuple[int, int]]  # peer -> (next_send_seq, sent)
+    published: dict[str, int]
+
+
 class SiteRuntime:
     def __init__(
         self,
@@ -93,6 +123,7 @@ class SiteRuntime:
         clients: ClientStore | None,
         transport: Transport,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self.lab = lab
         self.topology = topology
@@ -104,6 +135,10 @@ class SiteRuntime:
         self.clients = clients
         self.transport = transport
         self.clock = clock
+        # Identifiers (runs, object definitions, requests) come from here, so a simulator can
+        # make them repeat for a seed.
+        self.rng = rng if rng is not None else random.Random(os.urandom(16))
+        self.run_id = self.new_id()
         self.parent = topology.parent(site)
         self.children = topology.children(site)
         self.links: dict[str, seq.LinkState] = store.load_links()
@@ -120,9 +155,13 @@ class SiteRuntime:
         self._failures_logged: set[str] = set()
         self._unconfirmed: dict[str, int] = {}
         self._unconfirmed_logged: dict[str, float] = {}
+        self._saved_rows: dict[str, str] = {}  # what the store holds of links and counters
+        self._last_prune = 0.0
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
         self._load_counters()
+        with store.transaction():
+            store.begin_run(self.run_id, self.clock())
         self.recovery = Recovery(self)
         self.on_tick_hooks.append(self.recovery.tick)
         self.workload = WorkloadClock(
@@ -134,7 +173,10 @@ class SiteRuntime:
             now=self.clock(),
         )
 
-    # -- counters -------------------------------------------------------------------------
+    def new_id(self, length: int = 12) -> str:
+        return f"{self.rng.getrandbits(4 * length):0{length}x}"
+
+    # -- counters, links and the runtime transaction ---------------------------------------
 
     def _load_counters(self) -> None:
         s = self.store
@@ -145,25 +187,102 @@ class SiteRuntime:
         # One allocator per site for every kind, so an ID names one object of the site.
         self.alloc = {"object": s.allocators().get("object", 1)}
         self.state = s.get_meta("state", "active") or "active"
+        self._saved_rows.clear()
 
-    def _save_counters(self) -> None:
-        s = self.store
-        s.set_meta("txn_id", self.txn_id)
-        s.set_meta("incarnation", self.incarnation)
-        s.set_meta("scf_serial", self.scf_serial)
-        s.set_meta("status_serial", self.status_serial)
-        s.set_meta("state", self.state)
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One store transaction that, before it commits, saves whatever of the links and
+        counters changed in memory."""
+        with self.store.transaction() as db:
+            yield db
+            written = self._save()
+        self._saved_rows.update(written)
+
+    def _save(self) -> dict[str, str]:
+        """Write the links and counters that differ from what the store holds; return the
+        rows written (remembered once the transaction has committed)."""
+        written: dict[str, str] = {}
+        for peer, link in self.links.items():
+            row = json.dumps(link.to_row())
+            if self._saved_rows.get(f"link:{peer}") != row:
+                self.store.save_link_row(peer, row)
+                written[f"link:{peer}"] = row
+        for name in _COUNTERS:
+            value = str(getattr(self, name))
+            if self._saved_rows.get(name) != value:
+                self.store.set_meta(name, value)
+                written[name] = value
         for kind, n in self.alloc.items():
-            s.set_allocator(kind, n)
+            if self._saved_rows.get(f"alloc:{kind}") != str(n):
+                self.store.set_allocator(kind, n)
+                written[f"alloc:{kind}"] = str(n)
+        return written
 
-    def _save_links(self) -> None:
-        for link in self.links.values():
-            self.store.save_link(link)
+    def capture(self) -> Saved:
+        agent = self.recovery.agent
+        return Saved(copy.deepcopy(self.links), dict(self.published), self.txn_id, self.incarnation,
+                     self.scf_serial, self.status_serial, self.alloc["object"], self.state,
+                     agent.to_state() if agent else None, self.workload_paused)
+
+    def restore(self, saved: Saved) -> None:
+        self.links.clear()
+        self.links.update(saved.links)
+        self.published = dict(saved.published)
+        self.txn_id, self.incarnation = saved.txn_id, saved.incarnation
+        self.scf_serial, self.status_serial = saved.scf_serial, saved.status_serial
+        self.alloc["object"] = saved.object_next
+        self.state = saved.state
+        self.workload_paused = saved.workload_paused
+        self.recovery.restore_agent(saved.agent)
+
+    def _send_mark(self) -> SendMark:
+        return SendMark(self.txn_id, self.scf_serial, self.status_serial, self.alloc["object"],
+                        {p: (l.next_send_seq, l.sent) for p, l in self.links.items()}, dict(self.published))
+
+    def _back_to(self, mark: SendMark) -> None:
+        self.txn_id, self.scf_serial, self.status_serial = mark.txn_id, mark.scf_serial, mark.status_serial
+        self.alloc["object"] = mark.object_next
+        self.published = dict(mark.published)
+        for peer, (next_send_seq, sent) in mark.sends.items():
+            self.links[peer].next_send_seq = next_send_seq
+            self.links[peer].sent = sent
+
+    def reload_state(self) -> None:
+        """Make the in-memory state what the store says (after a transaction failed)."""
+        self.links.clear()
+        self.links.update(self.store.load_links())
+        self._load_counters()
+        self.published = {peer: link.acked_through for peer, link in self.links.items()}
+        self.recovery.reload()
+
+    # -- the history ------------------------------------------------------------------------
+
+    def event(self, kind: str, now: float, *, link: str | None = None, seq_: int | None = None,
+              txn: int | None = None, data_class: str | None = None, key: str | None = None,
+              hash_: str | None = None, inc: int | None = None, detail: dict[str, Any] | None = None) -> None:
+        """Record one event of the history, inside the current transaction."""
+        self.store.add_event(self.run_id, now, kind, link, seq_, txn, data_class, key, hash_, inc,
+                             json.dumps(detail, separators=(",", ":")) if detail else None)
+
+    def _envelope_event(self, kind: str, link: str, env: Envelope, now: float,
+                        detail: dict[str, Any] | None = None) -> None:
+        self.event(kind, now, link=link, seq_=env.link_seq, txn=env.txn_id, data_class=env.data_class.value,
+                   key=env.key, hash_=env.hash, inc=env.incarnation, detail=detail)
+
+    def _prune_history(self, now: float) -> None:
+        retention = self.settings.history_retention
+        if retention <= 0 or now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        gone = self.store.prune_events(now - retention)
+        if gone:
+            log.info("%s: pruned %d history event(s) older than %.0f s", self.site, gone, retention)
 
     # -- first start ----------------------------------------------------------------------
 
     @classmethod
-    def initialize_store(cls, store: SiteStore, *, lab: str, topology: Topology, site: str) -> None:
+    def initialize_store(cls, store: SiteStore, *, lab: str, topology: Topology, site: str,
+                         store_id: str | None = None, created: float | None = None) -> None:
         """Give a brand-new store its identity and its links (a no-op if it has one)."""
         if store.get_meta("site_code"):
             return
@@ -174,12 +293,12 @@ class SiteRuntime:
             store.set_meta("parent", spec.parent or "")
             store.set_meta("lab", lab)
             store.set_meta("mode", topology.mode)
-            store.set_meta("store_id", uuid.uuid4().hex)
+            store.set_meta("store_id", store_id or os.urandom(16).hex())
             store.set_meta("incarnation", 1)
             store.set_meta("txn_id", 0)
             store.set_meta("scf_serial", 0)
             store.set_meta("state", "active")
-            store.set_meta("created", time.time())
+            store.set_meta("created", time.time() if created is None else created)
             store.set_allocator("object", 1)
             if spec.parent:
                 store.save_link(seq.LinkState(peer=spec.parent, role="parent", their_incarnation=1))
@@ -231,7 +350,7 @@ class SiteRuntime:
         """
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 - the site goes on; the store is the truth
+        except Exception as exc:
             where = f"{getattr(fn, '__qualname__', fn)}:{type(exc).__name__}"
             if where not in self._failures_logged:
                 self._failures_logged.add(where)
@@ -239,14 +358,6 @@ class SiteRuntime:
             else:
                 log.error("%s: unexpected error in %s again: %r", self.site, where, exc)
             self.reload_state()
-
-    def reload_state(self) -> None:
-        """Make the in-memory state what the store says (after a transaction failed)."""
-        self.links.clear()
-        self.links.update(self.store.load_links())
-        self._load_counters()
-        self.published = {peer: link.acked_through for peer, link in self.links.items()}
-        self.recovery.reload()
 
     def on_delivery(self, delivery: Delivery) -> None:
         self.batch.append(delivery)
@@ -256,11 +367,11 @@ class SiteRuntime:
 
     def on_queue_restored(self, queue: str) -> None:
         now = self.clock()
-        with self.store.transaction():
-            self._status(sid.QUEUE_RESTORED, "warning",
-                         f"the broker deleted this site's {queue} queue; it was declared and bound again"
-                         " (what peers sent meanwhile came back to them and is sent again)", now)
-            self._save_counters()
+        with self.transaction():
+            self.event("queue_restored", now, detail={"queue": queue})
+            self.status(sid.QUEUE_RESTORED, "warning",
+                        f"the broker deleted this site's {queue} queue; it was declared and bound again"
+                        " (what peers sent meanwhile came back to them and is sent again)", now)
         self.pump()
 
     def on_confirm(self, token: Any, ok: bool) -> None:
@@ -302,16 +413,16 @@ class SiteRuntime:
                 self.later(1.0, self.flush)
             raise
         self._ack_batch(batch, malformed)
-        self._send(out, now)
+        self._send(out)
         self.pump()
 
     def _apply_batch(self, batch: list[Delivery], out: Outgoing, malformed: list[tuple[Delivery, str]],
                      now: float) -> None:
-        with self.store.transaction() as db:
+        with self.transaction() as db:
             for delivery in batch:
                 # Each delivery in a savepoint: one we cannot apply is undone and dead-lettered,
                 # and neither the batch nor the site goes down with it.
-                saved = self._snapshot()
+                saved = self.capture()
                 db.execute("SAVEPOINT delivery")
                 try:
                     if delivery.queue == "control":
@@ -321,45 +432,19 @@ class SiteRuntime:
                         self._handle_packet(packet, delivery.redelivered, out, now)
                 except ControlFailed as failed:
                     db.execute("ROLLBACK TO delivery")
-                    self._restore(saved)
+                    self.restore(saved)
                     if delivery.reply_to:
                         out.replies.append((delivery.reply_to, delivery.correlation_id, failed.answer))
                 except MalformedEnvelope as exc:
                     db.execute("ROLLBACK TO delivery")
-                    self._restore(saved)
+                    self.restore(saved)
                     malformed.append((delivery, str(exc)))
                 except Exception as exc:
                     log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
                     db.execute("ROLLBACK TO delivery")
-                    self._restore(saved)
+                    self.restore(saved)
                     malformed.append((delivery, f"cannot apply: {exc!r}"))
                 db.execute("RELEASE delivery")
-            self._save_links()
-            self._save_counters()
-
-    def _snapshot(self) -> tuple[Any, ...]:
-        agent = self.recovery.agent
-        return (copy.deepcopy(self.links), dict(self.published), self.txn_id, self.incarnation,
-                self.scf_serial, self.status_serial, dict(self.alloc), self.state,
-                agent.to_state() if agent else None, self.workload_paused)
-
-    def _light_snapshot(self) -> tuple[Any, ...]:
-        """What applying one envelope can change in memory (the store has a savepoint)."""
-        return (self.txn_id, self.scf_serial, self.status_serial, dict(self.alloc),
-                {p: (l.next_send_seq, l.sent) for p, l in self.links.items()}, dict(self.published))
-
-    def _light_restore(self, saved: tuple[Any, ...]) -> None:
-        self.txn_id, self.scf_serial, self.status_serial, self.alloc, sends, self.published = saved
-        for peer, (next_send_seq, sent) in sends.items():
-            self.links[peer].next_send_seq = next_send_seq
-            self.links[peer].sent = sent
-
-    def _restore(self, saved: tuple[Any, ...]) -> None:
-        (links, self.published, self.txn_id, self.incarnation, self.scf_serial,
-         self.status_serial, self.alloc, self.state, agent, self.workload_paused) = saved
-        self.links.clear()
-        self.links.update(links)
-        self.recovery.restore_agent(agent)
 
     def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
         if not malformed:
@@ -403,126 +488,108 @@ class SiteRuntime:
             elif isinstance(msg, LinkAck):
                 self._receive_ack(link, msg, redelivered, now)
             elif isinstance(msg, ResendRequest):
-                self._receive_resend_request(link, msg, out)
+                self._receive_resend_request(link, msg, out, now)
             elif isinstance(msg, Reject):
                 key = f"rejected_{msg.reason.value}"
                 link.extra[key] = link.extra.get(key, 0) + 1
+                self.event("rejected", now, link=f"{self.site}->{peer}", seq_=msg.link_seq,
+                           inc=msg.incarnation, detail={"reason": msg.reason.value})
             else:
-                self.on_recovery_message(link, msg, out, now)
-
-    def on_recovery_message(self, link: seq.LinkState, msg: Any, out: Outgoing, now: float) -> None:
-        self.recovery.on_peer_message(link, msg, out, now)
+                out.messages[peer].extend(self.recovery.on_peer_message(link, msg, now))
 
     def _receive_envelope(self, link: seq.LinkState, env: Envelope, out: Outgoing, now: float) -> None:
-        if link.paused:
-            return  # a recovery handshake holds the link; the sender resends afterwards
-        watermark = self.store.watermark(link.peer, env.data_class.value, env.key)
-        applied_hash = (
-            self.store.applied_hash(link.peer, env.link_seq)
-            if env.link_seq < link.next_expected else None
-        )
-        verdict = seq.judge(link, env, mode=self.mode, watermark=watermark, applied_hash=applied_hash)
-        seq.record(link, verdict)
-        if verdict is seq.Verdict.APPLY:
+        peer = link.peer
+        name = f"{peer}->{self.site}"
+        applied_hash = self.store.applied_hash(peer, env.link_seq) if env.link_seq < link.next_expected else None
+        receipt = seq.receive(link, env, mode=self.mode,
+                              watermark=self.store.watermark(peer, env.data_class.value, env.key),
+                              applied_hash=applied_hash, now=now, sync_interval=self.settings.sync_interval)
+        if receipt.apply:
             db = self.store.db
             db.execute("SAVEPOINT envelope")
-            saved = self._light_snapshot()
+            mark = self._send_mark()
             try:
-                self.store.set_watermark(link.peer, env.data_class.value, env.key, env.txn_id)
-                version = self._apply(link, env, now)
+                self.store.set_watermark(peer, env.data_class.value, env.key, env.txn_id)
+                version = self._apply(env, now)
             except Exception as exc:  # noqa: BLE001 - well-formed but unappliable: consume, record, keep
                 db.execute("ROLLBACK TO envelope")
                 db.execute("RELEASE envelope")
-                self._light_restore(saved)
-                link.next_expected = env.link_seq + 1  # consumed: one bad envelope never blocks its link
-                link.extra["unappliable"] = link.extra.get("unappliable", 0) + 1
+                self._back_to(mark)
+                receipt = seq.unappliable(link, env)
                 log.error("%s: envelope %s seq %s from %s cannot be applied: %r", self.site,
                           env.data_class.value, env.link_seq, env.source, exc)
-                self.store.record_drop(link.peer, env.link_seq, env.txn_id, env.incarnation, "unappliable",
-                                       env.data_class.value, env.key, env.origin, env.hash, now)
                 out.dead.append((wire.encode_message(env), f"cannot apply: {exc!r}"))
-                out.ack_peers.add(link.peer)
-                return
-            db.execute("RELEASE envelope")
-            self.store.record_applied(
-                link.peer, env.link_seq, env.txn_id, env.hash, env.data_class.value, env.key,
-                env.origin, version, now,
-            )
-            out.ack_peers.add(link.peer)
-            if self.state == "recovering":
-                self.recovery.kick()  # completion waits on the peers' resync data
-            return
-        if verdict in (seq.Verdict.DUPLICATE, seq.Verdict.STALE):
-            out.ack_peers.add(link.peer)
-        if verdict is not seq.Verdict.DUPLICATE and verdict is not seq.Verdict.GAP:
-            self.store.record_drop(
-                link.peer, env.link_seq, env.txn_id, env.incarnation, verdict.value,
-                env.data_class.value, env.key, env.origin, env.hash, now,
-            )
-        if verdict is seq.Verdict.CONFLICT:
-            out.ack_peers.add(link.peer)
-            if self.mode == "hardened":
-                self._quarantine(link, f"link seq {env.link_seq} reused with other content", now)
-        if verdict is seq.Verdict.GAP and seq.should_request_resend(link, now, self.settings.sync_interval):
-            out.messages[link.peer].append(
-                ResendRequest(source=self.site, dest=link.peer, incarnation=self.incarnation,
-                              from_seq=link.next_expected)
-            )
-        if self.mode == "hardened":  # every refusal carries its reason back to the sender
-            out.messages[link.peer].append(
-                Reject(source=self.site, dest=link.peer, incarnation=self.incarnation,
-                       link_seq=env.link_seq, reason=_REJECT_FOR[verdict],
-                       detail=f"expected {link.next_expected}")
-            )
+                self._envelope_event("unappliable", name, env, now, {"error": repr(exc)[:200]})
+            else:
+                db.execute("RELEASE envelope")
+                self.store.record_applied(peer, env.link_seq, env.txn_id, env.hash, env.data_class.value,
+                                          env.key, env.origin, version, now)
+                self._envelope_event("applied", name, env, now, {"version": version} if version else None)
+                if self.state == "recovering":
+                    self.recovery.kick()  # completion waits on the peers' resync data
+        else:
+            self._envelope_event(receipt.verdict.value, name, env, now)
+        if receipt.drop:
+            self.store.record_drop(peer, env.link_seq, env.txn_id, env.incarnation, receipt.drop,
+                                   env.data_class.value, env.key, env.origin, env.hash, now)
+        if receipt.ack:
+            out.ack_peers.add(peer)
+        if receipt.quarantine:
+            self._quarantined(link, receipt.quarantine, now)
+        if receipt.resend_from is not None:
+            out.messages[peer].append(ResendRequest(source=self.site, dest=peer, incarnation=self.incarnation,
+                                                    from_seq=receipt.resend_from))
+        if receipt.reject is not None:  # hardened: every refusal carries its reason back
+            out.messages[peer].append(Reject(source=self.site, dest=peer, incarnation=self.incarnation,
+                                             link_seq=env.link_seq, reason=receipt.reject,
+                                             detail=f"expected {link.next_expected}"))
 
     def _receive_ack(self, link: seq.LinkState, ack: LinkAck, redelivered: bool, now: float) -> None:
         self.heard_from.add(link.peer)
-        if link.paused:
-            return
-        if self.mode == "hardened" and ack.incarnation != link.their_incarnation:
-            link.fenced += 1
-            return
-        outcome = seq.on_ack(link, ack, now=now, redelivered=redelivered)
-        if outcome is seq.AckOutcome.PROGRESS:
+        decision = seq.take_ack(link, ack, mode=self.mode, now=now, redelivered=redelivered)
+        effect = decision.effect
+        name = f"{self.site}->{link.peer}"
+        if decision.purge_through is not None:
+            self.store.outbox_purge(link.peer, decision.purge_through)
+            self.published[link.peer] = max(self.published.get(link.peer, 0), decision.purge_through)
+            self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation,
+                       detail={"self_rollback": True} if effect is seq.AckEffect.SELF_ROLLBACK else None)
             if self.state == "recovering":
                 self.recovery.kick()  # completion waits on these acks
-            self.store.outbox_purge(link.peer, link.acked_through)
-            self.published[link.peer] = max(self.published.get(link.peer, 0), link.acked_through)
-        elif outcome is seq.AckOutcome.SELF_ROLLBACK:
-            # The peer has applied more than we ever sent: we were restored without recovery.
-            # SMS 2.0 never noticed (its new data was silently dropped as already seen).
-            link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
-            if self.mode == "hardened" and self.state != "quarantined":
-                self.state = "quarantined"
-                self._status(sid.ROLLBACK_SELF, "error",
-                             f"{link.peer} acknowledges seq {ack.through} but this site has sent"
-                             f" only {link.sent_through}: restored without recovery; quarantined"
-                             f" until recovered (smslab recover {self.site})", now)
-            self.store.outbox_purge(link.peer, link.sent_through)
-            link.acked_through = link.sent_through
-            self.published[link.peer] = link.sent_through
-        elif outcome is seq.AckOutcome.ROLLBACK and self.mode == "hardened":
-            self._quarantine(link, f"its counters went backwards (acks {ack.through}, sent {ack.sent_through})", now)
+        if effect is seq.AckEffect.ROLLBACK:
+            self.event("rollback", now, link=f"{link.peer}->{self.site}", seq_=ack.through, inc=ack.incarnation,
+                       detail={"sent_through": ack.sent_through})
+        elif effect is seq.AckEffect.SELF_ROLLBACK:
+            self.event("self_rollback", now, link=name, seq_=ack.through, inc=ack.incarnation,
+                       detail={"sent_through": link.sent_through})
+        elif effect is seq.AckEffect.FENCED:
+            self.event("fenced", now, link=f"{link.peer}->{self.site}", inc=ack.incarnation, detail={"ack": True})
+        if decision.quarantine_peer:
+            self._quarantined(link, decision.quarantine_peer, now)
+        if decision.quarantine_self and self.state != "quarantined":
+            self.state = "quarantined"
+            self.event("quarantine", now, link=name, detail={"self": True})
+            self.status(sid.ROLLBACK_SELF, "error",
+                        f"{decision.quarantine_self}; quarantined until recovered (smslab recover {self.site})", now)
 
-    def _quarantine(self, link: seq.LinkState, why: str, now: float) -> None:
-        if link.quarantined:
-            return
-        link.quarantined = True
-        self._status(sid.ROLLBACK_DETECTED, "error",
-                     f"rollback detected for site {link.peer} (the AD event 2095 analog): {why};"
-                     f" {link.peer} is quarantined until it is recovered", now)
+    def _quarantined(self, link: seq.LinkState, why: str, now: float) -> None:
+        self.event("quarantine", now, link=f"{link.peer}->{self.site}", detail={"why": why})
+        self.status(sid.ROLLBACK_DETECTED, "error",
+                    f"rollback detected for site {link.peer} (the AD event 2095 analog): {why};"
+                    f" {link.peer} is quarantined until it is recovered", now)
 
-    def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing) -> None:
-        first = self.store.outbox_min_seq(link.peer)
-        if first is None or req.from_seq < first:
-            link.resend_unavailable += 1  # the parent "cannot resend them": the link stays broken
-            if first is None:
-                return
-        out.republish[link.peer] = max(req.from_seq, first)
+    def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing, now: float) -> None:
+        start = seq.serve_resend(link, req, self.store.outbox_min_seq(link.peer))
+        name = f"{self.site}->{link.peer}"
+        if start is None or start > req.from_seq:
+            self.event("resend_unavailable", now, link=name, seq_=req.from_seq)
+        if start is not None:
+            out.republish[link.peer] = start
+            self.event("resend", now, link=name, seq_=start, detail={"asked": True})
 
     # -- applying data --------------------------------------------------------------------
 
-    def _apply(self, link: seq.LinkState, env: Envelope, now: float) -> int | None:
+    def _apply(self, env: Envelope, now: float) -> int | None:
         cls = env.data_class
         if cls.upward:
             return self._apply_site_data(env, now)
@@ -538,14 +605,14 @@ class SiteRuntime:
             return version
         self.store.upsert_site_data(env.data_class.value, env.key, env.origin, version, env.payload, now)
         if self.parent:
-            self._emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
+            self.emit(self.parent, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
         return version
 
     def _apply_object(self, env: Envelope, now: float) -> int:
         obj = dict(env.payload)
         self.store.upsert_object(obj, via=env.source, now=now)
         for child in self.children:
-            self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
+            self.emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
         return int(obj.get("revision", 0))
 
     def _apply_site_control(self, env: Envelope, now: float) -> None:
@@ -553,26 +620,26 @@ class SiteRuntime:
         if target != self.site:
             for child in self.children:
                 if target in self.topology.subtree(child):
-                    self._emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
+                    self.emit(child, env.data_class, env.key, env.origin, env.payload, env.op, env.hash)
             return
         serial = int(env.payload["delta_serial"])
         last = self.store.get_int("control_serial_processed")
         if not apply_control_change(serial, last):
-            self._status(sid.SCM_OLDER_DELTA, "warning",
-                         f"SMS_SITE_CONTROL_MANAGER will ignore delta serial {serial} because it"
-                         f" was already processed as part of an older delta site control file"
-                         f" (last processed {last})", now)
+            self.status(sid.SCM_OLDER_DELTA, "warning",
+                        f"SMS_SITE_CONTROL_MANAGER will ignore delta serial {serial} because it"
+                        f" was already processed as part of an older delta site control file"
+                        f" (last processed {last})", now)
             return
-        self._status(sid.SCM_BEGIN, "info", f"began processing delta site control file {serial}", now)
+        self.status(sid.SCM_BEGIN, "info", f"began processing delta site control file {serial}", now)
         self.store.set_meta("control_serial_processed", serial)
         self.store.set_control("site_settings", env.payload.get("settings", {}))
-        self._status(sid.SCM_DONE, "info", f"processed delta site control file {serial}", now)
-        self._send_scf(now)
+        self.status(sid.SCM_DONE, "info", f"processed delta site control file {serial}", now)
+        self.send_scf(now)
 
     # -- originating ----------------------------------------------------------------------
 
-    def _emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
-              op: Literal["upsert", "delete"] = "upsert", hash_: str | None = None) -> None:
+    def emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
+             op: Literal["upsert", "delete"] = "upsert", hash_: str | None = None) -> None:
         """Queue one envelope for a peer; ``hash_`` is the payload's hash when already known."""
         link = self.links[peer]
         self.txn_id += 1
@@ -583,6 +650,8 @@ class SiteRuntime:
             payload=payload,
         )
         self.store.outbox_add(peer, link.next_send_seq, wire.encode_message(env))
+        self.store.add_event(self.run_id, self.clock(), "sent", f"{self.site}->{peer}", env.link_seq, env.txn_id,
+                             cls.value, key, env.hash, self.incarnation, None)
         link.next_send_seq += 1
         link.sent += 1
 
@@ -591,9 +660,9 @@ class SiteRuntime:
         """Data made at this site: store it here and send it up."""
         self.store.upsert_site_data(cls.value, key, self.site, version, payload, now)
         if self.parent and self.state != "quarantined":
-            self._emit(self.parent, cls, key, self.site, payload)
+            self.emit(self.parent, cls, key, self.site, payload)
 
-    def _status(self, message_id: int, severity: str, text: str, now: float) -> None:
+    def status(self, message_id: int, severity: str, text: str, now: float) -> None:
         """A status message: stored here and replicated up as site data."""
         log.log(logging.WARNING if severity != "info" else logging.INFO, "%s status %s: %s",
                 self.site, message_id, text)
@@ -605,7 +674,7 @@ class SiteRuntime:
         self.originate_site_data(DataClass.STATUS, f"{self.site}:{self.status_serial}",
                                  self.status_serial, payload, now)
 
-    def _send_scf(self, now: float) -> None:
+    def send_scf(self, now: float) -> None:
         self.scf_serial += 1
         payload = {"site": self.site, "version": self.scf_serial, "type": self.spec.type,
                    "parent": self.parent, "children": self.children,
@@ -618,7 +687,7 @@ class SiteRuntime:
         number = self.alloc["object"]
         self.alloc["object"] = number + 1
         oid = object_id(self.site, number)
-        obj = {"id": oid, "kind": kind, "origin": self.site, "def_uid": uuid.uuid4().hex[:12],
+        obj = {"id": oid, "kind": kind, "origin": self.site, "def_uid": self.new_id(),
                "name": name or f"{kind} {oid}", "revision": 1, "deleted": False}
         self._publish_object(obj, now)
         return obj
@@ -650,7 +719,7 @@ class SiteRuntime:
             return
         cls = DataClass(obj["kind"])
         for child in self.children:
-            self._emit(child, cls, obj["id"], self.site, obj, "delete" if obj["deleted"] else "upsert")
+            self.emit(child, cls, obj["id"], self.site, obj, "delete" if obj["deleted"] else "upsert")
 
     def send_site_control(self, child: str, now: float, settings: dict[str, Any] | None = None) -> None:
         serial = self.store.get_int(f"control_serial_sent:{child}") + 1
@@ -660,22 +729,24 @@ class SiteRuntime:
         self.store.set_control(f"control_last:{child}", settings)  # sent again after a recovery
         payload = {"target": child, "delta_serial": serial, "settings": settings}
         next_hop = next(c for c in self.children if child in self.topology.subtree(c))
-        self._emit(next_hop, DataClass.SITE_CONTROL, f"{child}:{serial}", self.site, payload)
+        self.emit(next_hop, DataClass.SITE_CONTROL, f"{child}:{serial}", self.site, payload)
 
     # -- workload -------------------------------------------------------------------------
 
     def _startup_reports(self) -> None:
-        """Clients re-send what the site does not hold yet; the site sends its SCF up."""
+        """Record the start; clients re-send what the site does not hold yet; the SCF goes up."""
         now = self.clock()
-        with self.store.transaction():
+        with self.transaction():
+            self.event("start", now, inc=self.incarnation, detail={
+                "pid": os.getpid(), "state": self.state, "txn_id": self.txn_id,
+                "links": {p: {"next_send_seq": l.next_send_seq, "acked_through": l.acked_through,
+                              "next_expected": l.next_expected} for p, l in self.links.items()}})
             if self.scf_serial == 0:
-                self._send_scf(now)
-            self._client_catch_up(now, full=False)
-            self._save_links()
-            self._save_counters()
+                self.send_scf(now)
+            self.client_catch_up(now, full=False)
         self.pump()
 
-    def _client_catch_up(self, now: float, *, full: bool) -> None:
+    def client_catch_up(self, now: float, *, full: bool) -> None:
         if not self.clients:
             return
         for client, (inv, disc) in self.clients.versions().items():
@@ -703,26 +774,25 @@ class SiteRuntime:
         due = self.workload.due(now)
         if not due:
             return
-        with self.store.transaction():
-            assert self.clients is not None or not (due.inventory or due.discovery)
-            for client in due.inventory:
-                v = self.clients.bump(client, "inventory")  # type: ignore[union-attr]
-                self.originate_site_data(DataClass.INVENTORY, client, v, inventory_payload(client, v), now)
-            for client in due.discovery:
-                v = self.clients.bump(client, "discovery")  # type: ignore[union-attr]
-                self.originate_site_data(DataClass.DISCOVERY, client, v, {"client": client, "version": v}, now)
+        with self.transaction():
+            if due.inventory or due.discovery:
+                assert self.clients is not None
+                for client in due.inventory:
+                    v = self.clients.bump(client, "inventory")
+                    self.originate_site_data(DataClass.INVENTORY, client, v, inventory_payload(client, v), now)
+                for client in due.discovery:
+                    v = self.clients.bump(client, "discovery")
+                    self.originate_site_data(DataClass.DISCOVERY, client, v, {"client": client, "version": v}, now)
             if due.status:
-                self._status(sid.SITE_HEARTBEAT, "info", "site component manager heartbeat", now)
+                self.status(sid.SITE_HEARTBEAT, "info", "site component manager heartbeat", now)
             if due.objects:
                 self._random_admin_action(now)
             if due.control:
                 self.send_site_control(self._rng.choice(self.children), now)
-            self._save_links()
-            self._save_counters()
         self.pump()
 
     def _random_admin_action(self, now: float) -> None:
-        own = [o for o in self.store.objects(origin=self.site, include_deleted=False)]
+        own = self.store.objects(origin=self.site, include_deleted=False)
         roll = self._rng.random()
         if own and roll < 0.25:
             self.update_object(self._rng.choice(own)["id"], None, False, now)
@@ -731,14 +801,38 @@ class SiteRuntime:
         else:
             self.create_object(self._rng.choice(OBJECT_KINDS), None, now)
 
+    def burst(self, count: int, keys: int, chunk: int) -> None:
+        """Originate ``count`` inventory envelopes of synthetic clients (benchmarks, load)."""
+        if not self.parent:
+            raise SmslabError(f"{self.site} has no parent to send a burst to")
+        made = {"n": 0}
+
+        def step() -> None:
+            now = self.clock()
+            with self.transaction():
+                for _ in range(min(chunk, count - made["n"])):
+                    client = f"{self.site}-B{made['n'] % keys:05d}"
+                    version = made["n"] // keys + 1
+                    made["n"] += 1
+                    self.originate_site_data(DataClass.INVENTORY, client, version,
+                                             inventory_payload(client, version), now)
+            self.pump()
+            if made["n"] < count:
+                self.later(0, step)
+            else:
+                self._burst_step = None
+
+        self._burst_step = step  # resumed on the next connection if the broker drops
+        self.later(0, step)
+
     # -- sending --------------------------------------------------------------------------
 
-    def _send(self, out: Outgoing, now: float) -> None:
+    def _send(self, out: Outgoing) -> None:
         for peer in out.ack_peers:
             out.messages[peer].insert(0, self._ack_for(self.links[peer]))
         for peer, msgs in out.messages.items():
             if msgs:
-                self._publish_direct(peer, msgs)
+                self.publish_direct(peer, msgs)
         for peer, from_seq in out.republish.items():
             self.published[peer] = min(self.published.get(peer, 0), from_seq - 1)
         for body, reason in out.dead:
@@ -750,7 +844,7 @@ class SiteRuntime:
         return LinkAck(source=self.site, dest=link.peer, incarnation=self.incarnation,
                        through=link.applied_through, sent_through=link.sent_through)
 
-    def _publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None:
+    def publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None:
         body = wire.encode_parts(self.lab, self.site, peer, [wire.encode_message(m) for m in msgs])
         try:
             self.transport.publish(names.site_key(peer), body, None)
@@ -789,42 +883,45 @@ class SiteRuntime:
         self.later(self.settings.sync_interval, self._tick)
         now = self.clock()
         counts = self.store.outbox_counts()
-        before = {p: self._health(l) for p, l in self.links.items()}
-        for peer, link in self.links.items():
-            unacked = counts.get(peer, 0)
-            if seq.resend_due(link, now=now, resend_after=self.settings.resend_after, unacked=unacked):
-                self.published[peer] = link.acked_through
-            seq.sync_tick(link)
-            if link.gap_outstanding and seq.should_request_resend(link, now, self.settings.sync_interval):
-                self._publish_direct(peer, [ResendRequest(source=self.site, dest=peer,
-                                                          incarnation=self.incarnation,
-                                                          from_seq=link.next_expected)])
+        s = self.settings
+        decisions = {
+            peer: seq.tick(link, now=now, unacked=counts.get(peer, 0), resend_after=s.resend_after,
+                           sync_interval=s.sync_interval, degraded_after=s.degraded_after,
+                           failed_after=s.failed_after)
+            for peer, link in self.links.items()
+        }
         for hook in self.on_tick_hooks:
             hook()
-        with self.store.transaction():
-            for peer, link in self.links.items():
-                after = self._health(link)
-                if after != before[peer]:
-                    self._health_changed(link, before[peer], after, now)
-            self._save_links()
-            self._save_counters()
-        for peer, link in self.links.items():
-            if not link.paused:
-                self._publish_direct(peer, [self._ack_for(link)])
+        with self.transaction():
+            for peer, d in decisions.items():
+                link = self.links[peer]
+                if d.resend:
+                    self.published[peer] = link.acked_through
+                    self.event("resend", now, link=f"{self.site}->{peer}", seq_=link.acked_through + 1)
+                if d.health_changed:
+                    self._health_changed(link, d.health_before, d.health_after, now)
+            self._prune_history(now)
+        for peer, d in decisions.items():
+            link = self.links[peer]
+            msgs: list[wire._Msg] = []
+            if d.heartbeat and not link.paused:
+                msgs.append(self._ack_for(link))
+            if d.request_resend_from is not None:
+                msgs.append(ResendRequest(source=self.site, dest=peer, incarnation=self.incarnation,
+                                          from_seq=d.request_resend_from))
+            if msgs:
+                self.publish_direct(peer, msgs)
         self.pump()
 
-    def _health(self, link: seq.LinkState) -> str:
-        return seq.health(link, degraded_after=self.settings.degraded_after,
-                          failed_after=self.settings.failed_after)
-
     def _health_changed(self, link: seq.LinkState, before: str, after: str, now: float) -> None:
+        self.event("health", now, link=f"{self.site}<->{link.peer}", detail={"from": before, "to": after})
         if after in ("degraded", "failed"):
             mid = sid.LINK_DEGRADED if after == "degraded" else sid.LINK_FAILED
-            self._status(mid, "warning" if after == "degraded" else "error",
-                         f"replication link {self.site}<->{link.peer} is {after}"
-                         f" ({max(link.out_failed_syncs, link.in_failed_syncs)} consecutive failed syncs)", now)
+            self.status(mid, "warning" if after == "degraded" else "error",
+                        f"replication link {self.site}<->{link.peer} is {after}"
+                        f" ({max(link.out_failed_syncs, link.in_failed_syncs)} consecutive failed syncs)", now)
         elif after == "active" and before in ("degraded", "failed"):
-            self._status(sid.LINK_ACTIVE, "info", f"replication link {self.site}<->{link.peer} is active again", now)
+            self.status(sid.LINK_ACTIVE, "info", f"replication link {self.site}<->{link.peer} is active again", now)
 
     # -- control commands -----------------------------------------------------------------
 
@@ -844,7 +941,7 @@ class SiteRuntime:
             answer = done
         else:
             try:
-                answer = self.control(command, now)
+                answer = commands.run(self, command, now)
                 answer.setdefault("ok", True)
             except SmslabError as exc:
                 answer = {"ok": False, "error": exc.message, "hint": exc.hint}
@@ -857,105 +954,6 @@ class SiteRuntime:
                 self.store.record_command(cid, answer, now)
         if delivery.reply_to:
             out.replies.append((delivery.reply_to, delivery.correlation_id, answer))
-
-    def control(self, command: ctl.Command, now: float) -> dict[str, Any]:
-        if isinstance(command, ctl.Ping):
-            return {"site": self.site, "state": self.state, "pid": os.getpid(),
-                    "recovering": self.store.get_meta("recovery_phase") not in (None, "complete"),
-                    "heard_from": sorted(self.heard_from), "workload_paused": self.workload_paused,
-                    "connects": self.connects,
-                    "links": {p: {"acked_through": l.acked_through, "applied_through": l.applied_through,
-                                  "sent_through": l.sent_through} for p, l in self.links.items()}}
-        if isinstance(command, ctl.PauseWorkload | ctl.ResumeWorkload):
-            self.workload_paused = isinstance(command, ctl.PauseWorkload)
-            self.store.set_control("workload_paused", True if self.workload_paused else None)
-            return {}
-        if command.cmd in ctl.ADMINISTRATIVE and self.state != "active":
-            hint = (f"wait for smslab recover {self.site} to finish" if self.state == "recovering"
-                    else f"recover it first: smslab recover {self.site}")
-            raise SmslabError(f"{self.site} is {self.state}: administrative actions are refused", hint=hint)
-        if isinstance(command, ctl.Create):
-            if self.spec.type == "secondary":
-                raise SmslabError(f"{self.site} is a secondary site: objects are created at primaries")
-            return {"object": self.create_object(command.kind, command.name, now)}
-        if isinstance(command, ctl.Update | ctl.Delete):
-            name = command.name if isinstance(command, ctl.Update) else None
-            return {"object": self.update_object(command.id, name, isinstance(command, ctl.Delete), now)}
-        if isinstance(command, ctl.Report):
-            self._client_catch_up(now, full=True)
-            return {}
-        if isinstance(command, ctl.Burst):
-            self._burst(command.count, command.keys, command.chunk)
-            return {}
-        if isinstance(command, ctl.Stop):
-            self.transport.call_later(0, self.shutdown)
-            return {}
-        return self.extra_control(command, now)
-
-    def _burst(self, count: int, keys: int, chunk: int) -> None:
-        """Originate ``count`` inventory envelopes of synthetic clients (benchmarks, load)."""
-        if not self.parent:
-            raise SmslabError(f"{self.site} has no parent to send a burst to")
-        made = {"n": 0}
-
-        def step() -> None:
-            now = self.clock()
-            with self.store.transaction():
-                for _ in range(min(chunk, count - made["n"])):
-                    client = f"{self.site}-B{made['n'] % keys:05d}"
-                    version = made["n"] // keys + 1
-                    made["n"] += 1
-                    self.originate_site_data(DataClass.INVENTORY, client, version,
-                                             inventory_payload(client, version), now)
-                self._save_links()
-                self._save_counters()
-            self.pump()
-            if made["n"] < count:
-                self.later(0, step)
-            else:
-                self._burst_step = None
-
-        self._burst_step = step  # resumed on the next connection if the broker drops
-        self.later(0, step)
-
-    def extra_control(self, command: ctl.Command, now: float) -> dict[str, Any]:
-        """The Preinst-equivalent verbs."""
-        from sites.recovery import sync_objects_to, sync_site_data_up
-
-        if isinstance(command, ctl.SyncChild):
-            child = command.child
-            if child not in self.children:
-                raise SmslabError(f"{child} is not a child of {self.site}",
-                                  hint=f"children of {self.site}: {', '.join(self.children) or 'none'}")
-            return {"sent": sync_objects_to(self, child)}
-        if isinstance(command, ctl.SyncParent):
-            sent = sync_site_data_up(self, now) if self.parent else 0
-            for child in self.children:  # "the current site and all its child sites"
-                self.transport.publish(names.control_key(child), ctl.encode(ctl.SyncParent(cmd="syncparent")),
-                                       correlation_id=uuid.uuid4().hex)
-            return {"sent": sent, "children": self.children}
-        if isinstance(command, ctl.DelJob):
-            dest = command.dest
-            if dest not in self.links:
-                raise SmslabError(f"{dest} is not a neighbour of {self.site}")
-            deleted = self.store.outbox_clear(dest)
-            self.published[dest] = self.links[dest].sent_through
-            return {"deleted": deleted}
-        if isinstance(command, ctl.DelSite):
-            target, parent = command.site, command.parent
-            if target == self.site:
-                raise SmslabError("delsite deletes another site's data, not this site's own")
-            if target not in self.topology.codes:
-                raise SmslabError(f"unknown site {target}; sites in this lab: {', '.join(self.topology.codes)}")
-            actual = self.topology.parent(target)
-            if actual != parent:
-                return {"deleted": 0, "note": f"{target} reports to {actual}, not {parent}: nothing deleted"}
-            removed = self.store.delete_site_data_of([target])
-            jobs = self.store.outbox_clear(target) if target in self.links else 0
-            self._status(sid.SITE_DELETED, "info",
-                         f"delsite: deleted {removed} record(s) of site {target} and {jobs} job(s)", now)
-            return {"deleted": removed, "jobs": jobs}
-        raise SmslabError(f"unknown control command {command.cmd!r}")
 
     def shutdown(self) -> None:
         self.stopping = True

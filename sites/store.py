@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -56,7 +55,14 @@ CREATE TABLE IF NOT EXISTS status_messages (
     severity TEXT NOT NULL, text TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS control (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, answer TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    idx INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
+    link TEXT, seq INTEGER, txn INTEGER, data_class TEXT, key TEXT, hash TEXT, inc INTEGER,
+    detail TEXT);
+CREATE TABLE IF NOT EXISTS runs (run TEXT PRIMARY KEY, first_idx INTEGER NOT NULL, started REAL NOT NULL);
 """
+
+EVENT_COLUMNS = ("idx", "run", "at", "kind", "link", "seq", "txn", "data_class", "key", "hash", "inc", "detail")
 
 _LINK_FIELDS = {f.name for f in fields(LinkState)}
 
@@ -87,6 +93,10 @@ class SiteStore:
         self.db.close()
 
     # -- transactions -------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_tx
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -159,13 +169,10 @@ class SiteStore:
         return links
 
     def save_link(self, link: LinkState) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO link(peer, state) VALUES(?, ?)",
-            (link.peer, json.dumps(link.to_row())),
-        )
+        self.save_link_row(link.peer, json.dumps(link.to_row()))
 
-    def delete_link(self, peer: str) -> None:
-        self.db.execute("DELETE FROM link WHERE peer=?", (peer,))
+    def save_link_row(self, peer: str, row: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO link(peer, state) VALUES(?, ?)", (peer, row))
 
     # -- outbox ---------------------------------------------------------------------------
 
@@ -334,6 +341,83 @@ class SiteStore:
             (component, message_id, severity, text, now),
         )
 
+    # -- history ----------------------------------------------------------------------------
+    # Every decision is an event, written in the transaction that makes the decision: the
+    # history is what happened, also across kill -9. ``run`` names one process run; after a
+    # restore from a backup the store's indices go back, and a new run tells the events apart.
+
+    def begin_run(self, run: str, now: float) -> None:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+        self.db.execute("INSERT OR IGNORE INTO runs(run, first_idx, started) VALUES(?, ?, ?)",
+                        (run, (row[0] if row else 0) + 1, now))
+
+    def add_event(self, run: str, at: float, kind: str, link: str | None = None, seq: int | None = None,
+                  txn: int | None = None, data_class: str | None = None, key: str | None = None,
+                  hash_: str | None = None, inc: int | None = None, detail: str | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO events(run, at, kind, link, seq, txn, data_class, key, hash, inc, detail)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run, at, kind, link, seq, txn, data_class, key, hash_, inc, detail),
+        )
+
+    def runs(self) -> list[tuple[str, int, float]]:
+        """(run, first index, started) of every run whose events the store holds, oldest first."""
+        return [(r, int(i), float(t)) for r, i, t in
+                self.db.execute("SELECT run, first_idx, started FROM runs ORDER BY first_idx")]
+
+    def events_between(self, after: int, before: int | None, limit: int = 50_000) -> list[tuple[Any, ...]]:
+        """Event rows with ``after < idx < before``, in index order."""
+        if before is None:
+            return self.db.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? ORDER BY idx LIMIT ?",
+                (after, limit)).fetchall()
+        return self.db.execute(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? AND idx<? ORDER BY idx LIMIT ?",
+            (after, before, limit)).fetchall()
+
+    def first_event_index(self) -> int | None:
+        row = self.db.execute("SELECT MIN(idx) FROM events").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def prune_events(self, before: float) -> int:
+        """Delete events older than ``before`` (retention); returns how many went."""
+        row = self.db.execute("SELECT idx FROM events WHERE at>=? ORDER BY idx LIMIT 1", (before,)).fetchone()
+        if row is None:
+            last = self.db.execute("SELECT MAX(idx) FROM events").fetchone()
+            cut = (last[0] + 1) if last and last[0] is not None else None
+        else:
+            cut = int(row[0])
+        if cut is None:
+            return 0
+        gone = self.db.execute("DELETE FROM events WHERE idx<?", (cut,)).rowcount
+        if gone:
+            self.set_meta("events_pruned_before", cut)
+        return int(gone)
+
+    # -- reading for diagnostics --------------------------------------------------------------
+
+    def drop_counts(self) -> dict[str, dict[str, int]]:
+        """source -> reason -> envelopes dropped."""
+        out: dict[str, dict[str, int]] = {}
+        for source, reason, n in self.db.execute("SELECT source, reason, COUNT(*) FROM drops GROUP BY source, reason"):
+            out.setdefault(source, {})[reason] = n
+        return out
+
+    def watermark_summary(self) -> dict[str, dict[str, dict[str, int]]]:
+        """source -> data class -> {keys, max_txn}: the ``.trs`` files at a glance."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for source, cls, keys, top in self.db.execute(
+                "SELECT source, data_class, COUNT(*), MAX(txn) FROM watermark GROUP BY source, data_class"):
+            out.setdefault(source, {})[cls] = {"keys": keys, "max_txn": top}
+        return out
+
+    def recent_status(self, limit: int = 10, *, skip: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+        marks = ",".join("?" * len(skip)) or "NULL"
+        rows = self.db.execute(
+            "SELECT message_id, severity, component, text, at FROM status_messages"
+            f" WHERE message_id NOT IN ({marks}) ORDER BY id DESC LIMIT ?", (*skip, limit)).fetchall()
+        return [{"id": m, "severity": s, "component": c, "text": t, "at": a} for m, s, c, t, a in rows]
+
     # -- backup ---------------------------------------------------------------------------
 
     def backup_to(self, target: Path) -> None:
@@ -343,6 +427,31 @@ class SiteStore:
             self.db.backup(dest)
         finally:
             dest.close()
+
+
+def backup_file(source: Path, target: Path) -> dict[str, Any]:
+    """An atomic snapshot of a running site's store at ``source`` into ``target`` (SQLite's
+    online backup, read-only on the source), made self-contained (no WAL); returns the
+    counters it holds: meta, allocators and each link's sequences."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)  # one consistent snapshot, even while the site writes
+    finally:
+        dst.close()
+        src.close()
+    db = sqlite3.connect(target)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        alloc = dict(db.execute("SELECT kind, next FROM alloc").fetchall())
+        links = {
+            peer: {k: json.loads(state)[k] for k in ("next_send_seq", "acked_through", "next_expected")}
+            for peer, state in db.execute("SELECT peer, state FROM link")
+        }
+    finally:
+        db.close()
+    return {"meta": meta, "alloc": alloc, "links": links}
 
 
 @dataclass
@@ -459,6 +568,3 @@ def check_backup_file(path: Path, *, site_code: str, lab: str) -> dict[str, str]
         )
     return meta
 
-
-def now() -> float:
-    return time.time()

@@ -46,7 +46,6 @@ class DataClass(str, Enum):
 
 
 SITE_DATA = frozenset({DataClass.INVENTORY, DataClass.DISCOVERY, DataClass.STATUS, DataClass.SCF})
-GLOBAL_OBJECTS = (DataClass.PACKAGE, DataClass.ADVERTISEMENT, DataClass.COLLECTION)
 
 
 class Priority(str, Enum):

@@ -10,6 +10,7 @@ the checker (no process), so ``violations()`` leaves those out.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sqlite3
 import uuid
@@ -86,6 +87,8 @@ class SimLab:
         self.dir = LabDir(root / "lab")
         self.info = LabInfo(lab_id=lab_id, amqp_url="memory://", created=0.0, topology=self.topology)
         self.sites: dict[str, SimSite] = {}
+        self.seed = seed
+        self._starts: dict[str, int] = {}
         self._requests = 0
 
     # -- sites ----------------------------------------------------------------------------
@@ -99,7 +102,10 @@ class SimLab:
         assert code not in self.sites or not self.sites[code].alive, f"{code} is running"
         topo = self.topology
         store = SiteStore(self.dir.site_db(code))
-        SiteRuntime.initialize_store(store, lab=self.lab_id, topology=topo, site=code)
+        SiteRuntime.initialize_store(store, lab=self.lab_id, topology=topo, site=code,
+                                     store_id=f"{code}-{self.seed}", created=self.loop.now)
+        self._starts[code] = self._starts.get(code, 0) + 1
+        rng = random.Random(f"{self.seed}:{code}:{self._starts[code]}")  # run ids, object definitions
         spec = topo.site(code)
         clients = (ClientStore(self.dir.clients_db(code), code, topo.clients_of(code))
                    if spec.type != "central" or topo.clients_of(code) else None)
@@ -107,7 +113,7 @@ class SimLab:
                                     prefetch=topo.settings.prefetch, queue_type=topo.settings.queue_type)
         # The ignores: broker.memory has its own Delivery (broker.transport's module imports pika).
         runtime = SiteRuntime(lab=self.lab_id, topology=topo, site=code, store=store, clients=clients,
-                              transport=transport, clock=self.loop.time)  # type: ignore[arg-type]
+                              transport=transport, clock=self.loop.time, rng=rng)  # type: ignore[arg-type]
         if recover:
             runtime.recovery.begin(recover, None)
         transport.connect(runtime)  # type: ignore[arg-type]

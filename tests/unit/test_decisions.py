@@ -105,13 +105,13 @@ def test_an_unappliable_envelope_is_consumed_acked_and_recorded() -> None:
 
 ACKS = [
     # (link state, ack through / sent_through, mode) -> effect, purge, quarantine peer, quarantine self
-    (dict(next_send_seq=11, acked_through=4), (8, 0), "sms20", seq.AckEffect.PROGRESS, 8, False, False),
-    (dict(next_send_seq=11, acked_through=8), (8, 0), "sms20", seq.AckEffect.NO_CHANGE, None, False, False),
-    (dict(next_send_seq=11, acked_through=8), (3, 0), "sms20", seq.AckEffect.ROLLBACK, None, False, False),
-    (dict(next_send_seq=11, acked_through=8), (3, 0), "hardened", seq.AckEffect.ROLLBACK, None, True, False),
-    (dict(next_send_seq=5, acked_through=2), (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, 4, False, False),
-    (dict(next_send_seq=5, acked_through=2), (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, 4, False, True),
-    (dict(next_send_seq=11, acked_through=4, paused=True), (8, 0), "sms20", seq.AckEffect.PAUSED, None, False, False),
+    ({"next_send_seq": 11, "acked_through": 4}, (8, 0), "sms20", seq.AckEffect.PROGRESS, 8, False, False),
+    ({"next_send_seq": 11, "acked_through": 8}, (8, 0), "sms20", seq.AckEffect.NO_CHANGE, None, False, False),
+    ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "sms20", seq.AckEffect.ROLLBACK, None, False, False),
+    ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "hardened", seq.AckEffect.ROLLBACK, None, True, False),
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, 4, False, False),
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, 4, False, True),
+    ({"next_send_seq": 11, "acked_through": 4, "paused": True}, (8, 0), "sms20", seq.AckEffect.PAUSED, None, False, False),
 ]
 
 

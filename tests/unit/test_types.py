@@ -19,3 +19,11 @@ def test_mypy_strict_passes() -> None:
         pytest.skip("mypy is not installed (pip install -e '.[test]')")
     done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_passes() -> None:
+    if subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
