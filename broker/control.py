@@ -1,0 +1,128 @@
+"""Broker-level faults, applied from outside the sites: close a site's connections, restart the
+broker application, raise a memory alarm (publishers blocked).
+
+``BrokerControl`` is the small interface the fault harness uses; ``Rabbitmqctl`` drives a broker
+on this host through its own CLI (the default node, or a private node of ``broker.local``).
+The sites know nothing of any of it: they see their connection closed or blocked, as they
+would on a real network.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from broker import names
+from emulator.errors import BrokerUnavailable, LabError
+
+
+class BrokerControl(Protocol):
+    def describe(self) -> str: ...
+
+    def connection_names(self) -> list[str]: ...
+
+    def close_connections(self, name: str, reason: str) -> int: ...
+
+    def stop_app(self) -> None: ...
+
+    def start_app(self) -> None: ...
+
+    def memory_watermark(self) -> float: ...
+
+    def set_memory_watermark(self, fraction: float) -> None: ...
+
+    def alarms(self) -> str: ...
+
+
+_CONN_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
+
+
+class Rabbitmqctl:
+    """A broker on this host, through ``rabbitmqctl``: ``run`` runs one rabbitmqctl command and
+    returns its output (the default node's CLI on PATH, or ``LocalNode.ctl`` of a private one)."""
+
+    def __init__(self, run: Callable[..., str], label: str) -> None:
+        self.run = run
+        self.label = label
+
+    @classmethod
+    def on_path(cls) -> Rabbitmqctl:
+        exe = shutil.which("rabbitmqctl")
+        if exe is None:
+            raise LabError("broker faults need rabbitmqctl on this host, and it is not on PATH",
+                           hint="run them where the broker runs, or give the lab a private broker")
+
+        def run(*args: str, timeout: float = 60.0) -> str:
+            try:
+                done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=timeout,
+                                      check=False)
+            except subprocess.TimeoutExpired as exc:
+                raise BrokerUnavailable(f"rabbitmqctl {' '.join(args)} did not answer in {timeout:.0f}s") from exc
+            if done.returncode != 0:
+                raise BrokerUnavailable(f"rabbitmqctl {' '.join(args)} failed: "
+                                        f"{(done.stderr or done.stdout).strip()[:300]}")
+            return done.stdout
+
+        return cls(run, "the broker on this host (rabbitmqctl)")
+
+    @classmethod
+    def private(cls, node_dir: Path) -> Rabbitmqctl:
+        from broker.local import LocalNode
+
+        node = LocalNode.load(node_dir)
+        return cls(node.ctl, f"the lab's private node {node.node_name}")
+
+    def describe(self) -> str:
+        return self.label
+
+    def _connections(self) -> list[tuple[str, str]]:
+        out = []
+        for line in self.run("list_connections", "pid", "client_properties").splitlines():
+            pid, _, props = line.partition("\t")
+            match = _CONN_NAME.search(props)
+            if match:
+                out.append((pid.strip(), match.group(1)))
+        return out
+
+    def connection_names(self) -> list[str]:
+        return [name for _, name in self._connections()]
+
+    def close_connections(self, name: str, reason: str) -> int:
+        closed = 0
+        for pid, conn_name in self._connections():
+            if conn_name == name:
+                try:
+                    self.run("close_connection", pid, reason)
+                    closed += 1
+                except BrokerUnavailable:
+                    pass  # gone meanwhile
+        return closed
+
+    def stop_app(self) -> None:
+        self.run("stop_app", timeout=120)
+
+    def start_app(self) -> None:
+        self.run("start_app", timeout=120)
+        self.run("await_startup", timeout=120)
+
+    def memory_watermark(self) -> float:
+        text = self.run("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
+        match = re.search(r"[\d.]+", text)
+        if match is None:
+            raise BrokerUnavailable(f"cannot read the broker's memory watermark from {text!r}")
+        return float(match.group(0))
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        self.run("set_vm_memory_high_watermark", repr(fraction))
+
+    def alarms(self) -> str:
+        """The broker's resource alarms, as it prints them ("[]" when there is none)."""
+        return self.run("eval", "rabbit_alarm:get_alarms().").strip()
+
+
+def site_connection(lab: str, site: str) -> str:
+    return names.connection_name(lab, site)

@@ -1,0 +1,521 @@
+"""Faults from outside the sites: apply, verify on traffic, heal. The sites know nothing.
+
+Theory of operation
+-------------------
+A fault is a value (``FaultSpec``) kept in the lab directory while it is on
+(``faults/<id>.json``), written *before* anything changes: a CLI that crashes half way never
+leaves a link cut that ``smslab faults`` does not show, and ``heal`` (or ``down``) undoes it.
+
+- Link faults (partition, drop, duplicate, reorder, delay) live on the broker. Every directed
+  link has its own routing key (``link.<FROM>.<TO>``), bound to the receiver's inbox. A fault
+  moves the binding to the link's relay queue; the lab's fault daemon (``emulator.labd``)
+  consumes the relay, asks the fault's seeded shaper what to do with each message
+  (``emulator.protocol.shaping``) and republishes to the receiver. Healing moves the binding
+  back and drains the relay: what it held arrives, late. So link faults work wherever the
+  sites only share the broker.
+- ``disconnect``: the site's broker connections are closed, and closed again while the fault
+  is on (the daemon), so its reconnects fail without it knowing why.
+- ``alarm``: the broker's memory watermark is set to 0: a memory alarm blocks every publisher.
+- ``pause``: SIGSTOP of the site's process; healing is SIGCONT.
+- ``broker-restart`` happens at once (stop_app, start_app) and stays in the history only.
+
+Each fault reports that it took effect, checked on traffic (a link fault: the relay has seen
+the link's messages; disconnect: the site has no connection; alarm: the broker reports it;
+pause: the process is stopped), or fails with a clear error and is healed. Every fault on and
+off is an event of the lab's history, with the fault's id and seed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker import admin, names
+from broker.control import BrokerControl, Rabbitmqctl
+from emulator import history
+from emulator.errors import ConfigError, LabError
+from emulator.lab import LabDir, LabInfo
+from emulator.protocol.shaping import LINK_FAULTS, Shaper
+
+FaultKind = Literal["partition", "drop", "duplicate", "reorder", "delay", "disconnect", "alarm", "pause"]
+FAULT_KINDS: tuple[str, ...] = (*LINK_FAULTS, "disconnect", "alarm", "pause", "broker-restart")
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class FaultSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: FaultKind
+    target: str  # "P01->CEN", "P01<->CEN", "P01" or "broker"
+    links: list[tuple[str, str]] = Field(default_factory=list)  # directed (sender, receiver)
+    site: str | None = None
+    seed: int
+    params: dict[str, float] = Field(default_factory=dict)
+    since: float
+    until: float | None = None  # healed by the daemon at this time (--for)
+    state: Literal["applying", "on", "healing"] = "applying"
+
+    def shaper(self) -> Shaper:
+        assert self.kind in LINK_FAULTS
+        p = self.params
+        return Shaper(self.kind, self.seed, rate=p.get("rate", 0.0), window=int(p.get("window", 20)),
+                      max_hold=p.get("max_hold", 2.0), ms=p.get("ms", 0.0), jitter=p.get("jitter", 0.0))
+
+    @property
+    def is_link_fault(self) -> bool:
+        return self.kind in LINK_FAULTS
+
+    def describe(self) -> str:
+        params = " ".join(f"{k}={v:g}" for k, v in sorted(self.params.items()) if k != "watermark")
+        return f"{self.kind} {self.target}" + (f" {params}" if params else "")
+
+
+class LinkStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seen: int = 0  # messages that reached the relay
+    forwarded: int = 0  # copies republished to the receiver
+    dropped: int = 0
+    duplicated: int = 0  # extra copies
+    held: int = 0  # held right now
+    envelopes_seen: int = 0
+    envelopes_dropped: int = 0
+    envelopes_duplicated: int = 0
+
+
+class FaultStats(BaseModel):
+    """What a fault has done so far (written by the daemon)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    links: dict[str, LinkStats] = Field(default_factory=dict)  # "P01->CEN" -> counters
+    closed: int = 0  # disconnect: connections closed
+    drained: bool = False  # the relays are drained after the heal
+    updated: float = 0.0
+
+
+# -- the fault files ---------------------------------------------------------------------------
+
+
+def _dir(lab_dir: LabDir) -> Path:
+    path = lab_dir.faults_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def locked(lab_dir: LabDir) -> Iterator[None]:
+    """One fault operation at a time in a lab (CLI calls and the daemon)."""
+    with open(_dir(lab_dir) / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _spec_path(lab_dir: LabDir, fault_id: str) -> Path:
+    return _dir(lab_dir) / f"{fault_id}.json"
+
+
+def stats_path(lab_dir: LabDir, fault_id: str) -> Path:
+    return _dir(lab_dir) / f"{fault_id}.stats.json"
+
+
+def save(lab_dir: LabDir, spec: FaultSpec) -> None:
+    path = _spec_path(lab_dir, spec.id)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(spec.model_dump_json(indent=2))
+    os.replace(tmp, path)
+
+
+def active(lab_dir: LabDir) -> list[FaultSpec]:
+    """The faults that are on (or being applied or healed), oldest first."""
+    if not lab_dir.faults_dir().exists():
+        return []
+    out = []
+    for path in lab_dir.faults_dir().glob("f*.json"):
+        if path.name.endswith(".stats.json"):
+            continue
+        try:
+            out.append(FaultSpec.model_validate_json(path.read_bytes()))
+        except (OSError, ValidationError):
+            continue  # being written
+    return sorted(out, key=lambda f: (f.since, f.id))
+
+
+def stats(lab_dir: LabDir, fault_id: str) -> FaultStats:
+    try:
+        return FaultStats.model_validate_json(stats_path(lab_dir, fault_id).read_bytes())
+    except (OSError, ValidationError):
+        return FaultStats()
+
+
+def save_stats(lab_dir: LabDir, fault_id: str, value: FaultStats) -> None:
+    path = stats_path(lab_dir, fault_id)
+    tmp = path.with_suffix(".stmp")
+    tmp.write_text(value.model_dump_json())
+    os.replace(tmp, path)
+
+
+def diverted_links(lab_dir: LabDir) -> frozenset[tuple[str, str]]:
+    """Directed links whose key a link fault holds (not bound to the receiver's inbox)."""
+    return frozenset(link for f in active(lab_dir) if f.is_link_fault for link in f.links)
+
+
+def _new_id(lab_dir: LabDir) -> str:
+    counter = _dir(lab_dir) / "next_id"
+    try:
+        n = int(counter.read_text().strip() or 1)
+    except (OSError, ValueError):
+        n = 1
+    counter.write_text(f"{n + 1}\n")
+    return f"f{n}"
+
+
+# -- the broker's control ----------------------------------------------------------------------
+
+
+def control_for(lab_dir: LabDir, info: LabInfo) -> BrokerControl:
+    if info.broker.kind == "private" and info.broker.node_dir:
+        return Rabbitmqctl.private(Path(info.broker.node_dir))
+    if info.broker.kind == "container":
+        raise LabError("broker faults are not available on a lab whose broker is a testcontainers container",
+                       hint="give the lab a broker on this host (a private node: smslab up with no broker running)")
+    host = admin.parameters(info.amqp_url).host
+    if host not in ("localhost", "127.0.0.1", "::1"):
+        raise LabError(f"broker faults need the broker on this host; this lab's is at {host}",
+                       hint="run the fault where the broker runs")
+    return Rabbitmqctl.on_path()
+
+
+# -- applying --------------------------------------------------------------------------------------
+
+
+def neighbours(info: LabInfo, a: str, b: str) -> tuple[str, str]:
+    topo = info.topology
+    topo.site(a)
+    topo.site(b)
+    if topo.parent(a) != b and topo.parent(b) != a:
+        raise ConfigError(f"{a} and {b} are not neighbours: link faults are between a site and its parent",
+                          hint=f"{a}'s neighbours: {', '.join(_neighbours_of(info, a)) or 'none'}")
+    return a, b
+
+
+def _neighbours_of(info: LabInfo, code: str) -> list[str]:
+    parent = info.topology.parent(code)
+    return ([parent] if parent else []) + info.topology.children(code)
+
+
+def _check_params(kind: str, params: dict[str, float]) -> None:
+    rate = params.get("rate")
+    if kind in ("drop", "duplicate") and (rate is None or not 0.0 <= rate <= 1.0):
+        raise ConfigError(f"{kind} needs --rate between 0 and 1, not {rate}")
+    if kind == "reorder" and not 1 <= params.get("window", 20) <= 100_000:
+        raise ConfigError("reorder needs --window between 1 and 100000")
+    if kind == "delay" and (params.get("ms", -1) < 0 or params.get("jitter", 0) < 0):
+        raise ConfigError("delay needs --ms >= 0 (and --jitter >= 0)")
+
+
+def apply_link_fault(lab_dir: LabDir, info: LabInfo, kind: str, a: str, b: str, *, oneway: bool = False,
+                     params: dict[str, float] | None = None, seed: int | None = None, for_s: float | None = None,
+                     verify: float | None = None, progress: Progress = _quiet) -> FaultSpec:
+    """Put a link fault on a->b (and b->a unless ``oneway``)."""
+    if kind not in LINK_FAULTS:
+        raise ConfigError(f"unknown link fault {kind!r}; one of {', '.join(LINK_FAULTS)}")
+    a, b = neighbours(info, a.upper(), b.upper())
+    params = dict(params or {})
+    _check_params(kind, params)
+    links = [(a, b)] if oneway else [(a, b), (b, a)]
+    from emulator import orchestrator
+
+    orchestrator.ensure_daemon(lab_dir, info)
+    with locked(lab_dir):
+        busy = {link: f for f in active(lab_dir) if f.is_link_fault for link in f.links}
+        for link in links:
+            if link in busy:
+                other = busy[link]
+                raise LabError(f"link {link[0]}->{link[1]} already has fault {other.id} ({other.describe()})",
+                               hint=f"heal it first: smslab heal {other.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind=kind, target=f"{a}->{b}" if oneway else f"{a}<->{b}",
+                         links=links, seed=_seed(seed), params=params, since=now,
+                         until=now + for_s if for_s else None)
+        save(lab_dir, spec)  # first: whatever happens next, the fault shows and heals
+        for sender, receiver in links:
+            admin.divert_link(info.amqp_url, info.lab_id, sender, receiver, info.topology.settings.queue_type)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link=spec.target, fault=spec.id,
+                       detail={"kind": kind, "seed": spec.seed, "params": params, "links": [f"{s}->{r}" for s, r in links]})
+    progress(f"fault {spec.id}: {spec.describe()} (seed {spec.seed}) is on; checking it on traffic")
+    _verify_link_fault(lab_dir, info, spec, verify)
+    return spec
+
+
+def _verify_link_fault(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, timeout: float | None) -> None:
+    """The relay must see the link's messages: they no longer reach the receiver directly.
+    Every link carries a heartbeat each sync interval, so an idle link is seen too."""
+    wait = timeout if timeout is not None else max(5.0, 6 * info.topology.settings.sync_interval)
+    deadline = time.monotonic() + wait
+    pending = {f"{s}->{r}" for s, r in spec.links}
+    while pending and time.monotonic() < deadline:
+        seen = stats(lab_dir, spec.id).links
+        pending = {name for name in pending if not (name in seen and seen[name].seen > 0)}
+        if pending:
+            time.sleep(0.1)
+    if pending:
+        senders = sorted({name.split("->")[0] for name in pending})
+        down = [s for s in senders if lab_dir.pid(s) is None]
+        heal(lab_dir, info, spec.id, verified=False)
+        why = f" ({', '.join(down)} not running)" if down else ""
+        raise LabError(f"fault {spec.id} did not take effect: no message crossed {', '.join(sorted(pending))}"
+                       f" within {wait:.0f}s{why}; it was healed",
+                       hint=(f"start {down[0]} first (smslab start {down[0]})" if down
+                             else f"is the lab's fault daemon running? see {lab_dir.daemon_log()}"))
+
+
+def apply_disconnect(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | None = None,
+                     progress: Progress = _quiet) -> FaultSpec:
+    site = site.upper()
+    info.topology.site(site)
+    control = control_for(lab_dir, info)
+    from emulator import orchestrator
+
+    orchestrator.ensure_daemon(lab_dir, info)
+    name = names.connection_name(info.lab_id, site)
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind == "disconnect" and f.site == site:
+                raise LabError(f"{site} is already disconnected by fault {f.id}", hint=f"smslab heal {f.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="disconnect", target=site, site=site, seed=_seed(None),
+                         since=now, until=now + for_s if for_s else None)
+        save(lab_dir, spec)
+        closed = control.close_connections(name, "smslab fault: connection closed")
+        spec.state = "on"
+        save(lab_dir, spec)
+        save_stats(lab_dir, spec.id, FaultStats(closed=closed, updated=time.time()))
+        history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site,
+                       detail={"kind": "disconnect", "closed": closed, "for": for_s})
+    if closed == 0:
+        heal(lab_dir, info, spec.id, verified=False)
+        raise LabError(f"site {site} has no broker connection to close: fault {spec.id} did not take effect;"
+                       " it was healed", hint=f"is {site} running? (smslab status)")
+    progress(f"fault {spec.id}: {site} disconnected ({closed} connection(s) closed)"
+             + (f" for {for_s:g}s" if for_s else "; smslab heal lets it reconnect"))
+    return spec
+
+
+def apply_alarm(lab_dir: LabDir, info: LabInfo, *, for_s: float | None = None, progress: Progress = _quiet) -> FaultSpec:
+    control = control_for(lab_dir, info)
+    from emulator import orchestrator
+
+    orchestrator.ensure_daemon(lab_dir, info)
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind == "alarm":
+                raise LabError(f"a memory alarm is already on (fault {f.id})", hint=f"smslab heal {f.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="alarm", target="broker", seed=_seed(None), since=now,
+                         until=now + for_s if for_s else None,
+                         params={"watermark": control.memory_watermark()})
+        save(lab_dir, spec)
+        control.set_memory_watermark(0.0)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link="broker", fault=spec.id, detail={"kind": "alarm", "for": for_s})
+    deadline = time.monotonic() + 15
+    while "memory" not in control.alarms():
+        if time.monotonic() > deadline:
+            heal(lab_dir, info, spec.id, verified=False)
+            raise LabError(f"fault {spec.id}: the broker raised no memory alarm; it was healed")
+        time.sleep(0.2)
+    progress(f"fault {spec.id}: memory alarm on {control.describe()}: publishers are blocked"
+             + (f" for {for_s:g}s" if for_s else ""))
+    return spec
+
+
+def apply_pause(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | None = None,
+                progress: Progress = _quiet) -> FaultSpec:
+    site = site.upper()
+    info.topology.site(site)
+    pid = lab_dir.pid(site)
+    if pid is None:
+        raise LabError(f"site {site} is not running", hint=f"smslab start {site}")
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind == "pause" and f.site == site:
+                raise LabError(f"{site} is already paused by fault {f.id}", hint=f"smslab resume {site}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="pause", target=site, site=site, seed=_seed(None), since=now,
+                         until=now + for_s if for_s else None, params={"pid": float(pid)})
+        save(lab_dir, spec)
+        os.kill(pid, signal.SIGSTOP)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site, detail={"kind": "pause", "pid": pid})
+    if for_s:
+        from emulator import orchestrator
+
+        orchestrator.ensure_daemon(lab_dir, info)
+    deadline = time.monotonic() + 5
+    while _proc_state(pid) not in ("T", "t"):
+        if time.monotonic() > deadline:
+            heal(lab_dir, info, spec.id, verified=False)
+            raise LabError(f"fault {spec.id}: {site} (pid {pid}) did not stop; it was resumed")
+        time.sleep(0.02)
+    progress(f"fault {spec.id}: {site} paused (SIGSTOP to pid {pid})")
+    return spec
+
+
+def broker_restart(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet, timeout: float = 120.0) -> None:
+    """stop_app, start_app; then every running site must reconnect."""
+    from emulator import orchestrator
+
+    control = control_for(lab_dir, info)
+    running = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
+    before = {c: orchestrator.connects(info, c) for c in running}
+    history.record(lab_dir, "fault_on", link="broker", detail={"kind": "broker-restart"})
+    progress(f"restarting {control.describe()} (stop_app, start_app)")
+    control.stop_app()
+    control.start_app()
+    history.record(lab_dir, "fault_off", link="broker", detail={"kind": "broker-restart"})
+    deadline = time.monotonic() + timeout
+    pending = [c for c in running if before[c] is not None]
+    while pending:
+        pending = [c for c in pending if (orchestrator.connects(info, c) or 0) <= (before[c] or 0)]
+        if pending and time.monotonic() > deadline:
+            raise LabError(f"after the broker restart, not reconnected within {timeout:.0f}s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.3)
+    progress(f"broker restarted; {len(running)} site(s) reconnected")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return "?"
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(2**31)
+
+
+# -- healing ---------------------------------------------------------------------------------------
+
+
+def find(lab_dir: LabDir, fault_id: str) -> FaultSpec:
+    for f in active(lab_dir):
+        if f.id == fault_id:
+            return f
+    on = ", ".join(f"{f.id} ({f.describe()})" for f in active(lab_dir)) or "none"
+    raise LabError(f"no fault {fault_id!r} is on in this lab (on: {on})", hint="smslab faults lists them")
+
+
+def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 30.0,
+         progress: Progress = _quiet, verified: bool = True) -> FaultSpec | None:
+    """Undo one fault (idempotent: a fault half applied or half healed is healed all the way)."""
+    with locked(lab_dir):
+        try:
+            spec = find(lab_dir, fault_id)
+        except LabError:
+            return None  # healed meanwhile (by the daemon at its --for, or another command)
+        spec.state = "healing"
+        save(lab_dir, spec)
+        if spec.is_link_fault:
+            for sender, receiver in spec.links:
+                admin.restore_link(info.amqp_url, info.lab_id, sender, receiver)
+        elif spec.kind == "alarm":
+            control_for(lab_dir, info).set_memory_watermark(spec.params.get("watermark", 0.4))
+        elif spec.kind == "pause":
+            try:
+                os.kill(int(spec.params["pid"]), signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    if spec.is_link_fault:
+        _drain(lab_dir, info, spec, wait_drain)
+    with locked(lab_dir):
+        done = stats(lab_dir, spec.id)
+        off: dict[str, Any] = {"kind": spec.kind, "stats": _summary(done)}
+        if not verified:
+            off["verified"] = False
+        history.record(lab_dir, "fault_off", link=spec.target, fault=spec.id, detail=off)
+        _spec_path(lab_dir, spec.id).unlink(missing_ok=True)
+        stats_path(lab_dir, spec.id).unlink(missing_ok=True)
+    progress(f"fault {spec.id} ({spec.describe()}) healed" + (f": {_summary_text(done)}" if _summary(done) else ""))
+    return spec
+
+
+def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float) -> None:
+    """The daemon forwards what the relays hold and deletes them; if it is not running, the
+    relays are drained from here."""
+    from broker import relay
+
+    deadline = time.monotonic() + wait
+    while lab_dir.daemon_pid() is not None and time.monotonic() < deadline:
+        if stats(lab_dir, spec.id).drained:
+            return
+        time.sleep(0.1)
+    for sender, receiver in spec.links:
+        relay.drain(info.amqp_url, info.lab_id, sender, receiver)
+
+
+def heal_all(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet) -> list[FaultSpec]:
+    healed = []
+    for spec in active(lab_dir):
+        done = heal(lab_dir, info, spec.id, progress=progress)
+        if done is not None:
+            healed.append(done)
+    return healed
+
+
+def _summary(s: FaultStats) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, link in s.links.items():
+        out[name] = {k: v for k, v in link.model_dump().items() if v}
+    if s.closed:
+        out["closed"] = s.closed
+    return out
+
+
+def _summary_text(s: FaultStats) -> str:
+    parts = []
+    for name, link in sorted(s.links.items()):
+        bits = [f"{link.seen} seen", f"{link.forwarded} forwarded"]
+        if link.dropped:
+            bits.append(f"{link.dropped} dropped ({link.envelopes_dropped} envelopes)")
+        if link.duplicated:
+            bits.append(f"{link.duplicated} duplicated ({link.envelopes_duplicated} envelopes)")
+        parts.append(f"{name}: " + ", ".join(bits))
+    if s.closed:
+        parts.append(f"{s.closed} connection(s) closed")
+    return "; ".join(parts)
+
+
+def listing(lab_dir: LabDir) -> list[dict[str, Any]]:
+    """What ``smslab faults`` shows: each fault that is on and what it has done so far."""
+    out = []
+    for spec in active(lab_dir):
+        row = json.loads(spec.model_dump_json())
+        row["description"] = spec.describe()
+        row["done"] = _summary(stats(lab_dir, spec.id))
+        row["done_text"] = _summary_text(stats(lab_dir, spec.id))
+        out.append(row)
+    return out
