@@ -68,7 +68,11 @@ def check(url: str) -> None:
         pass
 
 
-def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic") -> None:
+def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic",
+                links: list[tuple[str, str]] | None = None, *,
+                diverted: frozenset[tuple[str, str]] = frozenset()) -> None:
+    """Declare a lab's exchange, queues and bindings (idempotent). Each directed link's key is
+    bound to its receiver's inbox, except the ``diverted`` ones (a link fault holds them)."""
     with blocking(url) as conn:
         ch = conn.channel()
         ch.exchange_declare(names.exchange(lab), "direct", durable=True)
@@ -80,18 +84,66 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
             ):
                 ch.queue_declare(queue, durable=True, arguments=args)
                 ch.queue_bind(queue, names.exchange(lab), routing_key=key)
-        ch.queue_declare(names.dead_queue(lab), durable=True)
+        for key, receiver in names.link_keys(links or []):
+            sender = key.split(".")[1]
+            if (sender, receiver) not in diverted:
+                ch.queue_bind(names.site_queue(lab, receiver), names.exchange(lab), routing_key=key)
+        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=args)
         ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
 
 
-def delete_lab(url: str, lab: str, sites: list[str]) -> None:
+def delete_lab(url: str, lab: str, sites: list[str], links: list[tuple[str, str]] | None = None) -> None:
     with blocking(url) as conn:
         ch = conn.channel()
-        for queue in [names.dead_queue(lab)] + [
+        relays = [names.relay_queue(lab, a, b) for p, c in (links or []) for a, b in ((p, c), (c, p))]
+        for queue in [names.dead_queue(lab), *relays] + [
             q for s in sites for q in (names.site_queue(lab, s), names.control_queue(lab, s))
         ]:
             ch.queue_delete(queue)
         ch.exchange_delete(names.exchange(lab))
+
+
+def divert_link(url: str, lab: str, sender: str, receiver: str, queue_type: str = "classic") -> None:
+    """Route the link sender->receiver to its relay queue instead of the receiver's inbox.
+
+    The inbox binding goes first: a packet published in between comes back to its sender as
+    unroutable (and is sent again), where the other order could deliver it twice."""
+    key = names.link_key(sender, receiver)
+    relay = names.relay_queue(lab, sender, receiver)
+    with blocking(url) as conn:
+        ch = conn.channel()
+        ch.queue_declare(relay, durable=True, arguments=names.queue_arguments(queue_type))
+        ch.queue_unbind(names.site_queue(lab, receiver), names.exchange(lab), routing_key=key)
+        ch.queue_bind(relay, names.exchange(lab), routing_key=key)
+
+
+def restore_link(url: str, lab: str, sender: str, receiver: str) -> None:
+    """Route the link sender->receiver to the receiver's inbox again (the relay keeps what it
+    holds until it is drained)."""
+    key = names.link_key(sender, receiver)
+    with blocking(url) as conn:
+        ch = conn.channel()
+        try:
+            ch.queue_unbind(names.relay_queue(lab, sender, receiver), names.exchange(lab), routing_key=key)
+        except pika.exceptions.ChannelClosedByBroker:  # no relay queue (any more): nothing to unbind
+            ch = conn.channel()
+        ch.queue_bind(names.site_queue(lab, receiver), names.exchange(lab), routing_key=key)
+
+
+def unbind_inbox(url: str, lab: str, sender: str, receiver: str) -> None:
+    """The link sender->receiver no longer goes to the receiver's inbox (idempotent)."""
+    with blocking(url) as conn:
+        conn.channel().queue_unbind(names.site_queue(lab, receiver), names.exchange(lab),
+                                    routing_key=names.link_key(sender, receiver))
+
+
+def queue_depth(url: str, queue: str) -> int | None:
+    """Messages ready in a queue, or None if it does not exist."""
+    with blocking(url) as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return None
 
 
 def queue_depths(url: str, lab: str, sites: list[str]) -> dict[str, int]:

@@ -475,12 +475,14 @@ class MemoryBroker:
         queue.consumers.clear()
 
     def _reconsume(self, conn: Connection, lab: str, site: str, label: str, prefetch: int,
-                   queue_type: str) -> None:
-        """A client declares a cancelled consumer's queue and binding again and consumes."""
+                   queue_type: str, neighbours: list[str]) -> None:
+        """A client declares a cancelled consumer's queue and bindings again and consumes."""
         name = (names.site_queue if label == "site" else names.control_queue)(lab, site)
-        key = names.site_key(site) if label == "site" else names.control_key(site)
+        keys = ([names.site_key(site)] + [names.link_key(n, site) for n in neighbours]
+                if label == "site" else [names.control_key(site)])
         self.declare_queue(name, names.queue_arguments(queue_type))
-        self.bind(name, names.exchange(lab), key)
+        for key in keys:
+            self.bind(name, names.exchange(lab), key)
         consumer = Consumer(conn, self.queues[name], label, prefetch)
         conn.consumers.append(consumer)
         self.queues[name].consumers.append(consumer)
@@ -488,7 +490,8 @@ class MemoryBroker:
         conn.send_to_client(lambda: conn.client._restored(label))
         self.queues[name]._dispatch()
 
-    def declare_lab(self, lab: str, sites: list[str], queue_type: str = "classic") -> None:
+    def declare_lab(self, lab: str, sites: list[str], queue_type: str = "classic",
+                    links: list[tuple[str, str]] | None = None) -> None:
         """What ``broker.admin.declare_lab`` declares on RabbitMQ."""
         self.declare_exchange(names.exchange(lab))
         args = names.queue_arguments(queue_type)
@@ -497,8 +500,15 @@ class MemoryBroker:
                                (names.control_queue(lab, site), names.control_key(site))):
                 self.declare_queue(queue, args)
                 self.bind(queue, names.exchange(lab), key)
-        self.declare_queue(names.dead_queue(lab))
+        for key, receiver in names.link_keys(links or []):
+            self.bind(names.site_queue(lab, receiver), names.exchange(lab), key)
+        self.declare_queue(names.dead_queue(lab), args)
         self.bind(names.dead_queue(lab), names.exchange(lab), names.DEAD_KEY)
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        bound = self.exchanges[exchange].bindings.get(routing_key, [])
+        if queue in bound:
+            bound.remove(queue)
 
     def queue(self, name: str) -> Queue:
         return self.queues[name]
@@ -629,7 +639,7 @@ class MemoryBroker:
                            (names.control_queue(lab, site), names.control_key(site))):
             self.declare_queue(queue, args)
             self.bind(queue, exchange, key)
-        self.declare_queue(names.dead_queue(lab))
+        self.declare_queue(names.dead_queue(lab), args)
         self.bind(names.dead_queue(lab), exchange, names.DEAD_KEY)
         conn.confirm = True
         conn.send_to_client(conn.client._opened)  # before any delivery: the stream keeps order
@@ -697,10 +707,11 @@ class MemoryTransport:
 
     def __init__(self, broker: MemoryBroker, *, lab: str, site: str, prefetch: int = 500,
                  queue_type: str = "classic", reconnect_delay: float = 0.2,
-                 max_reconnect_delay: float = 5.0) -> None:
+                 max_reconnect_delay: float = 5.0, neighbours: list[str] | None = None) -> None:
         self.broker = broker
         self.lab = lab
         self.site = site
+        self.neighbours = list(neighbours or [])
         self.prefetch = prefetch
         self.queue_type = queue_type
         self.reconnect_delay = reconnect_delay
@@ -839,7 +850,7 @@ class MemoryTransport:
         if conn is None or not conn.open:
             return
         conn.send_to_broker(lambda: self.broker._reconsume(conn, self.lab, self.site, label, self.prefetch,
-                                                           self.queue_type))
+                                                           self.queue_type, self.neighbours))
 
     def _restored(self, label: str) -> None:
         assert self._handler is not None

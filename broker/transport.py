@@ -43,9 +43,11 @@ class PikaTransport:
         prefetch: int = 500,
         queue_type: str = "classic",
         heartbeat: int = 10,
+        neighbours: list[str] | None = None,
     ) -> None:
         self.lab = lab
         self.site = site
+        self.neighbours = list(neighbours or [])  # whose link keys bind to our inbox
         self.prefetch = prefetch
         self.queue_type = queue_type
         params = pika.URLParameters(url)
@@ -163,7 +165,7 @@ class PikaTransport:
                                         arguments=args, callback=cb),
             lambda cb: ch.queue_bind(names.control_queue(lab, site), names.exchange(lab),
                                      routing_key=names.control_key(site), callback=cb),
-            lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True, callback=cb),
+            lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True, arguments=args, callback=cb),
             lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
                                      routing_key=names.DEAD_KEY, callback=cb),
             lambda cb: ch.confirm_delivery(self._on_confirm, callback=cb),
@@ -203,19 +205,23 @@ class PikaTransport:
         if label is None or ch is None or not ch.is_open:
             return
         queue = self._queue_of(label)
-        key = names.site_key(self.site) if label == "site" else names.control_key(self.site)
+        keys = ([names.site_key(self.site)] + [names.link_key(n, self.site) for n in self.neighbours]
+                if label == "site" else [names.control_key(self.site)])
         log.warning("%s: the broker cancelled the consumer of %s (queue deleted?); declaring it again",
                     self.site, queue)
 
-        def bound(_frame: Any) -> None:
-            self._consume(label)
-            if self._handler is not None:
-                handler = self._handler
-                self._guard(lambda: handler.on_queue_restored(label))
+        def bind(index: int) -> None:
+            if index == len(keys):
+                self._consume(label)
+                if self._handler is not None:
+                    handler = self._handler
+                    self._guard(lambda: handler.on_queue_restored(label))
+                return
+            ch.queue_bind(queue, names.exchange(self.lab), routing_key=keys[index],
+                          callback=lambda _f: bind(index + 1))
 
         ch.queue_declare(queue, durable=True, arguments=declare_args(self.queue_type),
-                         callback=lambda _f: ch.queue_bind(queue, names.exchange(self.lab), routing_key=key,
-                                                           callback=bound))
+                         callback=lambda _f: bind(0))
 
     def _guard(self, fn: Callable[[], None]) -> None:
         """The last line of defence: an exception out of a handler must not end pika's loop

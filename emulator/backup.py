@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from emulator import history
 from emulator.errors import CorruptBackup, LabError
 from emulator.lab import LabDir, LabInfo
 from sites.store import backup_file, check_backup_file
@@ -67,6 +68,8 @@ def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
         links=links,
     )
     (target_dir / "backup.json").write_text(record.model_dump_json(indent=2))
+    history.record(lab_dir, "store", link=site, site=site,
+                   detail={"action": "backup", "backup": backup_id, "txn_id": record.txn_id, "links": links})
     return record
 
 
@@ -146,14 +149,24 @@ def restore_into(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> B
 
 def replace_store(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str | None,
                   wipe: bool) -> str | None:
-    """Put a stopped site's store back to a backup, or to nothing; say what was done."""
+    """Put a stopped site's store back to a backup, or to nothing; say what was done.
+
+    The site's history is merged first: what the store recorded since the backup is gone
+    from it after this, but not from the lab's history."""
+    if not backup_id and not wipe:
+        return None
+    if backup_id:
+        verify(lab_dir, info, backup_id, site)
+    if not lab_dir.pid(site):
+        history.merge(lab_dir, info)
     if backup_id:
         record = restore_into(lab_dir, info, backup_id, site)
+        history.record(lab_dir, "store", link=site, site=site,
+                       detail={"action": "restore", "backup": record.id, "links": record.links})
         return f"{site} restored from backup {record.id} (transaction ID {record.txn_id})"
-    if wipe:
-        wipe_store(lab_dir, site)
-        return f"{site} rebuilt from nothing under its old site code"
-    return None
+    wipe_store(lab_dir, site)
+    history.record(lab_dir, "store", link=site, site=site, detail={"action": "wipe"})
+    return f"{site} rebuilt from nothing under its old site code"
 
 
 def wipe_store(lab_dir: LabDir, site: str) -> None:

@@ -21,6 +21,7 @@ Merging takes a lock, so several commands (and the daemon) may merge at once.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import json
 import os
 import sqlite3
@@ -61,6 +62,7 @@ KINDS: dict[str, str] = {
     "health": "a link's health changed",
     "link_reset": "a recovery reset a link's sequences",
     "recovery": "the recovering site's agent entered a phase",
+    "void": "envelopes queued for a peer deleted before they were acknowledged (deljob, delsite)",
     "peer_recovery": "a neighbour's side of a recovery moved",
     "queue_restored": "the broker deleted a queue of the site; it was declared again",
     "fault_on": "a fault took effect",
@@ -210,7 +212,7 @@ def _site_events(lab_dir: LabDir, code: str, state: MergeState) -> list[Event]:
                 state.gaps.append(Gap(site=code, run=run, after=after, first_kept=first_kept))
                 after = (first_kept if before is None else min(first_kept, before)) - 1
             while True:
-                rows = store.events_between(after, before)
+                rows = store.events_between(run, after, before)
                 if not rows:
                     break
                 out.extend(_row_event(code, row) for row in rows)
@@ -234,16 +236,16 @@ def _harness_events(lab_dir: LabDir, state: MergeState) -> list[Event]:
 
 def merge(lab_dir: LabDir, info: LabInfo | None = None) -> int:
     """Append every new event of every site and of the harness to history.jsonl, in time
-    order (ties: site, then index); return how many were added."""
+    order (each site's in its index order); return how many were added."""
     info = info or lab_dir.load()
     with _lock(lab_dir):
         state = load_state(lab_dir)
-        new: list[Event] = []
-        for code in info.topology.depth_order():
-            new.extend(_site_events(lab_dir, code, state))
-        new.extend(_harness_events(lab_dir, state))
+        streams = [_site_events(lab_dir, code, state) for code in info.topology.depth_order()]
+        streams.append(_harness_events(lab_dir, state))
+        # Interleaved by time, each site's events in its own order (its index is the truth;
+        # two events of one transaction may carry clocks read a moment apart).
+        new = list(heapq.merge(*streams, key=lambda e: e.time))
         if new:
-            new.sort(key=lambda e: (e.time, e.site, e.index))
             with history_path(lab_dir).open("a") as out:
                 out.writelines(e.model_dump_json(exclude_none=True) + "\n" for e in new)
                 out.flush()

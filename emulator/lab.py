@@ -6,6 +6,10 @@
     <lab dir>/sites/<CODE>/site.pid    pid of the running site process
     <lab dir>/sites/<CODE>/site.log    its log
     <lab dir>/backups/<ID>/            one backup: site.db + backup.json
+    <lab dir>/faults/                  the faults that are on (one file each) and their counters
+    <lab dir>/labd.pid, labd.log       the lab's fault daemon (relays, timed heals, history)
+    <lab dir>/harness.db               what the harness did (faults, kills, restores)
+    <lab dir>/history.jsonl            the merged history of the lab
 """
 
 from __future__ import annotations
@@ -13,13 +17,32 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from emulator.errors import ConfigError, LabError
 from emulator.topology import Topology
 
 DEFAULT_LAB_DIR = ".smslab"
+
+
+class BrokerRef(BaseModel):
+    """Which broker a lab uses, and how the harness reaches it for broker faults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["external", "private", "container"] = "external"
+    node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
+    container: str | None = None  # container: its id (testcontainers)
+
+    def describe(self, url: str) -> str:
+        where = url.split("@")[-1]
+        if self.kind == "private":
+            return f"a private RabbitMQ node of the lab ({where}, {self.node_dir})"
+        if self.kind == "container":
+            return f"a RabbitMQ container of the lab ({where})"
+        return f"RabbitMQ at {where}"
 
 
 class LabInfo(BaseModel):
@@ -29,6 +52,7 @@ class LabInfo(BaseModel):
     amqp_url: str
     created: float
     topology: Topology
+    broker: BrokerRef = Field(default_factory=BrokerRef)
 
 
 def new_lab_id(name: str) -> str:
@@ -80,6 +104,35 @@ class LabDir:
 
     def backups_dir(self) -> Path:
         return self.path / "backups"
+
+    def faults_dir(self) -> Path:
+        return self.path / "faults"
+
+    def daemon_pid_file(self) -> Path:
+        return self.path / "labd.pid"
+
+    def daemon_log(self) -> Path:
+        return self.path / "labd.log"
+
+    def daemon_pid(self) -> int | None:
+        """The pid of the lab's fault daemon if it is alive, else None."""
+        try:
+            pid = int(self.daemon_pid_file().read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        if _is_zombie(pid):
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return pid
+        return pid if b"emulator.labd" in argv else None
 
     def pid(self, code: str) -> int | None:
         """The pid of the site's process if it is alive, else None."""

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker import admin
-from emulator import backup
-from emulator.errors import LabError
-from emulator.lab import LabDir, LabInfo, new_lab_id
+from emulator import backup, history
+from emulator.errors import BrokerUnavailable, LabError, SmslabError
+from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id
 from emulator.topology import load_topology
 
 Progress = Callable[[str], None]
@@ -29,7 +29,7 @@ def _quiet(_msg: str) -> None:
 
 
 def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 60.0,
-       progress: Progress = _quiet) -> LabInfo:
+       progress: Progress = _quiet, broker: BrokerRef | None = None) -> LabInfo:
     topology = load_topology(topology_path)  # refused here, before anything starts
     if lab_dir.exists():
         old = lab_dir.load()
@@ -45,14 +45,15 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
         )
     admin.check(amqp_url)
     info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_url=amqp_url, created=time.time(),
-                   topology=topology)
+                   topology=topology, broker=broker or BrokerRef())
     lab_dir.save(info)
     (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     codes = topology.depth_order()
-    admin.declare_lab(amqp_url, info.lab_id, codes, topology.settings.queue_type)
+    ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
     for code in codes:
         spawn(lab_dir, code)
+    ensure_daemon(lab_dir, info)
     wait_attached(lab_dir, info, codes, timeout=timeout, progress=progress)
     return info
 
@@ -117,10 +118,63 @@ def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: 
             time.sleep(0.2)
 
 
-def ensure_broker_objects(info: LabInfo) -> None:
-    """(Re)declare the lab's exchange and queues: a lab kept by ``down --keep`` starts again."""
+def ensure_broker_objects(lab_dir: LabDir, info: LabInfo) -> None:
+    """(Re)declare the lab's exchange, queues and link bindings: a lab kept by ``down --keep``
+    starts again. A link a fault holds stays with its relay."""
+    from emulator import faults
+
     topo = info.topology
-    admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type)
+    admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type, topo.links(),
+                      diverted=faults.diverted_links(lab_dir))
+
+
+def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:
+    """The lab's fault daemon (``emulator.labd``): started if it is not running."""
+    pid = lab_dir.daemon_pid()
+    if pid is not None:
+        return pid
+    with open(lab_dir.daemon_log(), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emulator.labd", "--lab", str(lab_dir.path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True,
+        )
+    lab_dir.daemon_pid_file().write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while lab_dir.daemon_pid() is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError("the lab's fault daemon did not start", hint=f"see {lab_dir.daemon_log()}")
+        time.sleep(0.05)
+    return proc.pid
+
+
+def stop_daemon(lab_dir: LabDir) -> None:
+    pid = lab_dir.daemon_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_pid(pid, 15):
+        os.kill(pid, signal.SIGKILL)
+        _wait_pid(pid, 5)
+
+
+def _wait_pid(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def connects(info: LabInfo, code: str) -> int | None:
+    """How many broker connections a running site has made (None: it does not answer)."""
+    try:
+        answer = admin.control_request(info.amqp_url, info.lab_id, code, {"cmd": "ping"}, timeout=2)
+    except (LabError, BrokerUnavailable):
+        return None
+    value = answer.get("connects")
+    return int(value) if isinstance(value, int) else None
 
 
 def signal_site(lab_dir: LabDir, code: str, sig: int) -> int:
@@ -157,17 +211,37 @@ def is_alive(pid: int) -> bool:
 
 
 def kill(lab_dir: LabDir, code: str) -> int:
+    _resume_if_paused(lab_dir, code, "killed")
     pid = signal_site(lab_dir, code, signal.SIGKILL)
     wait_exit(lab_dir, code, pid, 5)
+    history.record(lab_dir, "process", link=code, site=code, detail={"action": "kill", "pid": pid})
     return pid
 
 
 def stop(lab_dir: LabDir, code: str, timeout: float = 15.0) -> int:
+    _resume_if_paused(lab_dir, code, "stopped")
     pid = signal_site(lab_dir, code, signal.SIGTERM)
     if not wait_exit(lab_dir, code, pid, timeout):
         os.kill(pid, signal.SIGKILL)
         wait_exit(lab_dir, code, pid, 5)
+    history.record(lab_dir, "process", link=code, site=code, detail={"action": "stop", "pid": pid})
     return pid
+
+
+def _resume_if_paused(lab_dir: LabDir, code: str, why: str) -> None:
+    """A paused site that is stopped or killed is not paused any more: its fault goes."""
+    from emulator import faults
+
+    for spec in faults.active(lab_dir):
+        if spec.kind == "pause" and spec.site == code:
+            faults.heal(lab_dir, lab_dir.load(), spec.id)
+
+
+def restart(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progress = _quiet) -> int:
+    """Stop a site gracefully and start it again (waits until it is attached)."""
+    if lab_dir.pid(code):
+        stop(lab_dir, code)
+    return start(lab_dir, code, timeout=timeout, progress=progress)
 
 
 def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progress = _quiet,
@@ -182,15 +256,23 @@ def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progre
     done = backup.replace_store(lab_dir, info, code, backup_id=restore, wipe=wipe)
     if done:
         progress(f"  {done}, no recovery")
-    ensure_broker_objects(info)
+    ensure_broker_objects(lab_dir, info)
     pid = spawn(lab_dir, code)
+    history.record(lab_dir, "process", link=code, site=code,
+                   detail={"action": "start", "pid": pid, "restore": restore, "wipe": wipe})
+    ensure_daemon(lab_dir, info)
     wait_attached(lab_dir, info, [code], timeout=timeout, progress=progress)
     return pid
 
 
 def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) -> LabInfo:
+    from emulator import faults
+
     info = lab_dir.load()
     codes = info.topology.depth_order()
+    healed = faults.heal_all(lab_dir, info, progress=progress)
+    if healed:
+        progress(f"healed {len(healed)} fault(s)")
     pids = {}
     for code in codes:
         pid = lab_dir.pid(code)
@@ -202,8 +284,13 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
             os.kill(pid, signal.SIGKILL)
             wait_exit(lab_dir, code, pid, 5)
     progress(f"stopped {len(pids)} site process(es)")
+    stop_daemon(lab_dir)
     try:
-        admin.delete_lab(info.amqp_url, info.lab_id, codes)
+        history.merge(lab_dir, info)
+    except SmslabError:
+        pass  # the history is kept with the lab directory; a damaged one is not a reason to stay up
+    try:
+        admin.delete_lab(info.amqp_url, info.lab_id, codes, info.topology.links())
         progress(f"deleted broker objects of lab {info.lab_id}")
     finally:
         if not keep:

@@ -106,7 +106,8 @@ def recover(
         progress(f"recovery {record['recovery_id']} of {site}: the agent joins under the reused site code")
     rid = record["recovery_id"]
     if not lab_dir.pid(site):
-        orchestrator.ensure_broker_objects(info)
+        orchestrator.ensure_broker_objects(lab_dir, info)
+        orchestrator.ensure_daemon(lab_dir, info)
         extra = ["--recover", rid] + (["--reference", record["reference"]] if record["reference"] else [])
         orchestrator.spawn(lab_dir, site, extra)
     deadline = time.monotonic() + timeout

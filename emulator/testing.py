@@ -21,7 +21,7 @@ import yaml
 from broker import admin
 from emulator import checker, orchestrator
 from emulator.errors import BrokerUnavailable
-from emulator.lab import LabDir, LabInfo
+from emulator.lab import BrokerRef, LabDir, LabInfo
 from sites.store import read_only
 
 T = TypeVar("T")
@@ -96,10 +96,10 @@ class Lab:
         self.info: LabInfo | None = None
 
     # lifetime
-    def up(self, topology_text: str, timeout: float = 60.0) -> LabInfo:
+    def up(self, topology_text: str, timeout: float = 60.0, broker: BrokerRef | None = None) -> LabInfo:
         path = self.root / "topology.yaml"
         path.write_text(topology_text)
-        self.info = orchestrator.up(path, self.dir, self.url, timeout=timeout)
+        self.info = orchestrator.up(path, self.dir, self.url, timeout=timeout, broker=broker)
         return self.info
 
     def down(self) -> None:
@@ -172,7 +172,9 @@ class Lab:
         self.pause()
         deadline = time.monotonic() + timeout
         while True:
-            report = self.check()
+            report = checker.check(self.dir, with_history=False)
+            if report.verdict == "valid":
+                report = self.check()
             if report.verdict == "valid":
                 return report
             if time.monotonic() > deadline:

@@ -79,6 +79,7 @@ def preinst(rt: SiteRuntime, command: ctl.Command, now: float) -> dict[str, Any]
             raise SmslabError(f"{dest} is not a neighbour of {rt.site}")
         deleted = rt.store.outbox_clear(dest)
         rt.published[dest] = rt.links[dest].sent_through
+        rt.event("void", now, link=f"{rt.site}->{dest}", detail={"why": "deljob", "deleted": deleted})
         return {"deleted": deleted}
     if isinstance(command, ctl.DelSite):
         target, parent = command.site, command.parent
@@ -91,6 +92,8 @@ def preinst(rt: SiteRuntime, command: ctl.Command, now: float) -> dict[str, Any]
             return {"deleted": 0, "note": f"{target} reports to {actual}, not {parent}: nothing deleted"}
         removed = rt.store.delete_site_data_of([target])
         jobs = rt.store.outbox_clear(target) if target in rt.links else 0
+        if target in rt.links:
+            rt.event("void", now, link=f"{rt.site}->{target}", detail={"why": "delsite", "deleted": jobs})
         rt.status(sid.SITE_DELETED, "info",
                   f"delsite: deleted {removed} record(s) of site {target} and {jobs} job(s)", now)
         return {"deleted": removed, "jobs": jobs}

@@ -546,7 +546,8 @@ class SiteRuntime:
 
     def _receive_ack(self, link: seq.LinkState, ack: LinkAck, redelivered: bool, now: float) -> None:
         self.heard_from.add(link.peer)
-        decision = seq.take_ack(link, ack, mode=self.mode, now=now, redelivered=redelivered)
+        decision = seq.take_ack(link, ack, mode=self.mode, now=now, redelivered=redelivered,
+                                suspect_for=3 * self.settings.sync_interval)
         effect = decision.effect
         name = f"{self.site}->{link.peer}"
         if decision.purge_through is not None:
@@ -847,7 +848,7 @@ class SiteRuntime:
     def publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None:
         body = wire.encode_parts(self.lab, self.site, peer, [wire.encode_message(m) for m in msgs])
         try:
-            self.transport.publish(names.site_key(peer), body, None)
+            self.transport.publish(names.link_key(self.site, peer), body, None)
         except BrokerUnavailable:
             pass  # acks and requests are repeated every sync interval
 
@@ -869,7 +870,7 @@ class SiteRuntime:
                 chunk = rows[start:start + PACKET_SIZE]
                 body = wire.encode_parts(self.lab, self.site, peer, [b for _, b in chunk])
                 try:
-                    self.transport.publish(names.site_key(peer), body, ("out", peer, chunk[0][0]))
+                    self.transport.publish(names.link_key(self.site, peer), body, ("out", peer, chunk[0][0]))
                 except BrokerUnavailable:
                     return
                 published = chunk[-1][0]

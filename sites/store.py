@@ -362,18 +362,16 @@ class SiteStore:
 
     def runs(self) -> list[tuple[str, int, float]]:
         """(run, first index, started) of every run whose events the store holds, oldest first."""
+        # A run killed before it wrote anything shares its first index with the next: the
+        # order they began in (rowid) keeps the empty one first.
         return [(r, int(i), float(t)) for r, i, t in
-                self.db.execute("SELECT run, first_idx, started FROM runs ORDER BY first_idx")]
+                self.db.execute("SELECT run, first_idx, started FROM runs ORDER BY first_idx, rowid")]
 
-    def events_between(self, after: int, before: int | None, limit: int = 50_000) -> list[tuple[Any, ...]]:
-        """Event rows with ``after < idx < before``, in index order."""
-        if before is None:
-            return self.db.execute(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? ORDER BY idx LIMIT ?",
-                (after, limit)).fetchall()
+    def events_between(self, run: str, after: int, before: int | None, limit: int = 50_000) -> list[tuple[Any, ...]]:
+        """Event rows of ``run`` with ``after < idx < before``, in index order."""
         return self.db.execute(
-            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? AND idx<? ORDER BY idx LIMIT ?",
-            (after, before, limit)).fetchall()
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? AND idx<? AND run=? ORDER BY idx LIMIT ?",
+            (after, before if before is not None else 2**62, run, limit)).fetchall()
 
     def first_event_index(self) -> int | None:
         row = self.db.execute("SELECT MIN(idx) FROM events").fetchone()

@@ -111,6 +111,7 @@ class LinkState:
     last_progress: float = 0.0  # last ack progress on our outbound side
     last_resend: float = 0.0
     last_resend_request: float = 0.0
+    backward_since: float | None = None  # acks have said less than we know since then
     # counters, all visible in diagnostics
     sent: int = 0
     applied: int = 0
@@ -195,15 +196,27 @@ def should_request_resend(link: LinkState, now: float, sync_interval: float) -> 
     return True
 
 
-def on_ack(link: LinkState, ack: LinkAck, *, now: float, redelivered: bool) -> AckOutcome:
-    """Take the peer's acknowledgement (and heartbeat) into the link state."""
+def on_ack(link: LinkState, ack: LinkAck, *, now: float, redelivered: bool,
+           suspect_for: float = 0.0) -> AckOutcome:
+    """Take the peer's acknowledgement (and heartbeat) into the link state.
+
+    An ack that says less than we already know is either old (late, reordered on the way,
+    redelivered) or from a peer that went back. Acks of a peer that went back keep saying
+    less, heartbeat after heartbeat; a late one is followed by newer ones. So only acks that
+    stay backwards for ``suspect_for`` seconds are a rollback; until then they change nothing.
+    """
     if ack.through > link.sent_through:
         return AckOutcome.SELF_ROLLBACK
     if ack.sent_through < link.applied_through or ack.through < link.acked_through:
         if redelivered:  # an ack we already took, delivered again after a reconnect
             return AckOutcome.NO_CHANGE
+        if link.backward_since is None:
+            link.backward_since = now
+        if now - link.backward_since < suspect_for:
+            return AckOutcome.NO_CHANGE
         link.rollbacks += 1
         return AckOutcome.ROLLBACK
+    link.backward_since = None
     if ack.through == link.acked_through:
         return AckOutcome.NO_CHANGE
     link.acked_through = ack.through
@@ -339,7 +352,8 @@ class AckDecision:
     quarantine_self: str | None = None  # hardened: we were restored without recovery
 
 
-def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redelivered: bool) -> AckDecision:
+def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redelivered: bool,
+             suspect_for: float = 0.0) -> AckDecision:
     """Take the peer's acknowledgement (and heartbeat) and decide what follows."""
     if link.paused:
         return AckDecision(AckEffect.PAUSED)
@@ -347,7 +361,7 @@ def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redeliver
     if hardened and ack.incarnation != link.their_incarnation:
         link.fenced += 1
         return AckDecision(AckEffect.FENCED)
-    outcome = on_ack(link, ack, now=now, redelivered=redelivered)
+    outcome = on_ack(link, ack, now=now, redelivered=redelivered, suspect_for=suspect_for)
     if outcome is AckOutcome.PROGRESS:
         return AckDecision(AckEffect.PROGRESS, purge_through=link.acked_through)
     if outcome is AckOutcome.SELF_ROLLBACK:

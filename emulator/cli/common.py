@@ -1,0 +1,78 @@
+"""What every ``smslab`` command shares: the registry, output, sites, control requests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from broker import admin
+from emulator.errors import LabError
+from emulator.lab import LabDir
+
+Handler = Callable[[argparse.Namespace, LabDir], int]
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def note(msg: str) -> None:
+    """Progress and notes: on stderr when the command prints JSON, so stdout stays JSON."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def progress_for(args: argparse.Namespace) -> Callable[[str], None]:
+    return note if getattr(args, "json", False) else say
+
+
+def emit_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str), flush=True)
+
+
+def amqp_url(args: argparse.Namespace) -> str:
+    return getattr(args, "amqp", None) or os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
+
+
+def known_site(lab_dir: LabDir, code: str) -> str:
+    code = code.upper()
+    lab_dir.load().topology.site(code)  # raises "unknown site" with the list
+    return code
+
+
+def control(lab_dir: LabDir, code: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send a control command to a running site; its refusal is an error."""
+    info = lab_dir.load()
+    if lab_dir.pid(code) is None:
+        raise LabError(f"site {code} is not running", hint=f"smslab start {code}")
+    answer = admin.control_request(info.amqp_url, info.lab_id, code, cmd, timeout=timeout)
+    if not answer.get("ok", False):
+        raise LabError(f"{code}: {answer.get('error')}", hint=answer.get("hint"))
+    return answer
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (progress goes to stderr)")

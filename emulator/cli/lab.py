@@ -1,0 +1,275 @@
+"""Commands of a lab's lifetime and processes: up, down, status, kill, stop, start, restart,
+pause, resume, workload, object commands, check and wait-converged."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from emulator import backup, checker, faults, orchestrator, status
+from emulator.cli.common import (
+    add_json,
+    amqp_url,
+    control,
+    emit_json,
+    known_site,
+    positive,
+    progress_for,
+    say,
+)
+from emulator.errors import SmslabError
+from emulator.lab import LabDir
+
+
+def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = orchestrator.up(Path(args.topology), lab_dir, amqp_url(args), timeout=args.timeout,
+                           progress=progress_for(args))
+    if args.json:
+        emit_json({"lab": info.lab_id, "dir": str(lab_dir.path), "sites": info.topology.depth_order(),
+                   "broker": info.broker.describe(info.amqp_url)})
+    else:
+        say(f"lab {info.lab_id} is up: {len(info.topology.sites)} sites active (smslab status)")
+    if args.foreground:
+        say("staying attached; Ctrl-C brings the lab down")
+        stop = {"now": False}
+
+        def on_signal(_s: int, _f: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["now"]:
+            time.sleep(0.5)
+            for code in info.topology.depth_order():
+                if lab_dir.pid(code) is None and not stop["now"]:
+                    say(f"site {code} is not running")
+        orchestrator.down(lab_dir, progress=say)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    kept = len(backup.list_all(lab_dir))
+    info = orchestrator.down(lab_dir, keep=args.keep, progress=say)
+    if not args.keep:
+        say(f"removed the lab directory {lab_dir.path}" + (f" with its {kept} backup(s)" if kept else "")
+            + " (--keep keeps it)")
+    say(f"lab {info.lab_id} is down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = lab_dir.load()
+    snapshot = status.collect(lab_dir, info)
+    if args.json:
+        emit_json(snapshot)
+    else:
+        say(status.render(snapshot))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.kill(lab_dir, code)
+    say(f"site {code} killed (SIGKILL to pid {pid})")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.stop(lab_dir, code)
+    say(f"site {code} stopped (pid {pid})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=say,
+                             restore=args.restore, wipe=args.wipe)
+    say(f"site {code} started (pid {pid})")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    pid = orchestrator.restart(lab_dir, code, timeout=args.timeout, progress=say)
+    say(f"site {code} restarted (pid {pid})")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    spec = faults.apply_pause(lab_dir, lab_dir.load(), code, for_s=args.for_s, progress=say)
+    say(f"{code} is paused (fault {spec.id}); smslab resume {code} goes on")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    info = lab_dir.load()
+    paused = [f for f in faults.active(lab_dir) if f.kind == "pause" and f.site == code]
+    if not paused:
+        say(f"{code} is not paused")
+        return 0
+    for spec in paused:
+        faults.heal(lab_dir, info, spec.id, progress=say)
+    return 0
+
+
+def cmd_workload(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    info = lab_dir.load()
+    codes = [known_site(lab_dir, s) for s in args.sites]
+    if not codes:
+        codes = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
+        down = [c for c in info.topology.depth_order() if c not in codes]
+        if down:
+            say(f"not running (skipped): {', '.join(down)}")
+    for code in codes:
+        control(lab_dir, code, {"cmd": f"{args.action}-workload"})
+    say(f"workload {args.action}d at {', '.join(codes)}")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    command: dict[str, Any] = {"cmd": "create", "kind": args.kind}
+    if args.name is not None:
+        command["name"] = args.name
+    obj = control(lab_dir, code, command)["object"]
+    if args.json:
+        emit_json(obj)
+    else:
+        say(obj["id"])
+    return 0
+
+
+def cmd_update(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    command: dict[str, Any] = {"cmd": "update", "id": args.id}
+    if args.name is not None:
+        command["name"] = args.name
+    obj = control(lab_dir, code, command)["object"]
+    if args.json:
+        emit_json(obj)
+    else:
+        say(f"{obj['id']} revision {obj['revision']}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    obj = control(lab_dir, code, {"cmd": "delete", "id": args.id})["object"]
+    if args.json:
+        emit_json(obj)
+    else:
+        say(f"{obj['id']} deleted (revision {obj['revision']})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    report = checker.check(lab_dir)
+    if args.json:
+        emit_json(report.to_dict())
+    else:
+        say(report.render())
+    return {"valid": 0, "invalid": 1, "unknown": 2}[report.verdict]
+
+
+def cmd_wait_converged(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    """Pause the workload, then poll the checker until valid or the timeout."""
+    info = lab_dir.load()
+    tell = progress_for(args)
+    running = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
+    for code in running:
+        try:
+            control(lab_dir, code, {"cmd": "pause-workload"}, timeout=5)
+        except SmslabError:
+            pass
+    tell(f"workload paused at {len(running)} site(s) (smslab workload resume to go on)")
+    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
+    last, last_said = "", 0.0
+    while True:
+        # the stores first (cheap); the history once they agree (it only grows)
+        report = checker.check(lab_dir, info, with_history=False)
+        if report.verdict == "valid":
+            report = checker.check(lab_dir, info)
+        if report.verdict == "valid":
+            if args.json:
+                emit_json(report.to_dict())
+            else:
+                say(f"converged in {time.monotonic() - started:.1f}s: {report.render().splitlines()[-1]}")
+            return 0
+        summary = report.render(limit=5, more_hint="smslab check for all")
+        now = time.monotonic()
+        if summary != last or now - last_said > 5:
+            tell(f"[{now - started:4.0f}s] {summary}")
+            last, last_said = summary, now
+        if now > deadline:
+            if args.json:
+                emit_json(report.to_dict())
+            tell(f"not converged after {args.timeout:.0f}s")
+            if any(v.kind in ("link", "reused_id") and v.hard for v in report.violations):
+                tell("hint: links are broken or IDs reused: recover the site (smslab recover SITE)")
+            return {"invalid": 1, "unknown": 2}[report.verdict]
+        time.sleep(0.5)
+
+
+def add_start_options(s: argparse.ArgumentParser) -> None:
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--restore", metavar="BACKUP",
+                       help="first replace the site's store with a backup, WITHOUT recovery (the KB failure)")
+    group.add_argument("--wipe", action="store_true",
+                       help="first rebuild the site from nothing under its old code, WITHOUT recovery")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    def add(name: str, handler: Any, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=text, description=text)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    s = add("up", cmd_up, "bring a lab up from a topology file")
+    s.add_argument("topology")
+    s.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C brings it down")
+    s.add_argument("--timeout", type=positive, default=60.0, help="seconds to wait for every site")
+    add_json(s)
+    s = add("down", cmd_down, "heal every fault, stop every site, delete the lab's broker objects")
+    s.add_argument("--keep", action="store_true", help="keep the lab directory (stores, logs, history)")
+    add_json(add("status", cmd_status, "the tree, sites and links"))
+    for name, handler, text in (("kill", cmd_kill, "SIGKILL a site"), ("stop", cmd_stop, "stop a site gracefully")):
+        add(name, handler, text).add_argument("site")
+    s = add("start", cmd_start, "start a stopped or killed site (waits until it is attached)")
+    s.add_argument("site")
+    s.add_argument("--timeout", type=positive, default=30.0)
+    add_start_options(s)
+    s = add("restart", cmd_restart, "stop a site gracefully and start it again")
+    s.add_argument("site")
+    s.add_argument("--timeout", type=positive, default=30.0)
+    s = add("pause", cmd_pause, "freeze a site's process (SIGSTOP) until smslab resume")
+    s.add_argument("site")
+    s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="resume it after S seconds")
+    add("resume", cmd_resume, "let a paused site go on (SIGCONT)").add_argument("site")
+    s = add("workload", cmd_workload, "pause or resume the workload generators")
+    s.add_argument("action", choices=["pause", "resume"])
+    s.add_argument("sites", nargs="*", metavar="SITE", help="sites (default: every running site)")
+    s = add("create", cmd_create, "create a package, advertisement or collection at a site")
+    s.add_argument("site")
+    s.add_argument("kind", choices=["package", "advertisement", "collection"])
+    s.add_argument("--name")
+    add_json(s)
+    s = add("update", cmd_update, "update an object at the site that owns it")
+    s.add_argument("site")
+    s.add_argument("id")
+    s.add_argument("--name")
+    add_json(s)
+    s = add("delete", cmd_delete, "delete an object at the site that owns it")
+    s.add_argument("site")
+    s.add_argument("id")
+    add_json(s)
+    add_json(add("check", cmd_check, "judge the lab: valid (0), invalid (1) or unknown (2)"))
+    s = add("wait-converged", cmd_wait_converged, "pause the workload and wait until check is valid")
+    s.add_argument("--timeout", type=positive, default=60.0)
+    add_json(s)

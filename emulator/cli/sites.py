@@ -1,0 +1,145 @@
+"""Commands about one site's data: backups, the recovery agent, the Preinst verbs, diag."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from emulator import backup, recover, status
+from emulator.cli.common import add_json, control, emit_json, known_site, positive, progress_for, say
+from emulator.cli.lab import cmd_stop
+from emulator.errors import LabError
+from emulator.lab import LabDir
+
+
+def cmd_backup(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    record = backup.create(lab_dir, lab_dir.load(), code)
+    if args.json:
+        emit_json(record.model_dump())
+    else:
+        say(record.id)
+    return 0
+
+
+def cmd_backups(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    lab_dir.load()  # "no lab in ..." like every other command
+    code = known_site(lab_dir, args.site) if args.site else None
+    records = backup.list_all(lab_dir, code)
+    if args.json:
+        emit_json([r.model_dump() for r in records])
+        return 0
+    damaged = backup.unreadable(lab_dir)
+    if not records and not damaged:
+        say("no backups" + (f" of {code}" if code else ""))
+    for name in damaged:
+        say(f"{name}  unreadable: its backup.json is missing or damaged (not usable)")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+        say(f"{r.id}  {r.site}  {when}  txn {r.txn_id}  incarnation {r.incarnation}  next object {r.object_next}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    reference = args.reference.upper() if args.reference else None
+    record = recover.recover(lab_dir, code, backup_id=args.backup, wipe=args.wipe, reference=reference,
+                             timeout=args.timeout, progress=progress_for(args))
+    if args.json:
+        emit_json(record)
+    return 0
+
+
+def cmd_syncchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    parent, child = known_site(lab_dir, args.parent), known_site(lab_dir, args.child)
+    children = lab_dir.load().topology.children(parent)
+    if child not in children:
+        raise LabError(f"{child} is not a child of {parent}",
+                       hint=f"children of {parent}: {', '.join(children) or 'none'}")
+    answer = control(lab_dir, parent, {"cmd": "syncchild", "child": child})
+    say(f"{parent} queued {answer['sent']} global object(s) for {child}")
+    return 0
+
+
+def cmd_syncparent(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    answer = control(lab_dir, code, {"cmd": "syncparent"})
+    kids = answer.get("children") or []
+    say(f"{code} queued {answer['sent']} record(s) for its parent"
+        + (f"; asked {', '.join(kids)} to do the same" if kids else ""))
+    return 0
+
+
+def cmd_deljob(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code, dest = known_site(lab_dir, args.site), known_site(lab_dir, args.dest)
+    answer = control(lab_dir, code, {"cmd": "deljob", "dest": dest})
+    say(f"deleted {answer['deleted']} job(s) of {code} destined for {dest}")
+    return 0
+
+
+def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    target, parent = known_site(lab_dir, args.site), known_site(lab_dir, args.parent)
+    at = known_site(lab_dir, args.at) if args.at else parent
+    if at == target:
+        raise LabError("delsite deletes a site's data at another site", hint="pass --at SITE (default: the parent)")
+    answer = control(lab_dir, at, {"cmd": "delsite", "site": target, "parent": parent})
+    say(answer.get("note")
+        or f"{at}: deleted {answer['deleted']} record(s) of {target} and {answer.get('jobs', 0)} job(s)")
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    emit_json(status.dump(lab_dir, code))
+    return 0
+
+
+def cmd_diag(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    info = status.diag(lab_dir, lab_dir.load(), code)
+    if args.json:
+        emit_json(info)
+    else:
+        say(status.render_diag(info))
+    return 0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    def add(name: str, handler: Any, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=text, description=text)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    s = add("backup", cmd_backup, "back up a running site (atomic snapshot); prints the backup id")
+    s.add_argument("site")
+    add_json(s)
+    s = add("backups", cmd_backups, "list backups")
+    s.add_argument("site", nargs="?")
+    add_json(s)
+    s = add("recover", cmd_recover, "run the recovery agent: reused site code + resynchronization handshake")
+    s.add_argument("site")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--backup", metavar="BACKUP", help="restore this backup first")
+    group.add_argument("--wipe", action="store_true", help="rebuild from nothing first (a secondary's reinstall)")
+    s.add_argument("--reference", metavar="SITE", help="the child whose copy of our global objects is taken back")
+    s.add_argument("--timeout", type=positive, default=120.0)
+    add_json(s)
+    s = add("syncchild", cmd_syncchild, "Preinst /syncchild: PARENT sends all global data to CHILD")
+    s.add_argument("parent")
+    s.add_argument("child")
+    s = add("syncparent", cmd_syncparent, "Preinst /syncparent: SITE and its children resend site data and SCFs up")
+    s.add_argument("site")
+    s = add("deljob", cmd_deljob, "Preinst /deljob: delete every job of SITE destined for DEST")
+    s.add_argument("site")
+    s.add_argument("dest")
+    s = add("delsite", cmd_delsite, "Preinst /delsite: delete SITE's data where it is run (at --at)")
+    s.add_argument("site")
+    s.add_argument("--parent", required=True, help="SITE's parent: nothing is deleted if it moved")
+    s.add_argument("--at", help="where to run it (default: the parent)")
+    add("dump", cmd_dump, "Preinst /dump: the SCFs a site holds, for itself and its children (JSON)").add_argument(
+        "site")
+    add("stopsite", cmd_stop, "Preinst /stopsite: stop a site gracefully").add_argument("site")
+    s = add("diag", cmd_diag, "a site's watermarks, link counters, outbox, health and drops")
+    s.add_argument("site")
+    add_json(s)
