@@ -58,7 +58,7 @@ from _common import (
 )
 
 from broker import admin
-from emulator import orchestrator
+from emulator import faults, orchestrator
 from emulator.errors import SmslabError
 from emulator.lab import LabDir
 from emulator.protocol import envelope as wire
@@ -96,10 +96,21 @@ sites:
 # ----------------------------------------------------------------------------------------
 
 
-def durable_run(url: str, count: int, deadline: float) -> dict[str, Any]:
-    with temp_lab("smslab-bench-", TOPOLOGY, "durable: ") as (topo, lab_dir):
-        log(f"durable: bringing up CEN + P01 in {lab_dir.path}")
-        info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(f"durable: {m.strip()}"))
+def durable_run(url: str, count: int, deadline: float, *, relay: bool = False) -> dict[str, Any]:
+    """The durable path; with ``relay``, through a link fault that does nothing (a drop at
+    rate 0 on P01->CEN): the link's packets go through its relay queue and the lab's fault
+    daemon, the cost of any link fault."""
+    what = "relay" if relay else "durable"
+    with temp_lab("smslab-bench-", TOPOLOGY, f"{what}: ") as (topo, lab_dir):
+        log(f"{what}: bringing up CEN + P01 in {lab_dir.path}")
+        info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(f"{what}: {m.strip()}"))
+        if relay:
+            spec = faults.apply_link_fault(lab_dir, info, "drop", "P01", "CEN", oneway=True, params={"rate": 0.0},
+                                           seed=1, progress=lambda m: log(f"relay: {m}"))
+            run = _measure_burst(url, info.lab_id, lab_dir, count, deadline)
+            stats = faults.stats(lab_dir, spec.id).links.get("P01->CEN")
+            run["relay"] = stats.model_dump() if stats else None
+            return run
         return _measure_burst(url, info.lab_id, lab_dir, count, deadline)
 
 
@@ -331,6 +342,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def print_table(report: dict[str, Any]) -> None:
     d, r, m, q = report["durable"], report["raw"], report["machine"], report["ratio"]
+    rl = report.get("relay")
 
     def spread(run: dict[str, Any]) -> str:
         runs = run["runs"]
@@ -344,6 +356,12 @@ def print_table(report: dict[str, Any]) -> None:
              spread(d)),
             ("durable: burst made at P01", "", f"{d['originated_s']:.2f} s", ""),
         ]
+    if rl:
+        rows += [
+            ("relay (fault, rate 0): applied", f"{rl['applied_per_s']:,.0f} env/s", f"{rl['applied_s']:.2f} s", ""),
+            ("relay (fault, rate 0): acked", f"{rl['acked_per_s']:,.0f} env/s", f"{rl['acked_s']:.2f} s",
+             spread(rl)),
+        ]
     if r:
         rows += [
             ("raw pika: consumed+acked", f"{r['consumed_per_s']:,.0f} msg/s", f"{r['consumed_s']:.2f} s",
@@ -354,6 +372,11 @@ def print_table(report: dict[str, Any]) -> None:
         rows += [
             ("ratio durable/raw (applied)", f"{q['applied']:.3f}", "", ""),
             ("ratio durable/raw (acked)", f"{q['acked']:.3f}", "", ""),
+        ]
+    if q.get("relay_acked") is not None:
+        rows += [
+            ("ratio relay/direct (applied)", f"{q['relay_applied']:.3f}", "", "goal >= 0.5"),
+            ("ratio relay/direct (acked)", f"{q['relay_acked']:.3f}", "", "goal >= 0.5"),
         ]
     w0 = max(len(row[0]) for row in rows)
     w1 = max(len(row[1]) for row in rows)
@@ -379,23 +402,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     load = busy_before_run(args.amqp)
     durable = raw = None
     samples: list[bytes] = []
-    if args.only != "raw":
+    relayed = None
+    if args.only in (None, "durable"):
         runs = [durable_run(args.amqp, args.count, args.deadline) for _ in range(args.repeat)]
         samples = [s for s in (r.pop("_sample") for r in runs) if s]
         durable = median_run(runs, "acked_per_s")
+    if args.only in (None, "relay"):
+        runs = [durable_run(args.amqp, args.count, args.deadline, relay=True) for _ in range(args.repeat)]
+        for r in runs:
+            r.pop("_sample")
+        relayed = median_run(runs, "acked_per_s")
     # The raw messages are a real envelope of the burst, or one built the same way.
     body = samples[0] if samples else sample_envelope()
-    if args.only != "durable":
+    if args.only in (None, "raw"):
         raw = median_run([raw_run(args.amqp, args.count, body, args.deadline)
                           for _ in range(args.repeat)], "consumed_per_s")
     return {
         "count": args.count,
         "envelope_bytes": (durable or {}).get("envelope_bytes") or len(body),
         "durable": durable,
+        "relay": relayed,
         "raw": raw,
         "ratio": {
             "applied": ratio((durable or {}).get("applied_per_s"), (raw or {}).get("consumed_per_s")),
             "acked": ratio((durable or {}).get("acked_per_s"), (raw or {}).get("consumed_per_s")),
+            "relay_applied": ratio((relayed or {}).get("applied_per_s"), (durable or {}).get("applied_per_s")),
+            "relay_acked": ratio((relayed or {}).get("acked_per_s"), (durable or {}).get("acked_per_s")),
         },
         "machine": machine_facts(args.amqp, load),
     }
@@ -409,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds each measurement may take before the run fails (default 300)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each measurement R times and report the median run (default 1)")
-    parser.add_argument("--only", choices=("durable", "raw"), help="run one of the two measurements")
+    parser.add_argument("--only", choices=("durable", "relay", "raw"), help="run one of the measurements")
     add_json_option(parser)
     args = parser.parse_args(argv)
     if args.count < 1 or args.repeat < 1:

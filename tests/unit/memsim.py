@@ -20,7 +20,7 @@ from typing import Any
 
 from broker import names
 from broker.memory import Loop, MemoryBroker, MemoryTransport, Message
-from emulator import checker
+from emulator import checker, history
 from emulator.lab import LabDir, LabInfo
 from emulator.topology import Topology, parse_topology
 from sites.clients import ClientStore
@@ -83,7 +83,8 @@ class SimLab:
         self.lab_id = lab_id
         self.loop = Loop(seed)
         self.broker = MemoryBroker(self.loop)
-        self.broker.declare_lab(lab_id, self.topology.codes, self.topology.settings.queue_type)
+        self.broker.declare_lab(lab_id, self.topology.codes, self.topology.settings.queue_type,
+                                self.topology.links())
         self.dir = LabDir(root / "lab")
         self.info = LabInfo(lab_id=lab_id, amqp_url="memory://", created=0.0, topology=self.topology)
         self.sites: dict[str, SimSite] = {}
@@ -110,7 +111,8 @@ class SimLab:
         clients = (ClientStore(self.dir.clients_db(code), code, topo.clients_of(code))
                    if spec.type != "central" or topo.clients_of(code) else None)
         transport = MemoryTransport(self.broker, lab=self.lab_id, site=code,
-                                    prefetch=topo.settings.prefetch, queue_type=topo.settings.queue_type)
+                                    prefetch=topo.settings.prefetch, queue_type=topo.settings.queue_type,
+                                    neighbours=[p for p in [topo.parent(code), *topo.children(code)] if p])
         # The ignores: broker.memory has its own Delivery (broker.transport's module imports pika).
         runtime = SiteRuntime(lab=self.lab_id, topology=topo, site=code, store=store, clients=clients,
                               transport=transport, clock=self.loop.time, rng=rng)  # type: ignore[arg-type]
@@ -150,8 +152,12 @@ class SimLab:
         return dest
 
     def restore(self, code: str, backup: Path) -> None:
-        """``backup.restore_into`` on a stopped site: the store is replaced, clients are not."""
+        """``backup.replace_store`` on a stopped site: its history merged first, then the store
+        is replaced (the clients are not), and the harness records it."""
         assert not self.sites[code].alive
+        history.merge(self.dir, self.info)
+        history.record(self.dir, "store", link=code, site=code, at=self.loop.now,
+                       detail={"action": "restore", "backup": str(backup)})
         db = self.dir.site_db(code)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -195,7 +201,8 @@ class SimLab:
 
     def violations(self) -> list[checker.Violation]:
         report = checker.check(self.dir, self.info, confirm=0)
-        return [v for v in report.violations if v.kind != "down"]
+        # no processes here: every site is "down"; a loss a recovery could not undo is history
+        return [v for v in report.violations if v.kind not in ("down", "lost_before_recovery")]
 
     def settle(self, timeout: float = 30.0) -> None:
         """Pause the workload and run until the checker finds nothing (but no processes)."""

@@ -57,7 +57,7 @@ class Stores:
             self.stores[site].set_meta(k, v)
 
     def report(self) -> checker.Report:
-        state = checker.read_state(self.dir, self.info)
+        state = checker.read_state(self.dir, self.info, with_history=False)
         state.running = set(TOPOLOGY.codes)  # no processes here: every site counts as running
         return checker.judge(state)
 

@@ -459,3 +459,18 @@ def test_a_delta_site_control_file_at_or_below_the_last_processed_is_ignored() -
     assert apply_control_change(12, 11)
     assert not apply_control_change(11, 11)
     assert not apply_control_change(10, 11)
+
+
+def test_a_late_backward_ack_is_not_a_rollback_one_that_stays_backward_is() -> None:
+    # acked through 4 of 10 sent; an old ack (through 2) arrives late, then fresh ones
+    state = link(next_send_seq=11, acked_through=4, next_expected=6)
+    assert on_ack(state, ack(through=2, sent_through=5), now=10.0, redelivered=False,
+                  suspect_for=3.0) is AckOutcome.NO_CHANGE
+    assert on_ack(state, ack(through=6, sent_through=5), now=10.5, redelivered=False,
+                  suspect_for=3.0) is AckOutcome.PROGRESS
+    assert state.rollbacks == 0 and state.backward_since is None
+    # a peer that went back keeps acking less, heartbeat after heartbeat
+    outcomes = [on_ack(state, ack(through=1, sent_through=5), now=t, redelivered=False, suspect_for=3.0)
+                for t in (20.0, 21.0, 22.0, 23.0)]
+    assert outcomes == [AckOutcome.NO_CHANGE] * 3 + [AckOutcome.ROLLBACK]
+    assert state.rollbacks == 1 and state.acked_through == 6
