@@ -102,10 +102,14 @@ class Report:
     def render(self, limit: int = 40, more_hint: str = "--json for all") -> str:
         lines = [f"verdict: {self.verdict}"]
         kinds: dict[str, int] = {}
+        notes: dict[str, int] = {}
         for v in self.violations:
-            kinds[v.kind] = kinds.get(v.kind, 0) + 1
+            bucket = notes if v.kind in NOTES else kinds
+            bucket[v.kind] = bucket.get(v.kind, 0) + 1
         if kinds:
             lines.append("violations: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+        if notes:
+            lines.append("notes: " + ", ".join(f"{k} {n}" for k, n in sorted(notes.items())))
         for v in self.violations[:limit]:
             tag = "note" if v.kind in NOTES else v.kind
             lines.append(f"  {tag:<9} {v.site}: {v.detail}")

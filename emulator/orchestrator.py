@@ -32,17 +32,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
        progress: Progress = _quiet, broker: BrokerRef | None = None) -> LabInfo:
     topology = load_topology(topology_path)  # refused here, before anything starts
     if lab_dir.exists():
-        old = lab_dir.load()
-        running = [c for c in old.topology.depth_order() if lab_dir.pid(c)]
-        if running:
-            raise LabError(
-                f"a lab ({old.lab_id}) is already up in {lab_dir.path} with {len(running)} site(s) running",
-                hint=f"smslab --lab {lab_dir.path} down, or use another --lab DIR",
-            )
-        raise LabError(
-            f"a stopped lab ({old.lab_id}) is kept in {lab_dir.path}, with its stores and backups",
-            hint=f"start its sites (smslab start SITE), or remove it: smslab --lab {lab_dir.path} down",
-        )
+        refuse_existing(lab_dir)
     admin.check(amqp_url)
     info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_url=amqp_url, created=time.time(),
                    topology=topology, broker=broker or BrokerRef())
@@ -56,6 +46,21 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     ensure_daemon(lab_dir, info)
     wait_attached(lab_dir, info, codes, timeout=timeout, progress=progress)
     return info
+
+
+def refuse_existing(lab_dir: LabDir) -> None:
+    """``up`` never overwrites a lab: it says how to start it again or remove it."""
+    old = lab_dir.load()
+    running = [c for c in old.topology.depth_order() if lab_dir.pid(c)]
+    if running:
+        raise LabError(
+            f"a lab ({old.lab_id}) is already up in {lab_dir.path} with {len(running)} site(s) running",
+            hint=f"smslab --lab {lab_dir.path} down, or use another --lab DIR",
+        )
+    raise LabError(
+        f"a stopped lab ({old.lab_id}) is kept in {lab_dir.path}, with its stores and backups",
+        hint=f"start its sites (smslab start SITE), or remove it: smslab --lab {lab_dir.path} down",
+    )
 
 
 def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
@@ -293,6 +298,11 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
         admin.delete_lab(info.amqp_url, info.lab_id, codes, info.topology.links())
         progress(f"deleted broker objects of lab {info.lab_id}")
     finally:
+        from emulator import brokers
+
+        released = brokers.release(info.broker)
+        if released:
+            progress(released)
         if not keep:
             shutil.rmtree(lab_dir.path, ignore_errors=True)
     return info

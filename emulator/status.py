@@ -68,6 +68,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
             ]),
         })
     return {"lab": info.lab_id, "mode": topo.mode, "dir": str(lab_dir.path),
+            "broker": info.broker.describe(info.amqp_url), "broker_kind": info.broker.kind,
             "sites": list(sites.values()), "links": links}
 
 
@@ -108,7 +109,7 @@ def _worst(states: list[str]) -> str:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = [f"lab {status['lab']} ({status['mode']}) in {status['dir']}"]
+    lines = [f"lab {status['lab']} ({status['mode']}) in {status['dir']}, broker: {status.get('broker', '?')}"]
     sites = {s["code"]: s for s in status["sites"]}
     links = {(l["parent"], l["child"]): l for l in status["links"]}
     children: dict[str | None, list[str]] = {}

@@ -20,32 +20,10 @@ import yaml
 
 from broker import admin
 from emulator import checker, orchestrator
-from emulator.errors import BrokerUnavailable
 from emulator.lab import BrokerRef, LabDir, LabInfo
 from sites.store import read_only
 
 T = TypeVar("T")
-
-
-def broker_url_or_reason() -> tuple[str | None, str]:
-    """An AMQP URL that answers: SMSLAB_AMQP_URL, else localhost, else a RabbitMQ container."""
-    url = os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
-    try:
-        admin.check(url)
-        return url, ""
-    except BrokerUnavailable as exc:
-        local_error = str(exc)
-    try:
-        from testcontainers.community.rabbitmq import RabbitMqContainer
-    except ImportError:
-        return None, f"no broker at {url} ({local_error}) and testcontainers is not installed"
-    try:
-        container = RabbitMqContainer("rabbitmq:3.13-management")
-        container.start()
-    except Exception as exc:  # noqa: BLE001 - docker missing, image missing, ...
-        return None, f"no broker at {url} ({local_error}) and no RabbitMQ container: {exc}"
-    params = container.get_connection_params()
-    return f"amqp://guest:guest@{params.host}:{params.port}/%2F", ""
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.1) -> T:

@@ -103,6 +103,20 @@ class WorkloadClock:
         self.next_object = now + self._first(workload.object_interval)
         self.next_control = now + self._first(workload.scf_interval)
 
+    def set(self, workload: Workload, now: float) -> None:
+        """New rates from now on; what they change is due again within one new interval."""
+        old, self.w = self.w, workload
+        if workload.inventory_interval != old.inventory_interval:
+            self.next_inv = {c: now + self._first(workload.inventory_interval) for c in self.next_inv}
+        if workload.discovery_interval != old.discovery_interval:
+            self.next_disc = {c: now + self._first(workload.discovery_interval) for c in self.next_disc}
+        if workload.status_interval != old.status_interval:
+            self.next_status = now + self._first(workload.status_interval)
+        if workload.object_interval != old.object_interval:
+            self.next_object = now + self._first(workload.object_interval)
+        if workload.scf_interval != old.scf_interval:
+            self.next_control = now + self._first(workload.scf_interval)
+
     def _first(self, interval: float) -> float:
         return self.rng.uniform(0, interval) if interval > 0 else float("inf")
 

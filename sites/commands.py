@@ -25,6 +25,12 @@ def run(rt: SiteRuntime, command: ctl.Command, now: float) -> dict[str, Any]:
         rt.workload_paused = isinstance(command, ctl.PauseWorkload)
         rt.store.set_control("workload_paused", True if rt.workload_paused else None)
         return {}
+    if isinstance(command, ctl.SetWorkload):
+        rates = command.model_dump(exclude_none=True, exclude={"cmd"})
+        if rt.spec.type == "secondary":
+            rates.pop("object_interval", None)  # secondaries have no administrators
+        rt.workload.set(rt.workload.w.model_copy(update=rates), now)
+        return {"workload": rt.workload.w.model_dump()}
     if command.cmd in ctl.ADMINISTRATIVE and rt.state != "active":
         hint = (f"wait for smslab recover {rt.site} to finish" if rt.state == "recovering"
                 else f"recover it first: smslab recover {rt.site}")

@@ -9,19 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from emulator.testing import Lab, broker_url_or_reason
+from emulator.brokers import broker_for_tests
+from emulator.testing import Lab
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="session")
-def amqp_url() -> str:
-    url, reason = broker_url_or_reason()
-    if url is None:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            # Under CI a broker is always there: a skipped integration test would pass the run
-            # silently, so it fails it instead.
-            pytest.fail(f"CI: integration tests need RabbitMQ and none answers: {reason}", pytrace=False)
-        pytest.skip(f"integration tests need RabbitMQ: {reason}")
-    return url
+def amqp_url() -> Iterator[str]:
+    with broker_for_tests() as (url, reason):
+        if url is None:
+            if os.environ.get("CI", "").lower() in ("true", "1"):
+                # Under CI a broker is always there: a skipped integration test would pass the run
+                # silently, so it fails it instead.
+                pytest.fail(f"CI: integration tests need RabbitMQ and none answers: {reason}", pytrace=False)
+            pytest.skip(f"integration tests need RabbitMQ: {reason}")
+        yield url
 
 
 @pytest.fixture

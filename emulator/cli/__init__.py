@@ -11,6 +11,7 @@ import sys
 from broker import admin
 from emulator.cli import faults as faults_commands
 from emulator.cli import lab as lab_commands
+from emulator.cli import run as run_commands
 from emulator.cli import sites as site_commands
 from emulator.errors import SmslabError
 from emulator.lab import DEFAULT_LAB_DIR, LabDir
@@ -22,7 +23,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     def default(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
-    parser.add_argument("--lab", default=default(os.environ.get("SMSLAB_LAB", DEFAULT_LAB_DIR)),
+    parser.add_argument("--lab", default=default(None),
                         help=f"lab directory (default {DEFAULT_LAB_DIR}, or SMSLAB_LAB)")
     parser.add_argument("--amqp", default=default(None),
                         help="broker URL (default SMSLAB_AMQP_URL or amqp://guest:guest@localhost:5672/%%2F)")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (lab_commands, site_commands, faults_commands):
+    for module in (lab_commands, site_commands, faults_commands, run_commands):
         module.register(sub, common)
     return p
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    lab_dir = LabDir(args.lab)
+    args.lab_given = args.lab is not None or "SMSLAB_LAB" in os.environ
+    lab_dir = LabDir(args.lab or os.environ.get("SMSLAB_LAB") or DEFAULT_LAB_DIR)
     try:
         if args.amqp and args.command != "up" and lab_dir.exists():
             used = lab_dir.load().amqp_url

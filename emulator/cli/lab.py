@@ -4,15 +4,15 @@ pause, resume, workload, object commands, check and wait-converged."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from emulator import backup, checker, faults, orchestrator, status
+from emulator import backup, brokers, checker, faults, orchestrator, status
 from emulator.cli.common import (
     add_json,
-    amqp_url,
     control,
     emit_json,
     known_site,
@@ -22,11 +22,22 @@ from emulator.cli.common import (
 )
 from emulator.errors import SmslabError
 from emulator.lab import LabDir
+from emulator.topology import load_topology
 
 
 def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
-    info = orchestrator.up(Path(args.topology), lab_dir, amqp_url(args), timeout=args.timeout,
-                           progress=progress_for(args))
+    tell = progress_for(args)
+    load_topology(args.topology)  # refused here, before a broker is started for it
+    if lab_dir.exists():
+        orchestrator.refuse_existing(lab_dir)
+    given = getattr(args, "amqp", None) or os.environ.get("SMSLAB_AMQP_URL")
+    url, ref = brokers.broker_for_lab(lab_dir, given, progress=tell)
+    try:
+        info = orchestrator.up(Path(args.topology), lab_dir, url, timeout=args.timeout, progress=tell, broker=ref)
+    except BaseException:
+        if ref.kind != "external" and not lab_dir.exists():
+            brokers.release(ref)
+        raise
     if args.json:
         emit_json({"lab": info.lab_id, "dir": str(lab_dir.path), "sites": info.topology.depth_order(),
                    "broker": info.broker.describe(info.amqp_url)})

@@ -59,6 +59,20 @@ class Delete(_Cmd):
     id: ObjectId
 
 
+Interval = Annotated[float, Field(ge=0, le=86_400)]
+
+
+class SetWorkload(_Cmd):
+    """New workload rates at this site (seconds between events; 0 disables); the others stay."""
+
+    cmd: Literal["set-workload"]
+    inventory_interval: Interval | None = None
+    discovery_interval: Interval | None = None
+    status_interval: Interval | None = None
+    object_interval: Interval | None = None
+    scf_interval: Interval | None = None
+
+
 class Report(_Cmd):
     """The site's clients report their full inventory again."""
 
@@ -99,7 +113,7 @@ class DelSite(_Cmd):
 
 
 Command = Annotated[
-    Ping | PauseWorkload | ResumeWorkload | Create | Update | Delete | Report | Burst | Stop
+    Ping | PauseWorkload | ResumeWorkload | SetWorkload | Create | Update | Delete | Report | Burst | Stop
     | SyncChild | SyncParent | DelJob | DelSite,
     Field(discriminator="cmd"),
 ]

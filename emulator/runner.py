@@ -1,0 +1,490 @@
+"""``smslab run SCENARIO``: bring the scenario's lab up, run its steps and its chaos, judge it,
+and keep everything in a run directory.
+
+    <run>/scenario.yaml   the scenario as run          <run>/schedule.json  the drawn chaos
+    <run>/run.json        seed, replay command, steps, expectations, exit code
+    <run>/history.jsonl   the lab's history            <run>/verdict.json   the final check
+    <run>/report.html     the report                   <run>/lab/           the lab directory
+
+Exit code: 0 when every expectation held (the final verdict included, ``final: valid`` by
+default), 1 when one failed or a step could not be done (named), 2 when the final verdict is
+unknown. The same seed draws the same chaos schedule; the run prints the command that replays
+it. Real processes on a real broker are not deterministic: the schedule is, the timing of
+what happens between its faults is not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker import admin
+from emulator import backup, checker, faults, history, orchestrator, recover
+from emulator.errors import LabError, SmslabError
+from emulator.lab import LabDir, LabInfo
+from emulator.scenario import (
+    Backup,
+    Burst,
+    Chaos,
+    ChaosAction,
+    Create,
+    Expect,
+    Fault,
+    Recover,
+    Scenario,
+    SiteStep,
+    Start,
+    Step,
+    Up,
+    Workload_,
+    draw_schedule,
+    schedule_json,
+)
+from sites.store import read_snapshot
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Outcome:
+    step: int
+    what: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    seed: int
+    replay: str
+    exit_code: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    verdict: str | None = None
+    error: str | None = None
+    schedule: list[ChaosAction] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, lab_dir: LabDir, *, seed: int, amqp_url: str,
+                 progress: Progress, topology_path: Path | None = None) -> None:
+        self.scenario = scenario
+        self.lab_dir = lab_dir
+        self.seed = seed
+        self.amqp_url = amqp_url
+        self.say = progress
+        self.topology_path = topology_path
+        self.info: LabInfo | None = None
+        self.backups: dict[str, str] = {}  # step name -> backup id
+        self.faults: dict[str, str] = {}  # step name -> fault id
+        self.outcomes: list[Outcome] = []
+        self.schedule: list[ChaosAction] = []
+        self.seeds = _SeedSequence(seed)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self, *, bring_up: bool = True) -> None:
+        steps = list(self.scenario.steps)
+        if bring_up and not (steps and steps[0].name == "up"):
+            self._up(Up())
+        elif not bring_up:
+            self.info = self.lab_dir.load()
+        for i, step in enumerate(steps, 1):
+            self.say(f"step {i}/{len(steps)}: {step.describe()}")
+            self._step(i, step)
+
+    def _lab(self) -> LabInfo:
+        if self.info is None:
+            raise LabError("the lab is not up yet", hint="the first step brings it up")
+        return self.info
+
+    def _up(self, step: Up) -> None:
+        assert self.topology_path is not None
+        self.info = orchestrator.up(self.topology_path, self.lab_dir, self.amqp_url, timeout=step.timeout,
+                                    progress=lambda m: self.say(f"  {m.strip()}"))
+
+    def _step(self, i: int, step: Step) -> None:
+        v = step.value
+        name = step.name
+        lab = self.lab_dir
+        if name == "up":
+            self._up(v if isinstance(v, Up) else Up())
+        elif name in ("kill", "stop", "restart", "pause", "resume") and isinstance(v, SiteStep):
+            self._process(name, v.site)
+        elif isinstance(v, Start):
+            restore = self.backups[v.restore] if v.restore else None
+            orchestrator.start(lab, v.site, restore=restore, wipe=v.wipe, progress=lambda m: self.say(f"  {m.strip()}"))
+        elif isinstance(v, Backup):
+            record = backup.create(lab, self._lab(), v.site)
+            self.backups[v.as_ or v.site] = record.id
+            self.say(f"  backup {record.id} of {v.site} as {v.as_ or v.site!r}")
+        elif isinstance(v, Recover):
+            recover.recover(lab, v.site, backup_id=self.backups[v.backup] if v.backup else None, wipe=v.wipe,
+                            reference=v.reference, timeout=v.timeout, progress=lambda m: self.say(f"  {m.strip()}"))
+        elif isinstance(v, Fault):
+            self._fault(v)
+        elif name == "heal":
+            names = [v] if isinstance(v, str) else list(v)
+            if "all" in names:
+                faults.heal_all(lab, self._lab(), progress=lambda m: self.say(f"  {m}"))
+            for n in names:
+                if n != "all" and n in self.faults:
+                    faults.heal(lab, self._lab(), self.faults[n], progress=lambda m: self.say(f"  {m}"))
+        elif name == "wait":
+            time.sleep(float(v))
+        elif name == "wait-envelopes":
+            self._wait_envelopes(int(v))
+        elif name == "wait-converged":
+            self._converge(float(v))
+        elif isinstance(v, Workload_):
+            for code in v.sites or self._running():
+                self._control(code, {"cmd": "set-workload", **v.rates})
+        elif name in ("pause-workload", "resume-workload"):
+            for code in v or self._running():
+                self._control(code, {"cmd": name})
+        elif isinstance(v, Burst):
+            self._control(v.site, {"cmd": "burst", "count": v.count, "keys": v.keys})
+        elif isinstance(v, Create):
+            command: dict[str, Any] = {"cmd": "create", "kind": v.kind}
+            if v.name:
+                command["name"] = v.name
+            self._control(v.site, command)
+        elif isinstance(v, Expect):
+            self._expect(i, v)
+        elif isinstance(v, Chaos):
+            self._chaos(v)
+        else:  # pragma: no cover - the scenario model allows only the steps above
+            raise LabError(f"step {name} is not known to the runner")
+
+    def _process(self, action: str, site: str) -> None:
+        lab, info = self.lab_dir, self._lab()
+        if action == "kill":
+            orchestrator.kill(lab, site)
+        elif action == "stop":
+            orchestrator.stop(lab, site)
+        elif action == "restart":
+            orchestrator.restart(lab, site)
+        elif action == "pause":
+            faults.apply_pause(lab, info, site)
+        else:
+            for spec in faults.active(lab):
+                if spec.kind == "pause" and spec.site == site:
+                    faults.heal(lab, info, spec.id)
+
+    def _fault(self, v: Fault, hold: float | None = None) -> str | None:
+        lab, info = self.lab_dir, self._lab()
+        for_s = hold if hold is not None else v.for_
+        seed = v.seed if v.seed is not None else self.seeds.next()
+        spec = None
+        if v.kind in ("partition", "drop", "duplicate", "reorder", "delay"):
+            if not (v.a and v.b):
+                raise LabError(f"a {v.kind} fault needs a: and b:, the two ends of a link")
+            params = {k: float(x) for k in ("rate", "window", "ms", "jitter") if (x := getattr(v, k)) is not None}
+            spec = faults.apply_link_fault(lab, info, v.kind, v.a, v.b, oneway=v.oneway, params=params, seed=seed,
+                                           for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+        elif v.kind == "disconnect":
+            if not v.site:
+                raise LabError("a disconnect fault needs site:")
+            spec = faults.apply_disconnect(lab, info, v.site, for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+        elif v.kind == "alarm":
+            spec = faults.apply_alarm(lab, info, for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+        else:
+            faults.broker_restart(lab, info, progress=lambda m: self.say(f"  {m}"))
+        if spec is not None and v.name:
+            self.faults[v.name] = spec.id
+        return spec.id if spec else None
+
+    def _control(self, site: str, command: dict[str, Any]) -> dict[str, Any]:
+        info = self._lab()
+        answer = admin.control_request(info.amqp_url, info.lab_id, site, command)
+        if not answer.get("ok", False):
+            raise LabError(f"{site}: {answer.get('error')}", hint=answer.get("hint"))
+        return answer
+
+    def _running(self) -> list[str]:
+        return [c for c in self._lab().topology.depth_order() if self.lab_dir.pid(c)]
+
+    def _applied(self) -> int:
+        total = 0
+        for code in self._lab().topology.depth_order():
+            snap = read_snapshot(self.lab_dir.site_db(code))
+            if snap:
+                total += sum(link.applied for link in snap.links.values())
+        return total
+
+    def _wait_envelopes(self, count: int, timeout: float = 300.0) -> None:
+        start = self._applied()
+        deadline = time.monotonic() + timeout
+        while self._applied() < start + count:
+            if time.monotonic() > deadline:
+                raise LabError(f"{count} envelopes were not applied within {timeout:.0f}s"
+                               f" ({self._applied() - start} were)", hint="is the workload running?")
+            time.sleep(0.2)
+
+    def _converge(self, timeout: float) -> checker.Report:
+        lab, info = self.lab_dir, self._lab()
+        for code in self._running():
+            try:
+                self._control(code, {"cmd": "pause-workload"})
+            except SmslabError:
+                pass
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        last = ""
+        while True:
+            report = checker.check(lab, info, with_history=False)
+            if report.verdict == "valid":
+                report = checker.check(lab, info)
+            if report.verdict == "valid":
+                self.say(f"  converged in {time.monotonic() - started:.1f}s")
+                return report
+            summary = report.render(limit=3).splitlines()[1] if len(report.render().splitlines()) > 1 else ""
+            if summary != last:
+                self.say(f"  [{time.monotonic() - started:4.0f}s] {report.verdict}: {summary}")
+                last = summary
+            if time.monotonic() > deadline:
+                raise LabError(f"the lab did not converge within {timeout:.0f}s: {report.verdict}, {summary}")
+            time.sleep(0.5)
+
+    def _expect(self, i: int, v: Expect) -> None:
+        lab, info = self.lab_dir, self._lab()
+        deadline = time.monotonic() + v.within
+        problems: list[str] = []
+        while True:
+            problems = []
+            if v.check or v.violation or v.no_violation:
+                report = checker.check(lab, info)
+                kinds = {x.kind for x in report.violations}
+                if v.check and report.verdict != v.check:
+                    problems.append(f"the verdict is {report.verdict}, not {v.check}"
+                                    + (f" ({', '.join(sorted(report.kinds()))})" if report.kinds() else ""))
+                for kind in _names(v.violation):
+                    if kind not in kinds:
+                        problems.append(f"no {kind} violation (found: {', '.join(sorted(kinds)) or 'none'})")
+                for kind in _names(v.no_violation):
+                    if kind in kinds:
+                        problems.append(f"a {kind} violation is there")
+            if v.status:
+                snap = read_snapshot(lab.site_db(v.status.site))
+                ids = _status_ids(lab, v.status.site) if snap else []
+                if v.status.message_id not in ids:
+                    problems.append(f"no status message {v.status.message_id} at {v.status.site}")
+            if not problems or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        ok = not problems
+        self.outcomes.append(Outcome(i, f"expect {v.describe()}", ok, "; ".join(problems)))
+        self.say(f"  expectation {'held' if ok else 'FAILED'}: {v.describe()}" + ("" if ok else f": {'; '.join(problems)}"))
+
+    # -- chaos --------------------------------------------------------------------------------
+
+    def _chaos(self, chaos: Chaos) -> None:
+        info = self._lab()
+        actions = draw_schedule(chaos, info.topology, self.seed)
+        self.schedule.extend(actions)
+        self.say(f"  chaos for {chaos.duration:g}s: {len(actions)} fault(s) drawn from seed {self.seed}")
+        started = time.monotonic()
+        restarts: list[tuple[float, str]] = []  # (due, site) of killed sites
+        for n, action in enumerate(actions, 1):
+            while time.monotonic() - started < action.at:
+                restarts = self._due_restarts(restarts, started)
+                time.sleep(0.05)
+            restarts = self._due_restarts(restarts, started)
+            try:
+                what = self._chaos_action(action, restarts, started)
+                self.say(f"  [{action.at:6.1f}s] {n}/{len(actions)} {what}")
+            except SmslabError as exc:
+                self.say(f"  [{action.at:6.1f}s] {n}/{len(actions)} {action.kind} skipped: {exc.message}")
+        while time.monotonic() - started < chaos.duration:
+            restarts = self._due_restarts(restarts, started)
+            time.sleep(0.1)
+        for _, site in restarts:
+            self._start_quietly(site)
+        if chaos.heal:
+            faults.heal_all(self.lab_dir, info, progress=lambda m: self.say(f"  {m}"))
+            for code in info.topology.depth_order():
+                if not self.lab_dir.pid(code):
+                    self._start_quietly(code)
+            self._converge(chaos.converge_timeout)
+
+    def _chaos_action(self, action: ChaosAction, restarts: list[tuple[float, str]], started: float) -> str:
+        lab, info = self.lab_dir, self._lab()
+        if action.kind == "kill":
+            assert action.site is not None
+            if not lab.pid(action.site):
+                return f"kill {action.site}: not running, nothing to do"
+            orchestrator.kill(lab, action.site)
+            restarts.append((time.monotonic() - started + action.hold, action.site))
+            return f"kill -9 {action.site}, restart in {action.hold:g}s"
+        if action.kind == "restart":
+            assert action.site is not None
+            orchestrator.restart(lab, action.site)
+            return f"restart {action.site}"
+        if action.kind == "pause":
+            assert action.site is not None
+            faults.apply_pause(lab, info, action.site, for_s=action.hold)
+            return f"pause {action.site} for {action.hold:g}s"
+        if action.kind == "disconnect":
+            assert action.site is not None
+            faults.apply_disconnect(lab, info, action.site, for_s=action.hold)
+            return f"disconnect {action.site} for {action.hold:g}s"
+        if action.kind == "broker-restart":
+            faults.broker_restart(lab, info)
+            return "broker restart"
+        assert action.a is not None and action.b is not None
+        spec = faults.apply_link_fault(lab, info, action.kind, action.a, action.b, params=dict(action.params),
+                                       seed=action.seed, for_s=action.hold)
+        return f"{spec.describe()} for {action.hold:g}s (fault {spec.id})"
+
+    def _due_restarts(self, restarts: list[tuple[float, str]], started: float) -> list[tuple[float, str]]:
+        now = time.monotonic() - started
+        for _due, site in [r for r in restarts if r[0] <= now]:
+            self._start_quietly(site)
+        return [r for r in restarts if r[0] > now]
+
+    def _start_quietly(self, site: str) -> None:
+        if self.lab_dir.pid(site):
+            return
+        try:
+            orchestrator.start(self.lab_dir, site)
+            self.say(f"  {site} started again")
+        except SmslabError as exc:
+            self.say(f"  {site} did not start again at once: {exc.message} (it keeps trying)")
+
+
+class _SeedSequence:
+    """Seeds for the faults of a run's steps, drawn from the run's seed."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.rng = random.Random(f"smslab-steps:{seed}")
+
+    def next(self) -> int:
+        return self.rng.randrange(2**31)
+
+
+def _names(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _status_ids(lab_dir: LabDir, site: str) -> list[int]:
+    from sites.store import read_only
+
+    with read_only(lab_dir.site_db(site)) as store:
+        return [int(m["id"]) for m in store.recent_status(100_000)] if store else []
+
+
+def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, amqp_url: str,
+                 lab_dir: LabDir | None = None, scenario_path: Path | None = None, keep_up: bool = False,
+                 progress: Progress = print, existing_lab: bool = False) -> RunResult:
+    """Run a scenario and keep everything in ``run_dir``."""
+    seed = scenario.seed if seed is None else seed
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir = lab_dir or LabDir(run_dir / "lab")
+    replay = f"smslab run {scenario_path or scenario.source} --seed {seed}"
+    log = open(run_dir / "log.txt", "a")  # noqa: SIM115 - closed in finally
+
+    def say(msg: str) -> None:
+        progress(msg)
+        log.write(msg + "\n")
+        log.flush()
+
+    if scenario_path is not None and scenario_path.exists():
+        shutil.copyfile(scenario_path, run_dir / "scenario.yaml")
+    topology_path = run_dir / "topology.yaml"
+    topology_path.write_text(scenario.topology.to_yaml())
+    say(f"scenario {scenario.scenario}, seed {seed}, run directory {run_dir}")
+    runner = Runner(scenario, lab_dir, seed=seed, amqp_url=amqp_url, progress=say, topology_path=topology_path)
+    started = time.time()
+    error: str | None = None
+    report: checker.Report | None = None
+    try:
+        runner.run(bring_up=not existing_lab)
+        report = checker.check(lab_dir, runner._lab())
+    except SmslabError as exc:
+        error = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
+        say(f"the run stopped: {error}")
+    except KeyboardInterrupt:
+        error = "interrupted"
+        say("the run was interrupted")
+    finally:
+        result = _finish(runner, run_dir, lab_dir, seed, replay, started, report, error, keep_up, say)
+        log.close()
+    return result
+
+
+def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: str, started: float,
+            report: checker.Report | None, error: str | None, keep_up: bool, say: Progress) -> RunResult:
+    scenario = runner.scenario
+    if runner.schedule:
+        (run_dir / "schedule.json").write_text(schedule_json(runner.schedule))
+    if report is not None:
+        (run_dir / "verdict.json").write_text(json.dumps(report.to_dict(), indent=2))
+        final_ok = scenario.final in ("any", report.verdict)
+        runner.outcomes.append(Outcome(len(scenario.steps) + 1, f"final verdict {scenario.final}", final_ok,
+                                       "" if final_ok else f"the final verdict is {report.verdict}:"
+                                       f" {', '.join(sorted(report.kinds())) or 'nothing hard'}"))
+        say(report.render(limit=10))
+    if lab_dir.exists() and not keep_up:
+        try:
+            orchestrator.down(lab_dir, keep=True, progress=lambda m: say(f"  {m}"))
+        except SmslabError as exc:
+            say(f"bringing the lab down failed: {exc.message}")
+    if lab_dir.exists():
+        try:
+            history.merge(lab_dir)
+        except SmslabError:
+            pass
+        if history.history_path(lab_dir).exists():
+            shutil.copyfile(history.history_path(lab_dir), run_dir / "history.jsonl")
+    failed = [o for o in runner.outcomes if not o.ok]
+    failed_steps = [o for o in failed if not o.what.startswith("final")]
+    if error or failed_steps or report is None:
+        code = 1
+    elif scenario.final in ("any", report.verdict):
+        code = 0
+    elif scenario.final == "valid" and report.verdict == "unknown":
+        code = 2
+    else:
+        code = 1
+    result = RunResult(run_dir, seed, replay, code, runner.outcomes, report.verdict if report else None, error,
+                       runner.schedule)
+    (run_dir / "run.json").write_text(json.dumps({
+        "scenario": scenario.scenario, "seed": seed, "replay": replay, "started": started, "finished": time.time(),
+        "lab": runner.info.lab_id if runner.info else None, "verdict": result.verdict, "error": error,
+        "exit": code, "steps": [s.describe() for s in scenario.steps],
+        "expectations": [o.__dict__ for o in runner.outcomes],
+    }, indent=2))
+    try:
+        from emulator import report as report_module
+
+        path = report_module.write_report(run_dir)
+        say(f"report: {path}")
+    except ImportError:
+        pass
+    except SmslabError as exc:
+        say(f"no report: {exc.message}")
+    for o in failed:
+        say(f"FAILED: step {o.step}: {o.what}: {o.detail}")
+    if error:
+        say(f"FAILED: {error}")
+    say(f"{'passed' if code == 0 else 'failed' if code == 1 else 'unknown'}: replay with: {replay}")
+    return result
+
+
+def default_run_dir(scenario: Scenario, seed: int, root: Path | None = None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (root or Path("smslab-runs")) / f"{scenario.scenario}-{stamp}-seed{seed}"
+

@@ -1,0 +1,101 @@
+"""The pytest plugin as a user meets it (pytester: a separate pytest run with the plugin loaded
+from the installed package's entry point): the README's example passes as written, a failing
+test still cleans up and reports the lab, and without a broker the tests are skipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from broker import admin
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+README_EXAMPLE = '''
+def test_primary_recovers(lab_factory):
+    lab = lab_factory("examples/lab.yaml")
+    b = lab.backup("P01")
+    lab.wait_envelopes(300)
+    lab.kill("P01")
+    lab.start("P01", restore=b)
+    assert not lab.check().valid
+    lab.recover("P01", backup=b)
+    lab.wait_converged(timeout=120)
+    assert lab.check().valid
+'''
+
+
+def readme_example() -> str:
+    """The example exactly as the README shows it (a fenced block)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("def test_primary_recovers(lab_factory):")
+    return text[start:text.index("```", start)].strip() + "\n"
+
+
+def test_the_readme_example_passes_as_written(pytester: pytest.Pytester, amqp_url: str) -> None:
+    assert readme_example().strip() == README_EXAMPLE.strip(), "the README's example is the one tested here"
+    (pytester.path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "lab.yaml", pytester.path / "examples" / "lab.yaml")
+    pytester.makepyfile(test_user=README_EXAMPLE)
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=600)
+    result.assert_outcomes(passed=1)
+
+
+def test_a_failing_test_still_cleans_up_and_reports_its_lab(pytester: pytest.Pytester, amqp_url: str) -> None:
+    marker = pytester.path / "lab.json"
+    pytester.makepyfile(test_user=f'''
+import json
+
+def test_breaks(lab_factory):
+    lab = lab_factory({{"lab": "plug", "sites": [{{"code": "CEN", "type": "central", "clients": 0}},
+                                               {{"code": "P01", "type": "primary", "parent": "CEN"}}]}})
+    lab.fault("partition", "P01", "CEN")
+    open({str(marker)!r}, "w").write(json.dumps({{"lab": lab.lab_id, "dir": str(lab.dir.path)}}))
+    assert False, "the user's test fails"
+''')
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(failed=1)
+    made = json.loads(marker.read_text())
+    out = result.stdout.str()
+    assert f"smslab lab {made['lab']}" in out and "verdict:" in out and "last" in out, out[-3000:]
+    # nothing left: no broker objects, no site process, no fault daemon, the directory gone
+    assert admin.queue_depths(amqp_url, made["lab"], ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+    assert not Path(made["dir"]).exists()
+    alive = subprocess.run(["pgrep", "-f", made["dir"]], capture_output=True, text=True, check=False).stdout
+    assert alive.strip() == "", alive
+
+
+def test_keep_keeps_the_lab_directory(pytester: pytest.Pytester, amqp_url: str) -> None:
+    pytester.makepyfile(test_user='''
+def test_one_site(lab_factory):
+    lab = lab_factory({"lab": "keep", "sites": [{"code": "CEN", "type": "central", "clients": 1}]})
+    assert lab.wait_converged(timeout=30).valid
+''')
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "--smslab-keep", "-s", "-p", "no:cacheprovider",
+                                           timeout=300)
+    result.assert_outcomes(passed=1)
+    kept = [line.split(" in ", 1)[1].strip() for line in result.stdout.lines if "smslab: kept lab" in line]
+    assert kept and (Path(kept[0]) / "history.jsonl").exists()
+
+
+def test_without_a_broker_the_lab_tests_are_skipped_with_the_reason(pytester: pytest.Pytester,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "false")
+    pytester.makepyfile(test_user='''
+def test_needs_a_lab(lab):
+    raise AssertionError("never runs")
+''')
+    result = pytester.runpytest_subprocess("--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F", "-rs",
+                                           "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(skipped=1)
+    assert "smslab labs need RabbitMQ" in result.stdout.str()
+    monkeypatch.setenv("CI", "true")  # a CI run always has a broker: there it fails instead
+    result = pytester.runpytest_subprocess("--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F",
+                                           "-p", "no:cacheprovider", timeout=120)
+    assert result.ret != 0 and "no RabbitMQ for the labs" in result.stdout.str()
