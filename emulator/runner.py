@@ -26,7 +26,7 @@ from typing import Any
 from broker import admin
 from emulator import backup, checker, faults, history, orchestrator, recover
 from emulator.errors import LabError, SmslabError
-from emulator.lab import LabDir, LabInfo
+from emulator.lab import BrokerRef, LabDir, LabInfo
 from emulator.scenario import (
     Backup,
     Burst,
@@ -68,6 +68,8 @@ class RunResult:
     verdict: str | None = None
     error: str | None = None
     schedule: list[ChaosAction] = field(default_factory=list)
+    converged_in: list[float] = field(default_factory=list)
+    report: checker.Report | None = None
 
     @property
     def failed(self) -> list[Outcome]:
@@ -76,7 +78,7 @@ class RunResult:
 
 class Runner:
     def __init__(self, scenario: Scenario, lab_dir: LabDir, *, seed: int, amqp_url: str,
-                 progress: Progress, topology_path: Path | None = None) -> None:
+                 progress: Progress, topology_path: Path | None = None, broker: BrokerRef | None = None) -> None:
         self.scenario = scenario
         self.lab_dir = lab_dir
         self.seed = seed
@@ -89,6 +91,8 @@ class Runner:
         self.outcomes: list[Outcome] = []
         self.schedule: list[ChaosAction] = []
         self.seeds = _SeedSequence(seed)
+        self.broker = broker
+        self.converged_in: list[float] = []  # seconds each wait for convergence took
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -110,7 +114,7 @@ class Runner:
     def _up(self, step: Up) -> None:
         assert self.topology_path is not None
         self.info = orchestrator.up(self.topology_path, self.lab_dir, self.amqp_url, timeout=step.timeout,
-                                    progress=lambda m: self.say(f"  {m.strip()}"))
+                                    progress=lambda m: self.say(f"  {m.strip()}"), broker=self.broker)
 
     def _step(self, i: int, step: Step) -> None:
         v = step.value
@@ -245,6 +249,7 @@ class Runner:
             if report.verdict == "valid":
                 report = checker.check(lab, info)
             if report.verdict == "valid":
+                self.converged_in.append(time.monotonic() - started)
                 self.say(f"  converged in {time.monotonic() - started:.1f}s")
                 return report
             summary = report.render(limit=3).splitlines()[1] if len(report.render().splitlines()) > 1 else ""
@@ -329,6 +334,8 @@ class Runner:
             assert action.site is not None
             orchestrator.restart(lab, action.site)
             return f"restart {action.site}"
+        if action.kind in ("pause", "disconnect", "restart") and action.site and not lab.pid(action.site):
+            return f"{action.kind} {action.site}: not running, nothing to do"
         if action.kind == "pause":
             assert action.site is not None
             faults.apply_pause(lab, info, action.site, for_s=action.hold)
@@ -341,6 +348,9 @@ class Runner:
             faults.broker_restart(lab, info)
             return "broker restart"
         assert action.a is not None and action.b is not None
+        down = [site for site in (action.a, action.b) if not lab.pid(site)]
+        if down:  # nothing would cross the link to prove the fault: not now
+            return f"{action.kind} {action.a}<->{action.b}: {', '.join(down)} not running, nothing to do"
         spec = faults.apply_link_fault(lab, info, action.kind, action.a, action.b, params=dict(action.params),
                                        seed=action.seed, for_s=action.hold)
         return f"{spec.describe()} for {action.hold:g}s (fault {spec.id})"
@@ -388,7 +398,7 @@ def _status_ids(lab_dir: LabDir, site: str) -> list[int]:
 
 def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, amqp_url: str,
                  lab_dir: LabDir | None = None, scenario_path: Path | None = None, keep_up: bool = False,
-                 progress: Progress = print, existing_lab: bool = False) -> RunResult:
+                 progress: Progress = print, existing_lab: bool = False, broker: BrokerRef | None = None) -> RunResult:
     """Run a scenario and keep everything in ``run_dir``."""
     seed = scenario.seed if seed is None else seed
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -406,7 +416,8 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
     topology_path = run_dir / "topology.yaml"
     topology_path.write_text(scenario.topology.to_yaml())
     say(f"scenario {scenario.scenario}, seed {seed}, run directory {run_dir}")
-    runner = Runner(scenario, lab_dir, seed=seed, amqp_url=amqp_url, progress=say, topology_path=topology_path)
+    runner = Runner(scenario, lab_dir, seed=seed, amqp_url=amqp_url, progress=say, topology_path=topology_path,
+                    broker=broker)
     started = time.time()
     error: str | None = None
     report: checker.Report | None = None
@@ -460,7 +471,7 @@ def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: s
     else:
         code = 1
     result = RunResult(run_dir, seed, replay, code, runner.outcomes, report.verdict if report else None, error,
-                       runner.schedule)
+                       runner.schedule, runner.converged_in, report)
     (run_dir / "run.json").write_text(json.dumps({
         "scenario": scenario.scenario, "seed": seed, "replay": replay, "started": started, "finished": time.time(),
         "lab": runner.info.lab_id if runner.info else None, "verdict": result.verdict, "error": error,

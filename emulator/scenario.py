@@ -159,6 +159,7 @@ class Chaos(_Step):
     hold: tuple[float, float] = (1.0, 6.0)  # how long a fault stays on, drawn in this range
     heal: bool = True  # at the end: heal, start every site, wait until converged
     converge_timeout: Seconds = 180.0
+    broker_restarts: int = Field(default=0, ge=0, le=100)  # spread evenly over the duration
 
     @field_validator("faults")
     @classmethod
@@ -421,7 +422,10 @@ def draw_schedule(chaos: Chaos, topology: Topology, seed: int) -> list[ChaosActi
         out.append(ChaosAction(at=round(t, 3), kind=kind, site=site, a=a, b=b, hold=hold, params=params,
                                seed=rng.randrange(2**31)))
         t += rng.uniform(*chaos.interval)
-    return out
+    for n in range(chaos.broker_restarts):
+        at = round(chaos.duration * (n + 1) / (chaos.broker_restarts + 1), 3)
+        out.append(ChaosAction(at=at, kind="broker-restart", hold=0.0, seed=rng.randrange(2**31)))
+    return sorted(out, key=lambda a: a.at)
 
 
 def schedule_json(actions: list[ChaosAction]) -> str:

@@ -410,10 +410,10 @@ class SiteStore:
         return out
 
     def recent_status(self, limit: int = 10, *, skip: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-        marks = ",".join("?" * len(skip)) or "NULL"
+        where = f" WHERE message_id NOT IN ({','.join('?' * len(skip))})" if skip else ""
         rows = self.db.execute(
             "SELECT message_id, severity, component, text, at FROM status_messages"
-            f" WHERE message_id NOT IN ({marks}) ORDER BY id DESC LIMIT ?", (*skip, limit)).fetchall()
+            f"{where} ORDER BY id DESC LIMIT ?", (*skip, limit)).fetchall()
         return [{"id": m, "severity": s, "component": c, "text": t, "at": a} for m, s, c, t, a in rows]
 
     # -- backup ---------------------------------------------------------------------------

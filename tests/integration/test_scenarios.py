@@ -1,0 +1,110 @@
+"""``smslab run``: scenarios end to end on the real broker, as a user runs them; each shipped
+scenario passes; a failed expectation and an unknown verdict give their exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import admin
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(scenario: Path, out: Path, url: str, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SMSLAB_AMQP_URL=url)
+    return subprocess.run([sys.executable, "-m", "emulator", "run", str(scenario), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent, check=False)
+
+
+def assert_run_dir(out: Path, seed: int) -> dict[str, object]:
+    for name in ("scenario.yaml", "run.json", "history.jsonl", "verdict.json", "log.txt"):
+        assert (out / name).exists(), name
+    meta: dict[str, object] = json.loads((out / "run.json").read_text())
+    assert meta["seed"] == seed and f"--seed {seed}" in str(meta["replay"])
+    lab = str(meta["lab"])
+    assert admin.queue_depths(os.environ.get("SMSLAB_AMQP_URL", admin.DEFAULT_URL), lab, ["CEN"])["CEN"] == -1
+    return meta
+
+
+@pytest.mark.parametrize("name", ["kb-failure-sms20", "kb-failure-hardened", "secondary-rebuilt",
+                                  "central-recovered"])
+def test_a_shipped_scenario_passes(name: str, tmp_path: Path, amqp_url: str) -> None:
+    out = tmp_path / "run"
+    done = run(REPO / "scenarios" / f"{name}.yaml", out, amqp_url)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "replay with: smslab run" in done.stdout
+    meta = assert_run_dir(out, 1)
+    assert all(e["ok"] for e in meta["expectations"])  # type: ignore[attr-defined, union-attr]
+    assert json.loads((out / "verdict.json").read_text())["verdict"] == "valid"
+
+
+@pytest.mark.slow
+def test_the_two_minute_chaos_scenario_passes_and_keeps_its_schedule(tmp_path: Path, amqp_url: str) -> None:
+    out = tmp_path / "run"
+    done = run(REPO / "scenarios" / "chaos-2min.yaml", out, amqp_url, "--seed", "7")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert_run_dir(out, 7)
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert len(schedule) >= 10
+    events = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    kinds = {e["kind"] for e in events}
+    assert {"fault_on", "fault_off", "process"} <= kinds
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] == "valid", verdict["violations"][:5]
+
+
+def test_a_failed_expectation_is_named_and_exits_1(tmp_path: Path, amqp_url: str) -> None:
+    scenario = tmp_path / "wrong.yaml"
+    scenario.write_text(f"""
+scenario: wrong
+topology: {REPO / "examples" / "lab.yaml"}
+steps:
+  - wait-envelopes: 50
+  - expect: {{check: invalid, within: 3}}
+""")
+    out = tmp_path / "run"
+    done = run(scenario, out, amqp_url)
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "FAILED: step 2: expect check invalid" in done.stdout
+    meta = assert_run_dir(out, 1)
+    assert [e["ok"] for e in meta["expectations"]] == [False, True]  # type: ignore[attr-defined, union-attr]
+
+
+def test_an_unknown_final_verdict_exits_2(tmp_path: Path, amqp_url: str) -> None:
+    scenario = tmp_path / "idle.yaml"
+    scenario.write_text("""
+scenario: idle
+topology:
+  lab: idle
+  defaults: {clients: 0, workload: {inventory_interval: 0, discovery_interval: 0, status_interval: 0,
+                                    object_interval: 0, scf_interval: 0}}
+  sites:
+    - {code: CEN, type: central, clients: 0}
+    - {code: P01, type: primary, parent: CEN}
+steps:
+  - wait: 1
+  - fault: {kind: partition, a: P01, b: CEN, for: 2}   # nothing is sent while it is on
+  - wait: 3
+""")
+    out = tmp_path / "run"
+    done = run(scenario, out, amqp_url)
+    assert done.returncode == 2, done.stdout[-3000:]
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] == "unknown" and {v["kind"] for v in verdict["violations"]} == {"vacuous"}
+
+
+def test_a_bad_scenario_is_refused_before_anything_starts(tmp_path: Path, amqp_url: str) -> None:
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(f"scenario: bad\ntopology: {REPO / 'examples' / 'lab.yaml'}\nsteps:\n  - kill: X99\n")
+    out = tmp_path / "run"
+    done = run(scenario, out, amqp_url)
+    assert done.returncode == 2 and "bad.yaml:4:" in done.stderr and "unknown site X99" in done.stderr
+    assert not out.exists()
