@@ -321,7 +321,7 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
     t = time.monotonic()
     record = backup.create(lab_dir, info, "P01")
     backup_s = time.monotonic() - t
-    backup_bytes = (lab_dir.backups_dir() / record.id / "site.db").stat().st_size
+    backup_bytes = (lab_dir.backup_dir(record.id) / "site.db").stat().st_size
     log(f"backup {record.id}: {backup_bytes / 1e6:.1f} MB in {backup_s:.2f}s"
         f" (P01 transaction ID {record.txn_id})")
 

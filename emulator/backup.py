@@ -1,5 +1,5 @@
 """Site backups (the Backup SMS Site Server task): an atomic snapshot of a running site's
-whole store, plus a control record, in ``<lab>/backups/<ID>/``.
+whole store, plus a control record, in ``<lab>/sites/<CODE>/backups/<ID>/``.
 
     site.db       SQLite online backup of the site's store (counters, watermarks, outbox, data)
     backup.json   BackupRecord: site, lab, time, counters at backup time, sha256 of site.db
@@ -56,7 +56,7 @@ def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
     if not source.exists():
         raise LabError(f"site {site} has no store yet", hint="is the lab up? (smslab status)")
     backup_id = f"{site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
-    target_dir = lab_dir.backups_dir() / backup_id
+    target_dir = lab_dir.backup_dir(backup_id)
     target_dir.mkdir(parents=True)
     target = target_dir / "site.db"
     held = backup_file(source, target)
@@ -74,7 +74,7 @@ def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
 
 
 def load(lab_dir: LabDir, backup_id: str) -> BackupRecord:
-    path = lab_dir.backups_dir() / backup_id / "backup.json"
+    path = lab_dir.backup_dir(backup_id) / "backup.json" if len(backup_id) >= 3 else lab_dir.path / "none"
     if not path.exists():
         known = ", ".join(r.id for r in list_all(lab_dir)) or "none"
         raise LabError(f"no backup {backup_id!r} in this lab (backups: {known})",
@@ -91,10 +91,9 @@ def load(lab_dir: LabDir, backup_id: str) -> BackupRecord:
 
 def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
     out: list[BackupRecord] = []
-    root = lab_dir.backups_dir()
-    if not root.exists():
-        return out
-    for path in sorted(root.glob("*/backup.json")):
+    for path in (d / "backup.json" for d in lab_dir.all_backup_dirs()):
+        if not path.exists():
+            continue
         try:
             record = BackupRecord.model_validate_json(path.read_bytes())
         except ValidationError:
@@ -106,9 +105,8 @@ def list_all(lab_dir: LabDir, site: str | None = None) -> list[BackupRecord]:
 
 def unreadable(lab_dir: LabDir) -> list[str]:
     """Backup folders whose control record is missing or unreadable."""
-    root = lab_dir.backups_dir()
     bad = []
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.exists() else []:
+    for folder in lab_dir.all_backup_dirs():
         try:
             BackupRecord.model_validate_json((folder / "backup.json").read_bytes())
         except (OSError, ValidationError):
@@ -126,7 +124,7 @@ def verify(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> BackupR
     if record.lab != info.lab_id:
         raise CorruptBackup(f"backup {backup_id} was taken in lab {record.lab}, not {info.lab_id}",
                             hint=f"smslab backups {site} lists this lab's backups")
-    db = lab_dir.backups_dir() / backup_id / "site.db"
+    db = lab_dir.backup_dir(backup_id) / "site.db"
     damaged = f"use another backup (smslab backups {site}) or recover {site} --wipe"
     if not db.exists():
         raise CorruptBackup(f"backup {backup_id}: site.db is missing", hint=damaged)
@@ -143,7 +141,7 @@ def restore_into(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> B
     if lab_dir.pid(site):
         raise LabError(f"site {site} is running", hint=f"smslab stop {site} (or kill) first")
     wipe_store(lab_dir, site)
-    shutil.copyfile(lab_dir.backups_dir() / backup_id / "site.db", lab_dir.site_db(site))
+    shutil.copyfile(lab_dir.backup_dir(backup_id) / "site.db", lab_dir.site_db(site))
     return record
 
 

@@ -358,6 +358,9 @@ def apply_pause(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | Non
     pid = lab_dir.pid(site)
     if pid is None:
         raise LabError(f"site {site} is not running", hint=f"smslab start {site}")
+    from emulator import orchestrator
+
+    orchestrator.not_here(lab_dir, site)
     with locked(lab_dir):
         for f in active(lab_dir):
             if f.kind == "pause" and f.site == site:

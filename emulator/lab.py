@@ -5,7 +5,7 @@
     <lab dir>/sites/<CODE>/clients.db  its simulated clients (not part of the site: never restored)
     <lab dir>/sites/<CODE>/site.pid    pid of the running site process
     <lab dir>/sites/<CODE>/site.log    its log
-    <lab dir>/backups/<ID>/            one backup: site.db + backup.json
+    <lab dir>/sites/<CODE>/backups/<ID>/  one backup of the site: site.db + backup.json
     <lab dir>/faults/                  the faults that are on (one file each) and their counters
     <lab dir>/labd.pid, labd.log       the lab's fault daemon (relays, timed heals, history)
     <lab dir>/harness.db               what the harness did (faults, kills, restores)
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +27,7 @@ from emulator.errors import ConfigError, LabError
 from emulator.topology import Topology
 
 DEFAULT_LAB_DIR = ".smslab"
+ALIVE_FOR = 6.0  # seconds a site on another host counts as alive after its last heartbeat
 
 
 class BrokerRef(BaseModel):
@@ -102,8 +105,17 @@ class LabDir:
     def log_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.log"
 
-    def backups_dir(self) -> Path:
-        return self.path / "backups"
+    def backups_dir(self, code: str) -> Path:
+        """A site's backups: beside its store, so one volume holds both (compose)."""
+        return self.site_dir(code) / "backups"
+
+    def backup_dir(self, backup_id: str) -> Path:
+        """The folder of one backup (its id starts with its site's code)."""
+        return self.backups_dir(backup_id[:3].upper()) / backup_id
+
+    def all_backup_dirs(self) -> list[Path]:
+        root = self.path / "sites"
+        return sorted(p for p in root.glob("*/backups/*") if p.is_dir()) if root.exists() else []
 
     def faults_dir(self) -> Path:
         return self.path / "faults"
@@ -134,12 +146,35 @@ class LabDir:
             return pid
         return pid if b"emulator.labd" in argv else None
 
+    def alive_file(self, code: str) -> Path:
+        return self.site_dir(code) / "site.alive"
+
+    def site_host(self, code: str) -> str | None:
+        """The host (container) a site's process runs on, as its pid file says."""
+        try:
+            parts = self.pid_file(code).read_text().split()
+        except OSError:
+            return None
+        return parts[1] if len(parts) > 1 else None
+
+    def local(self, code: str) -> bool:
+        """Whether the site's process runs on this host (so its pid can be signalled)."""
+        host = self.site_host(code)
+        return host is None or host == socket.gethostname()
+
     def pid(self, code: str) -> int | None:
-        """The pid of the site's process if it is alive, else None."""
+        """The pid of the site's process if it is alive, else None. A site on another host (a
+        container of a compose lab) is alive while it touches its ``site.alive`` file."""
         try:
             pid = int(self.pid_file(code).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+        if not self.local(code):
+            try:
+                fresh = time.time() - self.alive_file(code).stat().st_mtime < ALIVE_FOR
+            except OSError:
+                return None
+            return pid if fresh else None
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
-    lab_dir.pid_file(code).write_text(f"{proc.pid}\n")
+    lab_dir.pid_file(code).write_text(f"{proc.pid} {socket.gethostname()}\n")
     return proc.pid
 
 
@@ -186,8 +187,18 @@ def signal_site(lab_dir: LabDir, code: str, sig: int) -> int:
     pid = lab_dir.pid(code)
     if pid is None:
         raise LabError(f"site {code} is not running", hint=f"smslab start {code}")
+    not_here(lab_dir, code)
     os.kill(pid, sig)
     return pid
+
+
+def not_here(lab_dir: LabDir, code: str) -> None:
+    """Processes on another host (a container) are not ours to signal."""
+    if not lab_dir.local(code):
+        raise LabError(f"site {code} runs on host {lab_dir.site_host(code)} (a container?): its process is not"
+                       " this host's to signal",
+                       hint=f"in a compose lab: docker compose kill -s KILL {code.lower()}, docker compose stop"
+                            f" {code.lower()}, docker compose start {code.lower()}")
 
 
 def wait_exit(lab_dir: LabDir, code: str, pid: int, timeout: float) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
@@ -60,7 +61,15 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
                           transport=transport)
     if recover:
         runtime.recovery.begin(recover, reference)
-    lab_dir.pid_file(site).write_text(f"{os.getpid()}\n")
+    lab_dir.pid_file(site).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    alive = lab_dir.alive_file(site)
+
+    def heartbeat() -> None:
+        # how the harness on another host (a compose lab's tools container) sees it is alive
+        alive.touch()
+
+    heartbeat()
+    runtime.on_tick_hooks.append(heartbeat)
 
     def on_term(_sig: int, _frame: object) -> None:
         # Only a flag: the loop's own 0.1 s tick stops the site from inside (calling into

@@ -269,7 +269,7 @@ def test_bad_backups_are_refused_with_the_reason(lab: Lab) -> None:
     kill(lab, "P01")
     foreign = lab.cli("start", "P01", "--restore", p02, check=False)
     assert foreign.returncode == 2 and f"backup {p02} is of site P02, not P01" in foreign.stderr
-    db = lab.dir.backups_dir() / p01 / "site.db"
+    db = lab.dir.backup_dir(p01) / "site.db"
     data = bytearray(db.read_bytes())
     data[5000:5010] = b"XXXXXXXXXX"
     db.write_bytes(bytes(data))

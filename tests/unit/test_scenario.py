@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from emulator.errors import ConfigError
-from emulator.scenario import Backup, Chaos, Expect, Fault, draw_schedule, load_scenario, parse_scenario, schedule_json
+from emulator.scenario import (
+    Backup,
+    Chaos,
+    Expect,
+    Fault,
+    draw_schedule,
+    load_scenario,
+    parse_scenario,
+    schedule_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOPO = """
