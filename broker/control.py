@@ -9,14 +9,18 @@ would on a real network.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from broker import names
 from emulator.errors import BrokerUnavailable, LabError
 
 
@@ -124,5 +128,64 @@ class Rabbitmqctl:
         return self.run("eval", "rabbit_alarm:get_alarms().").strip()
 
 
-def site_connection(lab: str, site: str) -> str:
-    return names.connection_name(lab, site)
+class ManagementApi:
+    """A broker reached through RabbitMQ's management HTTP API (a compose lab's broker, from its
+    tools container). It closes connections; restarts and memory alarms are the broker host's
+    (``docker compose restart rabbitmq``, ``docker compose exec rabbitmq rabbitmqctl ...``)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
+        user, password = parts.username or "guest", parts.password or "guest"
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def describe(self) -> str:
+        return f"the broker's management API at {self.base}"
+
+    def _call(self, method: str, path: str, reason: str | None = None) -> Any:
+        request = urllib.request.Request(self.base + path, method=method, headers={"Authorization": self.auth})
+        if reason:
+            request.add_header("X-Reason", reason)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise BrokerUnavailable(f"management API {method} {path}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise BrokerUnavailable(f"cannot reach the management API at {self.base}: {exc}",
+                                    hint="is the management plugin on? (the rabbitmq:3-management image)") from exc
+        return json.loads(body) if body else None
+
+    def connection_names(self) -> list[str]:
+        return [c.get("client_properties", {}).get("connection_name", "") for c in self._call("GET", "/api/connections")
+                or []]
+
+    def close_connections(self, name: str, reason: str) -> int:
+        closed = 0
+        for conn in self._call("GET", "/api/connections") or []:
+            if conn.get("client_properties", {}).get("connection_name") == name:
+                self._call("DELETE", "/api/connections/" + urllib.parse.quote(conn["name"], safe=""), reason)
+                closed += 1
+        return closed
+
+    def _not_here(self, what: str, how: str) -> LabError:
+        return LabError(f"{what} is done on the broker's host, not through its management API", hint=how)
+
+    def stop_app(self) -> None:
+        raise self._not_here("a broker restart", "docker compose restart rabbitmq")
+
+    def start_app(self) -> None:
+        raise self._not_here("a broker restart", "docker compose restart rabbitmq")
+
+    def memory_watermark(self) -> float:
+        raise self._not_here("a memory alarm",
+                             "docker compose exec rabbitmq rabbitmqctl set_vm_memory_high_watermark 0 (and 0.4 to heal)")
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        self.memory_watermark()
+
+    def alarms(self) -> str:
+        nodes = self._call("GET", "/api/nodes") or []
+        return "memory" if any(n.get("mem_alarm") for n in nodes) else "[]"

@@ -8,6 +8,8 @@ else it fails, naming the ways to provide one. ``down`` stops what ``up`` starte
 
 The tests' and the pytest plugin's broker comes from ``broker_for_tests``: the URL given, else
 the local broker, else a container (stopped at the end of the session), else a reason to skip.
+``SMSLAB_DEFAULT_AMQP_URL`` moves where the local broker is looked for; ``SMSLAB_RABBITMQ_SERVER=none``
+makes an installed RabbitMQ count as absent.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def answers(url: str) -> str | None:
         return None
     except BrokerUnavailable as exc:
         return exc.message
+
+
+def default_url() -> str:
+    """Where a broker of this host answers if one runs (``SMSLAB_DEFAULT_AMQP_URL`` moves it,
+    e.g. to show what happens on a machine where none runs)."""
+    return os.environ.get("SMSLAB_DEFAULT_AMQP_URL") or admin.DEFAULT_URL
 
 
 def image() -> str:
@@ -79,7 +87,7 @@ def _ryuk_where_it_cannot_be_pulled(config: Any) -> None:
 def stop_container(container_id: str) -> None:
     try:
         docker: Any = importlib.import_module("docker")
-        docker.from_env().containers.get(container_id).remove(force=True)
+        docker.from_env().containers.get(container_id).remove(force=True, v=True)  # its data volume too
     except Exception as exc:  # noqa: BLE001 - gone already
         log.debug("container %s: %r", container_id, exc)
 
@@ -100,7 +108,7 @@ def broker_for_lab(lab_dir: LabDir, given: str | None, progress: Progress = _qui
     """The broker ``up`` uses: the URL given, else the local one, else one of its own."""
     if given:
         return given, BrokerRef()
-    local = os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
+    local = default_url()
     why = answers(local)
     if why is None:
         return local, BrokerRef()
@@ -142,7 +150,7 @@ def release(ref: BrokerRef) -> str | None:
 def broker_for_tests(given: str | None = None) -> Iterator[tuple[str | None, str]]:
     """(URL, "") of a broker for a test session, or (None, why there is none). A container it
     starts is stopped when the block ends."""
-    url = given or os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
+    url = given or os.environ.get("SMSLAB_AMQP_URL") or default_url()
     why = answers(url)
     if why is None:
         yield url, ""
@@ -158,7 +166,4 @@ def broker_for_tests(given: str | None = None) -> Iterator[tuple[str | None, str
     try:
         yield container_url, ""
     finally:
-        try:
-            container.stop()
-        except Exception as exc:  # noqa: BLE001 - already gone
-            log.debug("stopping the test broker's container: %r", exc)
+        stop_container(str(container.get_wrapped_container().id))

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import admin, names
-from broker.control import BrokerControl, Rabbitmqctl
+from broker.control import BrokerControl, ManagementApi, Rabbitmqctl
 from emulator import history
 from emulator.errors import ConfigError, LabError
 from emulator.lab import LabDir, LabInfo
@@ -194,6 +194,8 @@ def _new_id(lab_dir: LabDir) -> str:
 def control_for(lab_dir: LabDir, info: LabInfo) -> BrokerControl:
     if info.broker.kind == "private" and info.broker.node_dir:
         return Rabbitmqctl.private(Path(info.broker.node_dir))
+    if info.broker.kind == "compose" and info.broker.management:
+        return ManagementApi(info.broker.management)
     if info.broker.kind == "container":
         raise LabError("broker faults are not available on a lab whose broker is a testcontainers container",
                        hint="give the lab a broker on this host (a private node: smslab up with no broker running)")

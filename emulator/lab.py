@@ -35,9 +35,10 @@ class BrokerRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["external", "private", "container"] = "external"
+    kind: Literal["external", "private", "container", "compose"] = "external"
     node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
     container: str | None = None  # container: its id (testcontainers)
+    management: str | None = None  # compose: the broker's management API (http://user:password@host:port)
 
     def describe(self, url: str) -> str:
         where = url.split("@")[-1]
@@ -45,6 +46,8 @@ class BrokerRef(BaseModel):
             return f"a private RabbitMQ node of the lab ({where}, {self.node_dir})"
         if self.kind == "container":
             return f"a RabbitMQ container of the lab ({where})"
+        if self.kind == "compose":
+            return f"the compose lab's RabbitMQ service ({where})"
         return f"RabbitMQ at {where}"
 
 

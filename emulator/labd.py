@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("SMSLAB_LOG_LEVEL", "INFO"),
                         format="%(asctime)s labd %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.WARNING)
     lab_dir = LabDir(args.lab)
     try:
         info = lab_dir.load()

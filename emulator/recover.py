@@ -68,7 +68,11 @@ def recover(
     reference: str | None = None,
     timeout: float = 120.0,
     progress: Callable[[str], None] = print,
+    then_stop: bool = False,
 ) -> dict[str, Any]:
+    """Run the recovery agent of ``site`` and follow it to the end. ``then_stop`` stops the
+    recovered site afterwards (a compose lab's recovery container: the site's own container
+    goes on from the recovered store)."""
     info = lab_dir.load()
     topo = info.topology
     spec = topo.site(site)
@@ -133,6 +137,10 @@ def recover(
             save_record(lab_dir, site, record)
             progress(f"recovery {rid} of {site} complete: transaction ID {meta.get('txn_id')},"
                      f" incarnation {meta.get('incarnation')}")
+            if then_stop and lab_dir.pid(site):
+                orchestrator.stop(lab_dir, site)
+                progress(f"stopped the recovered {site}: start it where it runs (docker compose start"
+                         f" {site.lower()})")
             return record
         record["phase"] = phase or record["phase"]
         if lab_dir.pid(site) is None:

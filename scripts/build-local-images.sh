@@ -118,6 +118,33 @@ ensure_packages() {
     log "host packages installed in $(elapsed "$t0")"
 }
 
+# Compose v2 (`docker compose`) beside Debian's docker-compose 1.29: bookworm has no v2, so the
+# plugin's static binary comes from Debian trixie's docker-compose package (cached).
+COMPOSE_V2_DEB="docker-compose_2.26.1-4_amd64.deb"
+ensure_compose_v2() {
+    if "$DOCKER" compose version >/dev/null 2>&1; then
+        log "docker compose v2 present: $("$DOCKER" compose version 2>/dev/null | head -1)"
+        return 0
+    fi
+    if [[ $(dpkg --print-architecture 2>/dev/null) != amd64 ]]; then
+        warn "no docker compose v2 and no plugin package for $(dpkg --print-architecture): docker-compose 1.29 only"
+        return 0
+    fi
+    local deb="$CACHE/$COMPOSE_V2_DEB" dir
+    if [[ ! -s $deb ]]; then
+        run curl -fsSL -o "$deb.part" "$MIRROR/pool/main/d/docker-compose/$COMPOSE_V2_DEB" \
+            || die "cannot download $COMPOSE_V2_DEB from $MIRROR"
+        mv "$deb.part" "$deb"
+    fi
+    dir=$(mktemp -d)
+    dpkg-deb -x "$deb" "$dir"
+    mkdir -p /usr/local/lib/docker/cli-plugins
+    install -m 0755 "$dir/usr/libexec/docker/cli-plugins/docker-compose" /usr/local/lib/docker/cli-plugins/docker-compose
+    rm -rf "$dir"
+    "$DOCKER" compose version >/dev/null 2>&1 || die "docker compose v2 does not run after installing the plugin"
+    log "installed docker compose v2: $("$DOCKER" compose version | head -1)"
+}
+
 # --- 2. the docker engine ---------------------------------------------------------------------
 docker_ok() { timeout 20 "$DOCKER" info >/dev/null 2>&1; }
 
@@ -362,6 +389,7 @@ build_wheels() {
 # --- main ---------------------------------------------------------------------------------------
 ensure_packages
 ensure_engine
+ensure_compose_v2
 configure_builder
 
 if [[ $REFRESH_CACHE -eq 1 ]]; then
@@ -385,17 +413,19 @@ if need_build "$IMG_RABBITMQ" $(( REBUILD_ALL | built_debian )); then
 else log "$IMG_RABBITMQ exists: kept"; fi
 
 hash=$(source_hash)
-if need_build "$IMG_SITE" $(( REBUILD_ALL | REBUILD_SITE | built_python )); then
+old_hash=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.smslab.source-sha256"}}' "$IMG_SITE" 2>/dev/null || true)
+stale=0
+if have_image "$IMG_SITE" && [[ $old_hash != "$hash" ]]; then
+    log "$IMG_SITE was built from other sources than the work tree's: rebuilding it"
+    stale=1
+fi
+if need_build "$IMG_SITE" $(( REBUILD_ALL | REBUILD_SITE | built_python | stale )); then
     build_wheels
     # No --network: every wheel is in the context, pip runs with --no-index.
     docker_build "$IMG_SITE" "$REPO/Dockerfile" "$CACHE/site-context" \
         --build-arg "PYTHON_IMAGE=$IMG_PYTHON" --label "org.smslab.source-sha256=$hash"
 else
-    log "$IMG_SITE exists: kept"
-    old=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.smslab.source-sha256"}}' "$IMG_SITE" 2>/dev/null || true)
-    if [[ $old != "$hash" ]]; then
-        warn "$IMG_SITE was built from other sources than the work tree's ($old != $hash): run with --rebuild-site"
-    fi
+    log "$IMG_SITE exists and matches the work tree: kept"
 fi
 
 # Images replaced by a rebuild are left untagged: remove those of ours.

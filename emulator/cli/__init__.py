@@ -9,6 +9,7 @@ import os
 import sys
 
 from broker import admin
+from emulator.cli import compose as compose_commands
 from emulator.cli import faults as faults_commands
 from emulator.cli import lab as lab_commands
 from emulator.cli import report as report_commands
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (lab_commands, site_commands, faults_commands, run_commands, report_commands):
+    for module in (lab_commands, site_commands, faults_commands, run_commands, report_commands,
+                   compose_commands):
         module.register(sub, common)
     return p
 

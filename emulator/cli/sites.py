@@ -45,9 +45,18 @@ def cmd_recover(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     reference = args.reference.upper() if args.reference else None
     record = recover.recover(lab_dir, code, backup_id=args.backup, wipe=args.wipe, reference=reference,
-                             timeout=args.timeout, progress=progress_for(args))
+                             timeout=args.timeout, progress=progress_for(args), then_stop=args.then_stop)
     if args.json:
         emit_json(record)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    """The KB failure's first half, where the site runs elsewhere (a container): its store is
+    replaced, and it starts where it runs (docker compose start p01)."""
+    code = known_site(lab_dir, args.site)
+    done = backup.replace_store(lab_dir, lab_dir.load(), code, backup_id=args.backup, wipe=args.wipe)
+    say(f"{done}, no recovery; start {code} to run it")
     return 0
 
 
@@ -124,7 +133,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     group.add_argument("--wipe", action="store_true", help="rebuild from nothing first (a secondary's reinstall)")
     s.add_argument("--reference", metavar="SITE", help="the child whose copy of our global objects is taken back")
     s.add_argument("--timeout", type=positive, default=120.0)
+    s.add_argument("--then-stop", action="store_true",
+                   help="stop the recovered site afterwards (compose: its own container goes on from its store)")
     add_json(s)
+    s = add("restore", cmd_restore, "replace a stopped site's store with a backup (or --wipe), WITHOUT recovery")
+    s.add_argument("site")
+    group = s.add_mutually_exclusive_group(required=True)
+    group.add_argument("backup", nargs="?", metavar="BACKUP")
+    group.add_argument("--wipe", action="store_true", help="rebuild it from nothing under its old code")
     s = add("syncchild", cmd_syncchild, "Preinst /syncchild: PARENT sends all global data to CHILD")
     s.add_argument("parent")
     s.add_argument("child")
