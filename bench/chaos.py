@@ -66,8 +66,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         scenario = parse_scenario(scenario_text(args.duration), source="bench/chaos.py")
         started = time.monotonic()
+        ref = BrokerRef(kind="private", node_dir=str(node.base_dir), owned=False)  # the bench stops it
         result = run_scenario(scenario, seed=args.seed, run_dir=root / "run", amqp_url=node.amqp_url,
-                              progress=lambda m: log(m), broker=BrokerRef(kind="private", node_dir=str(node.base_dir)))
+                              progress=lambda m: log(m), broker=ref)
         wall = time.monotonic() - started
     finally:
         node.stop()

@@ -131,6 +131,8 @@ def broker_for_lab(lab_dir: LabDir, given: str | None, progress: Progress = _qui
 
 def release(ref: BrokerRef) -> str | None:
     """Stop the broker a lab started for itself; say what was stopped."""
+    if not ref.owned:
+        return None
     if ref.kind == "private" and ref.node_dir and Path(ref.node_dir).exists():
         from broker.local import LocalNode
 

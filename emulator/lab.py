@@ -39,6 +39,7 @@ class BrokerRef(BaseModel):
     node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
     container: str | None = None  # container: its id (testcontainers)
     management: str | None = None  # compose: the broker's management API (http://user:password@host:port)
+    owned: bool = True  # started for the lab: down stops it (False: the lab only uses it)
 
     def describe(self, url: str) -> str:
         where = url.split("@")[-1]

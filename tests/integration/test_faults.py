@@ -246,7 +246,8 @@ def private_lab(tmp_path: Path, private_node: LocalNode) -> Iterator[Lab]:
 
 
 def up_private(lab: Lab, node: LocalNode) -> None:
-    lab.up(topology_yaml(THREE, settings=SETTINGS), broker=BrokerRef(kind="private", node_dir=str(node.base_dir)))
+    lab.up(topology_yaml(THREE, settings=SETTINGS),
+           broker=BrokerRef(kind="private", node_dir=str(node.base_dir), owned=False))  # the module's node
 
 
 def test_broker_restart_under_load_loses_nothing(private_lab: Lab, private_node: LocalNode) -> None:
