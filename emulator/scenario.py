@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from emulator.errors import ConfigError
 from emulator.protocol.shaping import LINK_FAULTS
-from emulator.topology import Topology, Workload, _describe, _fail, _Lines, parse_topology
+from emulator.topology import _LOADER, Topology, Workload, _describe, _fail, _Lines, parse_topology
 
 SiteCode = Annotated[str, Field(pattern=r"^[A-Z0-9]{3}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")]
@@ -251,8 +251,8 @@ def load_scenario(path: str | Path) -> Scenario:
 
 def parse_scenario(text: str, source: str = "<string>", base: Path | None = None) -> Scenario:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(f"{source}:{mark.line + 1 if mark else 1}: YAML syntax error: {exc.problem or exc.context}",
