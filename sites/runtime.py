@@ -19,7 +19,6 @@ The runtime never interprets a verdict itself: ``sequencing.receive`` / ``take_a
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -155,7 +154,7 @@ class SiteRuntime:
         self._failures_logged: set[str] = set()
         self._unconfirmed: dict[str, int] = {}
         self._unconfirmed_logged: dict[str, float] = {}
-        self._saved_rows: dict[str, str] = {}  # what the store holds of links and counters
+        self._saved_rows: dict[str, Any] = {}  # what the store holds of links and counters
         self._last_prune = 0.0
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
@@ -198,15 +197,15 @@ class SiteRuntime:
             written = self._save()
         self._saved_rows.update(written)
 
-    def _save(self) -> dict[str, str]:
+    def _save(self) -> dict[str, Any]:
         """Write the links and counters that differ from what the store holds; return the
         rows written (remembered once the transaction has committed)."""
-        written: dict[str, str] = {}
+        written: dict[str, Any] = {}
         for peer, link in self.links.items():
-            row = json.dumps(link.to_row())
-            if self._saved_rows.get(f"link:{peer}") != row:
-                self.store.save_link_row(peer, row)
-                written[f"link:{peer}"] = row
+            mark = link.fingerprint()  # only a link that changed is serialized and written
+            if self._saved_rows.get(f"link:{peer}") != mark:
+                self.store.save_link_row(peer, json.dumps(link.to_row()))
+                written[f"link:{peer}"] = mark
         for name in _COUNTERS:
             value = str(getattr(self, name))
             if self._saved_rows.get(name) != value:
@@ -220,7 +219,8 @@ class SiteRuntime:
 
     def capture(self) -> Saved:
         agent = self.recovery.agent
-        return Saved(copy.deepcopy(self.links), dict(self.published), self.txn_id, self.incarnation,
+        return Saved({p: link.clone() for p, link in self.links.items()}, dict(self.published), self.txn_id,
+                     self.incarnation,
                      self.scf_serial, self.status_serial, self.alloc["object"], self.state,
                      agent.to_state() if agent else None, self.workload_paused)
 

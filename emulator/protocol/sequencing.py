@@ -58,7 +58,7 @@ Nothing here does I/O or reads a clock: time comes in as ``now``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
@@ -135,7 +135,22 @@ class LinkState:
         return self.next_expected - 1
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, as the store keeps it (a copy: changing it changes nothing here)."""
+        row = dict(self.__dict__)
+        row["extra"] = dict(self.extra)
+        return row
+
+    def clone(self) -> LinkState:
+        """A copy to put back if a transaction is undone (cheaper than a deep copy: the only
+        mutable field is ``extra``, a flat mapping of counters)."""
+        twin = object.__new__(LinkState)
+        twin.__dict__.update(self.__dict__)
+        twin.extra = dict(self.extra)
+        return twin
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Equal for two states that would be saved the same."""
+        return (*self.__dict__.values(), *sorted(self.extra.items()))
 
 
 def judge(
