@@ -229,6 +229,9 @@ class Queue:
         self._positions = itertools.count(1)
         self._next_consumer = 0
         self._held: list[tuple[Message, Timer]] = []
+        # An in-broker consumer with no prefetch (a link fault's relay in the simulator): it
+        # takes every message as it is routed here, in order.
+        self.tap: Callable[[Message], None] | None = None
 
     def __len__(self) -> int:
         return len(self.ready)
@@ -242,6 +245,9 @@ class Queue:
         return sum(c.unacked for c in self.consumers)
 
     def _put(self, msg: Message, *, requeue: bool = False) -> None:
+        if self.tap is not None:
+            self.tap(msg)
+            return
         if not requeue:
             msg.position = next(self._positions)
         bisect.insort(self.ready, msg, key=lambda m: m.position)
@@ -334,9 +340,13 @@ class Connection:
         self.unacked: dict[int, tuple[Consumer, Message]] = {}
         self.timers: set[Timer] = set()  # the client's timers: they die with the connection
         self._next_tag = 1
-        self._to_client: deque[Callable[[], None]] = deque()
-        self._to_broker: deque[Callable[[], None]] = deque()
+        self._to_client: deque[tuple[Callable[[], None], bool]] = deque()
+        self._to_broker: deque[tuple[Callable[[], None], bool]] = deque()
         self._last = {"client": 0.0, "broker": 0.0}
+        # A memory alarm: once this connection publishes, the broker reads nothing more of it
+        # (TCP backpressure) until the alarm clears; what it sent waits, in order.
+        self.blocked = False
+        self._blocked_frames: deque[Callable[[], None]] = deque()
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} {'open' if self.open else 'closed'}>"
@@ -344,12 +354,13 @@ class Connection:
     # the wire
 
     def send_to_client(self, frame: Callable[[], None]) -> None:
-        self._send("client", self._to_client, frame)
+        self._send("client", self._to_client, frame, False)
 
-    def send_to_broker(self, frame: Callable[[], None]) -> None:
-        self._send("broker", self._to_broker, frame)
+    def send_to_broker(self, frame: Callable[[], None], *, publish: bool = False) -> None:
+        self._send("broker", self._to_broker, frame, publish)
 
-    def _send(self, side: str, stream: deque[Callable[[], None]], frame: Callable[[], None]) -> None:
+    def _send(self, side: str, stream: deque[tuple[Callable[[], None], bool]], frame: Callable[[], None],
+              publish: bool) -> None:
         if not self.open:
             return
         broker = self.broker
@@ -357,18 +368,29 @@ class Connection:
         jitter = loop.rng.uniform(0, broker.jitter) if broker.jitter else 0.0
         arrival = max(loop.now + broker.latency + jitter, self._last[side])
         self._last[side] = arrival
-        stream.append(frame)
+        stream.append((frame, publish))
         # One event per frame; each takes the head of the stream, so frames keep their order
         # whatever order events due at the same instant run in.
         loop.call_at(arrival, lambda: self._arrive(side, stream))
 
-    def _arrive(self, side: str, stream: deque[Callable[[], None]]) -> None:
+    def _arrive(self, side: str, stream: deque[tuple[Callable[[], None], bool]]) -> None:
         if not self.open or not stream:
             return
-        frame = stream.popleft()
-        if side == "client" and self.client_closing:
+        frame, publish = stream.popleft()
+        if side == "client":
+            if not self.client_closing:
+                frame()
+            return
+        if self.blocked or (publish and self.broker.alarmed):
+            self.blocked = True
+            self._blocked_frames.append(frame)
             return
         frame()
+
+    def _unblock(self) -> None:
+        self.blocked = False
+        while self._blocked_frames and self.open:
+            self._blocked_frames.popleft()()
 
     # broker side
 
@@ -429,6 +451,10 @@ class MemoryBroker:
         self.connections: list[Connection] = []
         self.faults: list[Fault] = []
         self.accepting = True  # False: connection attempts are refused (the broker is down)
+        self.refused: set[str] = set()  # connection names refused (a site cut off: ``refuse``)
+        self.alarmed = False  # a memory alarm: publishers are blocked (``set_alarm``)
+        self.blocked_connection_timeout = 30.0  # pika's: a client blocked this long closes
+        self.diverted: set[str] = set()  # link routing keys bound to a relay, not the inbox
         self.stats: Counter[str] = Counter()
         self.errors: list[str] = []  # channel errors: a client broke the protocol
         self._ids = itertools.count(1)
@@ -482,7 +508,8 @@ class MemoryBroker:
                 if label == "site" else [names.control_key(site)])
         self.declare_queue(name, names.queue_arguments(queue_type))
         for key in keys:
-            self.bind(name, names.exchange(lab), key)
+            if key not in self.diverted:  # a link fault's binding stays with its relay
+                self.bind(name, names.exchange(lab), key)
         consumer = Consumer(conn, self.queues[name], label, prefetch)
         conn.consumers.append(consumer)
         self.queues[name].consumers.append(consumer)
@@ -579,13 +606,84 @@ class MemoryBroker:
 
     # -- connections ----------------------------------------------------------------------
 
+    def refuse(self, name: str) -> int:
+        """Close every connection called ``name`` and refuse it new ones until ``admit``:
+        the site is cut off from the broker without knowing why."""
+        self.refused.add(name)
+        return self.disconnect(name, "connection closed (fault: disconnected)")
+
+    def admit(self, name: str) -> None:
+        self.refused.discard(name)
+
+    def set_alarm(self, on: bool) -> None:
+        """A memory alarm (RabbitMQ's memory watermark at 0): every connection that publishes
+        is blocked until it clears; pika closes a connection blocked for
+        ``blocked_connection_timeout`` seconds."""
+        if on == self.alarmed:
+            return
+        self.alarmed = on
+        self._trace("alarm", on)
+        if on:
+            for conn in list(self.connections):
+                self._arm_blocked_timeout(conn)
+        else:
+            for conn in list(self.connections):
+                if conn.blocked:
+                    conn._unblock()
+
+    def _arm_blocked_timeout(self, conn: Connection) -> None:
+        def expire() -> None:
+            if self.alarmed and conn.open:
+                self._close(conn, "connection blocked too long (memory alarm)", lost=True)
+
+        self.loop.call_later(self.blocked_connection_timeout, expire)
+
+    def restart(self, downtime: float = 2.0) -> int:
+        """stop_app, start_app: every connection is lost and none is taken for ``downtime``
+        seconds; durable queues keep their messages (what was delivered and not acked goes
+        back, redelivered). Returns how many connections were closed."""
+        self.accepting = False
+        self._trace("restart", downtime)
+        closing = list(self.connections)
+        for conn in closing:
+            self._close(conn, "broker restarted (connection-forced)", lost=True)
+
+        def back() -> None:
+            self.accepting = True
+            self._trace("restarted")
+
+        self.loop.call_later(downtime, back)
+        return len(closing)
+
+    def divert_link(self, lab: str, sender: str, receiver: str) -> Queue:
+        """``broker.admin.divert_link``: the link's key goes to its relay queue."""
+        key = names.link_key(sender, receiver)
+        relay = self.declare_queue(names.relay_queue(lab, sender, receiver))
+        self.unbind(names.site_queue(lab, receiver), names.exchange(lab), key)
+        self.bind(relay.name, names.exchange(lab), key)
+        self.diverted.add(key)
+        self._trace("divert", key)
+        return relay
+
+    def restore_link(self, lab: str, sender: str, receiver: str) -> None:
+        key = names.link_key(sender, receiver)
+        self.unbind(names.relay_queue(lab, sender, receiver), names.exchange(lab), key)
+        self.diverted.discard(key)
+        if names.site_queue(lab, receiver) in self.queues:
+            self.bind(names.site_queue(lab, receiver), names.exchange(lab), key)
+        self._trace("restore", key)
+
     def _open(self, name: str, client: Client) -> Connection:
         if not self.accepting:
             raise BrokerUnavailable("the broker refused the connection (it is down)")
+        if name in self.refused:
+            raise BrokerUnavailable("the connection was closed by the broker (refused)")
         conn = Connection(self, name, client)
         self.connections.append(conn)
         self.stats["connections"] += 1
         self._trace("open", name)
+        if self.alarmed:
+            self._arm_blocked_timeout(conn)
         return conn
 
     def _close(self, conn: Connection, reason: str, *, lost: bool) -> None:
@@ -596,6 +694,7 @@ class MemoryBroker:
         conn.open = False
         conn._to_client.clear()
         conn._to_broker.clear()
+        conn._blocked_frames.clear()
         for timer in conn.timers:
             timer.cancel()
         conn.timers.clear()
@@ -707,7 +806,8 @@ class MemoryTransport:
 
     def __init__(self, broker: MemoryBroker, *, lab: str, site: str, prefetch: int = 500,
                  queue_type: str = "classic", reconnect_delay: float = 0.2,
-                 max_reconnect_delay: float = 5.0, neighbours: list[str] | None = None) -> None:
+                 max_reconnect_delay: float = 5.0, neighbours: list[str] | None = None,
+                 heartbeat: float = 10.0) -> None:
         self.broker = broker
         self.lab = lab
         self.site = site
@@ -730,6 +830,9 @@ class MemoryTransport:
         self._publish_seq = 0
         self._holding_acks = False
         self._held_acks: list[tuple[int, bool]] = []
+        self.heartbeat = heartbeat  # a frozen client's connection is closed by the broker after this
+        self._frozen = False
+        self._deferred: list[Callable[[], None]] = []
 
     @property
     def ready(self) -> bool:
@@ -751,6 +854,8 @@ class MemoryTransport:
         self._attempt()
 
     def _attempt(self) -> None:
+        if self._defer(self._attempt):
+            return
         if self._stopping or self.crashed:
             return
         try:
@@ -806,6 +911,43 @@ class MemoryTransport:
         if self._conn is not None and self._conn.open:
             self.broker._close(self._conn, "client process died", lost=True)
 
+    def freeze(self) -> None:
+        """SIGSTOP: nothing of this site runs (no frames taken, no timers) until ``thaw``;
+        the broker closes its connection when heartbeats have been missed ``heartbeat``
+        seconds (the site learns it when it runs again)."""
+        if self._frozen or self.crashed:
+            return
+        self._frozen = True
+        conn = self._conn
+
+        def missed_heartbeats() -> None:
+            if self._frozen and conn is not None and conn.open and conn is self._conn:
+                self.broker._close(conn, "missed heartbeats from client, timeout: 10s", lost=True)
+
+        self.broker.loop.call_later(self.heartbeat, missed_heartbeats)
+
+    def thaw(self) -> None:
+        """SIGCONT: what arrived meanwhile runs, in order."""
+        if not self._frozen:
+            return
+        self._frozen = False
+        deferred, self._deferred = self._deferred, []
+        for fn in deferred:
+            if self._frozen:  # frozen again by what ran
+                self._deferred.append(fn)
+            else:
+                fn()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def _defer(self, fn: Callable[[], None]) -> bool:
+        if self._frozen and not self.crashed:
+            self._deferred.append(fn)
+            return True
+        return False
+
     def hold_acks(self) -> None:
         """Keep acks on this side (a slow wire): lost if the connection goes first."""
         self._holding_acks = True
@@ -822,6 +964,8 @@ class MemoryTransport:
     # -- frames from the broker -------------------------------------------------------------
 
     def _opened(self) -> None:
+        if self._defer(self._opened):
+            return
         self._ready = True
         self._failures = 0
         self.connects += 1
@@ -829,10 +973,14 @@ class MemoryTransport:
         self._handler.on_ready()
 
     def _delivered(self, delivery: Delivery) -> None:
+        if self._defer(lambda: self._delivered(delivery)):
+            return
         assert self._handler is not None
         self._handler.on_delivery(delivery)
 
     def _confirmed(self, seq: int, ok: bool) -> None:
+        if self._defer(lambda: self._confirmed(seq, ok)):
+            return
         token = self._pending.pop(seq, None)
         returned = seq in self._returned_seqs
         self._returned_seqs.discard(seq)
@@ -841,11 +989,15 @@ class MemoryTransport:
             self._handler.on_confirm(token, ok and not returned)
 
     def _returned(self, seq: int) -> None:
+        if self._defer(lambda: self._returned(seq)):
+            return
         self._returned_seqs.add(seq)
 
     def _cancelled(self, label: str) -> None:
         """The broker cancelled a consumer (its queue was deleted): declare it again, as
         ``PikaTransport`` does."""
+        if self._defer(lambda: self._cancelled(label)):
+            return
         conn = self._conn
         if conn is None or not conn.open:
             return
@@ -853,10 +1005,14 @@ class MemoryTransport:
                                                            self.queue_type, self.neighbours))
 
     def _restored(self, label: str) -> None:
+        if self._defer(lambda: self._restored(label)):
+            return
         assert self._handler is not None
         self._handler.on_queue_restored(label)
 
     def _lost(self, reason: str) -> None:
+        if self._defer(lambda: self._lost(reason)):
+            return
         self._ready = False
         self._pending.clear()
         self._held_acks.clear()
@@ -879,7 +1035,7 @@ class MemoryTransport:
         msg = Message(body=body, exchange=names.exchange(self.lab), routing_key=routing_key,
                       correlation_id=correlation_id, message_id=str(seq))
         conn.send_to_broker(lambda: self.broker._frame(
-            conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=True)))
+            conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=True)), publish=True)
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Answer a control request through the default exchange."""
@@ -892,7 +1048,7 @@ class MemoryTransport:
         msg = Message(body=body, exchange="", routing_key=reply_to, correlation_id=correlation_id,
                       message_id=str(seq))
         conn.send_to_broker(lambda: self.broker._frame(
-            conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=False)))
+            conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=False)), publish=True)
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         if self._conn is None or not self._conn.open:
@@ -913,7 +1069,15 @@ class MemoryTransport:
         conn = self._conn
         if conn is None or not conn.open or conn.client_closing or self.crashed:
             return _dead_timer()
-        timer = self.broker.loop.call_later(delay, fn)
+        def fire() -> None:
+            if not self._defer(late):
+                fn()
+
+        def late() -> None:  # a timer due while the site was frozen: only if its connection lived
+            if conn.open:
+                fn()
+
+        timer = self.broker.loop.call_later(delay, fire)
         conn.timers.add(timer)
         timer.on_done = conn.timers.discard
         return timer

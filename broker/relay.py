@@ -12,7 +12,6 @@ Republished messages use the receiver's own key (``site.<CODE>``), which no faul
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 
 from broker import admin, names
 from emulator.errors import BrokerUnavailable
-from emulator.protocol.shaping import Release, Shaper
+from emulator.protocol.shaping import Release, Shaper, envelopes_in
 
 log = logging.getLogger("broker.relay")
 
@@ -67,16 +66,6 @@ class LinkRelay:
     @property
     def name(self) -> str:
         return f"{self.sender}->{self.receiver}"
-
-
-def envelopes_in(body: bytes) -> tuple[int, int | None, int | None]:
-    """How many data envelopes a packet carries, and their first and last link seq."""
-    try:
-        packet = json.loads(body)
-        seqs = [m["link_seq"] for m in packet.get("messages", []) if m.get("kind") == "data"]
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return 0, None, None
-    return len(seqs), (min(seqs) if seqs else None), (max(seqs) if seqs else None)
 
 
 class RelayHub:

@@ -44,7 +44,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
+def create(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str | None = None,
+           now: float | None = None) -> BackupRecord:
+    """An online backup of a site's store (``backup_id`` and ``now``: the simulator's own)."""
     spec = info.topology.site(site)
     if spec.type == "secondary":
         raise LabError(
@@ -55,20 +57,21 @@ def create(lab_dir: LabDir, info: LabInfo, site: str) -> BackupRecord:
     source = lab_dir.site_db(site)
     if not source.exists():
         raise LabError(f"site {site} has no store yet", hint="is the lab up? (smslab status)")
-    backup_id = f"{site}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
+    now = time.time() if now is None else now
+    backup_id = backup_id or f"{site}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{os.urandom(2).hex()}"
     target_dir = lab_dir.backup_dir(backup_id)
     target_dir.mkdir(parents=True)
     target = target_dir / "site.db"
     held = backup_file(source, target)
     meta, alloc, links = held["meta"], held["alloc"], held["links"]
     record = BackupRecord(
-        id=backup_id, site=site, lab=info.lab_id, created=time.time(), sha256=_sha256(target),
+        id=backup_id, site=site, lab=info.lab_id, created=now, sha256=_sha256(target),
         txn_id=int(meta.get("txn_id", 0)), incarnation=int(meta.get("incarnation", 0)),
         scf_serial=int(meta.get("scf_serial", 0)), object_next=int(alloc.get("object", 1)),
         links=links,
     )
     (target_dir / "backup.json").write_text(record.model_dump_json(indent=2))
-    history.record(lab_dir, "store", link=site, site=site,
+    history.record(lab_dir, "store", link=site, site=site, at=now,
                    detail={"action": "backup", "backup": backup_id, "txn_id": record.txn_id, "links": links})
     return record
 
@@ -146,7 +149,7 @@ def restore_into(lab_dir: LabDir, info: LabInfo, backup_id: str, site: str) -> B
 
 
 def replace_store(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str | None,
-                  wipe: bool) -> str | None:
+                  wipe: bool, at: float | None = None) -> str | None:
     """Put a stopped site's store back to a backup, or to nothing; say what was done.
 
     The site's history is merged first: what the store recorded since the backup is gone
@@ -159,11 +162,11 @@ def replace_store(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str |
         history.merge(lab_dir, info)
     if backup_id:
         record = restore_into(lab_dir, info, backup_id, site)
-        history.record(lab_dir, "store", link=site, site=site,
+        history.record(lab_dir, "store", link=site, site=site, at=at,
                        detail={"action": "restore", "backup": record.id, "links": record.links})
         return f"{site} restored from backup {record.id} (transaction ID {record.txn_id})"
     wipe_store(lab_dir, site)
-    history.record(lab_dir, "store", link=site, site=site, detail={"action": "wipe"})
+    history.record(lab_dir, "store", link=site, site=site, at=at, detail={"action": "wipe"})
     return f"{site} rebuilt from nothing under its old site code"
 
 

@@ -159,10 +159,14 @@ class LabState:
         return bool(phase) and phase != "complete"
 
 
-def read_state(lab_dir: LabDir, info: LabInfo, *, with_history: bool = True) -> LabState:
+def read_state(lab_dir: LabDir, info: LabInfo, *, with_history: bool = True,
+               running: set[str] | None = None) -> LabState:
+    """What the invariants judge; ``running`` names the sites that run (default: those with a
+    live process; the simulator gives its own)."""
     topo = info.topology
     codes = topo.depth_order()
-    running = {code for code in codes if lab_dir.pid(code) is not None}
+    if running is None:
+        running = {code for code in codes if lab_dir.pid(code) is not None}
     stores: dict[str, StoreSnapshot] = {}
     for code in reversed(codes):  # children before parents: site data goes up
         snap = read_snapshot(lab_dir.site_db(code))
@@ -640,16 +644,16 @@ def judge(state: LabState) -> Report:
 
 
 def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5,
-          with_history: bool = True) -> Report:
+          with_history: bool = True, running: set[str] | None = None) -> Report:
     """Judge the lab. Stores are read one after the other while sites run, so one snapshot
     can catch two ends of a link at different moments; a violation makes the lab invalid
     only if it stands, the same, in a second snapshot ``confirm`` seconds later."""
     info = info or lab_dir.load()
-    first = judge(read_state(lab_dir, info, with_history=with_history))
+    first = judge(read_state(lab_dir, info, with_history=with_history, running=running))
     if first.verdict != "invalid" or confirm <= 0:
         return first
     time.sleep(confirm)
-    second = judge(read_state(lab_dir, info, with_history=with_history))
+    second = judge(read_state(lab_dir, info, with_history=with_history, running=running))
     if second.verdict != "invalid":
         return second
     seen = {v.key for v in first.violations if v.hard}

@@ -71,10 +71,7 @@ class FaultSpec(BaseModel):
     state: Literal["applying", "on", "healing"] = "applying"
 
     def shaper(self) -> Shaper:
-        assert self.kind in LINK_FAULTS
-        p = self.params
-        return Shaper(self.kind, self.seed, rate=p.get("rate", 0.0), window=int(p.get("window", 20)),
-                      max_hold=p.get("max_hold", 2.0), ms=p.get("ms", 0.0), jitter=p.get("jitter", 0.0))
+        return shaper_for(self.kind, self.seed, self.params)
 
     @property
     def is_link_fault(self) -> bool:
@@ -83,6 +80,14 @@ class FaultSpec(BaseModel):
     def describe(self) -> str:
         params = " ".join(f"{k}={v:g}" for k, v in sorted(self.params.items()) if k != "watermark")
         return f"{self.kind} {self.target}" + (f" {params}" if params else "")
+
+
+def shaper_for(kind: str, seed: int, p: dict[str, float]) -> Shaper:
+    """The seeded shaper of a link fault of this kind and these parameters."""
+    if kind not in LINK_FAULTS:
+        raise ConfigError(f"{kind} is not a link fault; one of {', '.join(LINK_FAULTS)}")
+    return Shaper(kind, seed, rate=p.get("rate", 0.0), window=int(p.get("window", 20)),
+                  max_hold=p.get("max_hold", 2.0), ms=p.get("ms", 0.0), jitter=p.get("jitter", 0.0))
 
 
 class LinkStats(BaseModel):
@@ -458,13 +463,13 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
         _drain(lab_dir, info, spec, wait_drain)
     with locked(lab_dir):
         done = stats(lab_dir, spec.id)
-        off: dict[str, Any] = {"kind": spec.kind, "stats": _summary(done)}
+        off: dict[str, Any] = {"kind": spec.kind, "stats": summarize(done)}
         if not verified:
             off["verified"] = False
         history.record(lab_dir, "fault_off", link=spec.target, fault=spec.id, detail=off)
         _spec_path(lab_dir, spec.id).unlink(missing_ok=True)
         stats_path(lab_dir, spec.id).unlink(missing_ok=True)
-    progress(f"fault {spec.id} ({spec.describe()}) healed" + (f": {_summary_text(done)}" if _summary(done) else ""))
+    progress(f"fault {spec.id} ({spec.describe()}) healed" + (f": {_summary_text(done)}" if summarize(done) else ""))
     return spec
 
 
@@ -491,7 +496,7 @@ def heal_all(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet) -> 
     return healed
 
 
-def _summary(s: FaultStats) -> dict[str, Any]:
+def summarize(s: FaultStats) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, link in s.links.items():
         out[name] = {k: v for k, v in link.model_dump().items() if v}
@@ -520,7 +525,7 @@ def listing(lab_dir: LabDir) -> list[dict[str, Any]]:
     for spec in active(lab_dir):
         row = json.loads(spec.model_dump_json())
         row["description"] = spec.describe()
-        row["done"] = _summary(stats(lab_dir, spec.id))
+        row["done"] = summarize(stats(lab_dir, spec.id))
         row["done_text"] = _summary_text(stats(lab_dir, spec.id))
         out.append(row)
     return out

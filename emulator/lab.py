@@ -35,7 +35,7 @@ class BrokerRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["external", "private", "container", "compose"] = "external"
+    kind: Literal["external", "private", "container", "compose", "simulated"] = "external"
     node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
     container: str | None = None  # container: its id (testcontainers)
     management: str | None = None  # compose: the broker's management API (http://user:password@host:port)
@@ -49,6 +49,8 @@ class BrokerRef(BaseModel):
             return f"a RabbitMQ container of the lab ({where})"
         if self.kind == "compose":
             return f"the compose lab's RabbitMQ service ({where})"
+        if self.kind == "simulated":
+            return "the simulator's in-memory broker (smslab sim): no RabbitMQ, no processes"
         return f"RabbitMQ at {where}"
 
 

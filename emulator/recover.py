@@ -17,7 +17,7 @@ from typing import Any
 
 from emulator import backup, orchestrator
 from emulator.errors import LabError
-from emulator.lab import LabDir
+from emulator.lab import LabDir, LabInfo
 from sites.store import read_only
 
 PHASES = ["announce", "counters", "resync", "complete"]
@@ -59,21 +59,9 @@ def read_progress(lab_dir: LabDir, site: str) -> dict[str, str]:
             return {}
 
 
-def recover(
-    lab_dir: LabDir,
-    site: str,
-    *,
-    backup_id: str | None = None,
-    wipe: bool = False,
-    reference: str | None = None,
-    timeout: float = 120.0,
-    progress: Callable[[str], None] = print,
-    then_stop: bool = False,
-) -> dict[str, Any]:
-    """Run the recovery agent of ``site`` and follow it to the end. ``then_stop`` stops the
-    recovered site afterwards (a compose lab's recovery container: the site's own container
-    goes on from the recovered store)."""
-    info = lab_dir.load()
+def in_progress(lab_dir: LabDir, info: LabInfo, site: str, *, backup_id: str | None, wipe: bool,
+                reference: str | None) -> dict[str, Any] | None:
+    """Refuse a recovery that cannot be; the record of the one in progress, if any."""
     topo = info.topology
     spec = topo.site(site)
     if backup_id and wipe:
@@ -92,6 +80,27 @@ def recover(
                 f"a recovery of {site} ({record['recovery_id']}) is already in progress"
                 f" (backup {record['backup'] or '-'}, wipe {record['wipe']})",
                 hint=f"run smslab recover {site} with no options (or the same ones) to resume it")
+        return record
+    return None
+
+
+def recover(
+    lab_dir: LabDir,
+    site: str,
+    *,
+    backup_id: str | None = None,
+    wipe: bool = False,
+    reference: str | None = None,
+    timeout: float = 120.0,
+    progress: Callable[[str], None] = print,
+    then_stop: bool = False,
+) -> dict[str, Any]:
+    """Run the recovery agent of ``site`` and follow it to the end. ``then_stop`` stops the
+    recovered site afterwards (a compose lab's recovery container: the site's own container
+    goes on from the recovered store)."""
+    info = lab_dir.load()
+    record = in_progress(lab_dir, info, site, backup_id=backup_id, wipe=wipe, reference=reference)
+    if record:
         progress(f"resuming recovery {record['recovery_id']} of {site}")
     else:
         if backup_id:

@@ -11,6 +11,11 @@ default), 1 when one failed or a step could not be done (named), 2 when the fina
 unknown. The same seed draws the same chaos schedule; the run prints the command that replays
 it. Real processes on a real broker are not deterministic: the schedule is, the timing of
 what happens between its faults is not.
+
+The runner does every step through a ``Backend``: ``RealBackend`` (site processes on
+RabbitMQ: ``emulator.orchestrator``, ``emulator.faults``...) or the simulator's
+(``emulator.sim.SimBackend``: the same sites in one process on a virtual clock, where a run
+is a function of its seed). Waits and deadlines are on the backend's clock.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from broker import admin
 from emulator import backup, checker, faults, history, orchestrator, recover
@@ -76,13 +81,155 @@ class RunResult:
         return [o for o in self.outcomes if not o.ok]
 
 
-class Runner:
-    def __init__(self, scenario: Scenario, lab_dir: LabDir, *, seed: int, amqp_url: str,
-                 progress: Progress, topology_path: Path | None = None, broker: BrokerRef | None = None) -> None:
-        self.scenario = scenario
+class Backend(Protocol):
+    """What the runner does to a lab; every wait is on ``now``/``sleep``."""
+
+    lab_dir: LabDir
+    poll: float  # seconds between two looks while waiting on a condition
+
+    def up(self, topology_path: Path, *, timeout: float, progress: Progress) -> LabInfo: ...
+    def load(self) -> LabInfo: ...
+    def now(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+    def running(self, site: str) -> bool: ...
+    def kill(self, site: str) -> None: ...
+    def stop(self, site: str) -> None: ...
+    def restart(self, site: str) -> None: ...
+    def start(self, site: str, *, restore: str | None = None, wipe: bool = False,
+              progress: Progress) -> None: ...
+    def pause(self, site: str, *, for_s: float | None = None) -> None: ...
+    def resume(self, site: str) -> None: ...
+    def backup(self, site: str) -> str: ...
+    def recover(self, site: str, *, backup_id: str | None, wipe: bool, reference: str | None,
+                timeout: float, progress: Progress) -> None: ...
+    def link_fault(self, kind: str, a: str, b: str, *, oneway: bool, params: dict[str, float], seed: int,
+                   for_s: float | None, progress: Progress) -> tuple[str, str]: ...
+    def disconnect(self, site: str, *, for_s: float | None, progress: Progress) -> str: ...
+    def alarm(self, *, for_s: float | None, progress: Progress) -> str: ...
+    def broker_restart(self, *, progress: Progress) -> None: ...
+    def heal(self, fault_id: str, *, progress: Progress) -> None: ...
+    def heal_all(self, *, progress: Progress) -> None: ...
+    def control(self, site: str, command: dict[str, Any]) -> dict[str, Any]: ...
+    def applied(self) -> int: ...
+    def quiet(self) -> bool: ...
+    def check(self, *, with_history: bool = True) -> checker.Report: ...
+    def down(self, *, progress: Progress) -> None: ...
+    def simulated(self) -> float | None: ...  # virtual seconds run (None: real time)
+
+
+class RealBackend:
+    """Site processes on RabbitMQ, through the same functions as the CLI."""
+
+    poll = 0.5
+
+    def __init__(self, lab_dir: LabDir, amqp_url: str, broker: BrokerRef | None = None) -> None:
         self.lab_dir = lab_dir
-        self.seed = seed
         self.amqp_url = amqp_url
+        self.broker = broker
+        self._info: LabInfo | None = None
+
+    def up(self, topology_path: Path, *, timeout: float, progress: Progress) -> LabInfo:
+        self._info = orchestrator.up(topology_path, self.lab_dir, self.amqp_url, timeout=timeout,
+                                     progress=progress, broker=self.broker)
+        return self._info
+
+    def load(self) -> LabInfo:
+        self._info = self.lab_dir.load()
+        return self._info
+
+    def _lab(self) -> LabInfo:
+        return self._info or self.load()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def running(self, site: str) -> bool:
+        return self.lab_dir.pid(site) is not None
+
+    def kill(self, site: str) -> None:
+        orchestrator.kill(self.lab_dir, site)
+
+    def stop(self, site: str) -> None:
+        orchestrator.stop(self.lab_dir, site)
+
+    def restart(self, site: str) -> None:
+        orchestrator.restart(self.lab_dir, site)
+
+    def start(self, site: str, *, restore: str | None = None, wipe: bool = False, progress: Progress) -> None:
+        orchestrator.start(self.lab_dir, site, restore=restore, wipe=wipe, progress=progress)
+
+    def pause(self, site: str, *, for_s: float | None = None) -> None:
+        faults.apply_pause(self.lab_dir, self._lab(), site, for_s=for_s)
+
+    def resume(self, site: str) -> None:
+        for spec in faults.active(self.lab_dir):
+            if spec.kind == "pause" and spec.site == site:
+                faults.heal(self.lab_dir, self._lab(), spec.id)
+
+    def backup(self, site: str) -> str:
+        return backup.create(self.lab_dir, self._lab(), site).id
+
+    def recover(self, site: str, *, backup_id: str | None, wipe: bool, reference: str | None, timeout: float,
+                progress: Progress) -> None:
+        recover.recover(self.lab_dir, site, backup_id=backup_id, wipe=wipe, reference=reference, timeout=timeout,
+                        progress=progress)
+
+    def link_fault(self, kind: str, a: str, b: str, *, oneway: bool, params: dict[str, float], seed: int,
+                   for_s: float | None, progress: Progress) -> tuple[str, str]:
+        spec = faults.apply_link_fault(self.lab_dir, self._lab(), kind, a, b, oneway=oneway, params=params,
+                                       seed=seed, for_s=for_s, progress=progress)
+        return spec.id, spec.describe()
+
+    def disconnect(self, site: str, *, for_s: float | None, progress: Progress) -> str:
+        return faults.apply_disconnect(self.lab_dir, self._lab(), site, for_s=for_s, progress=progress).id
+
+    def alarm(self, *, for_s: float | None, progress: Progress) -> str:
+        return faults.apply_alarm(self.lab_dir, self._lab(), for_s=for_s, progress=progress).id
+
+    def broker_restart(self, *, progress: Progress) -> None:
+        faults.broker_restart(self.lab_dir, self._lab(), progress=progress)
+
+    def heal(self, fault_id: str, *, progress: Progress) -> None:
+        faults.heal(self.lab_dir, self._lab(), fault_id, progress=progress)
+
+    def heal_all(self, *, progress: Progress) -> None:
+        faults.heal_all(self.lab_dir, self._lab(), progress=progress)
+
+    def control(self, site: str, command: dict[str, Any]) -> dict[str, Any]:
+        info = self._lab()
+        return admin.control_request(info.amqp_url, info.lab_id, site, command)
+
+    def applied(self) -> int:
+        total = 0
+        for code in self._lab().topology.depth_order():
+            snap = read_snapshot(self.lab_dir.site_db(code))
+            if snap:
+                total += sum(link.applied for link in snap.links.values())
+        return total
+
+    def quiet(self) -> bool:
+        return True  # no cheaper look than the checker's
+
+    def check(self, *, with_history: bool = True) -> checker.Report:
+        return checker.check(self.lab_dir, self._lab(), with_history=with_history)
+
+    def down(self, *, progress: Progress) -> None:
+        orchestrator.down(self.lab_dir, keep=True, progress=progress)
+
+    def simulated(self) -> float | None:
+        return None
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, backend: Backend, *, seed: int, progress: Progress,
+                 topology_path: Path | None = None) -> None:
+        self.scenario = scenario
+        self.backend = backend
+        self.lab_dir = backend.lab_dir
+        self.seed = seed
         self.say = progress
         self.topology_path = topology_path
         self.info: LabInfo | None = None
@@ -91,7 +238,6 @@ class Runner:
         self.outcomes: list[Outcome] = []
         self.schedule: list[ChaosAction] = []
         self.seeds = _SeedSequence(seed)
-        self.broker = broker
         self.converged_in: list[float] = []  # seconds each wait for convergence took
 
     # -- the run ------------------------------------------------------------------------------
@@ -101,7 +247,7 @@ class Runner:
         if bring_up and not (steps and steps[0].name == "up"):
             self._up(Up())
         elif not bring_up:
-            self.info = self.lab_dir.load()
+            self.info = self.backend.load()
         for i, step in enumerate(steps, 1):
             self.say(f"step {i}/{len(steps)}: {step.describe()}")
             self._step(i, step)
@@ -113,38 +259,41 @@ class Runner:
 
     def _up(self, step: Up) -> None:
         assert self.topology_path is not None
-        self.info = orchestrator.up(self.topology_path, self.lab_dir, self.amqp_url, timeout=step.timeout,
-                                    progress=lambda m: self.say(f"  {m.strip()}"), broker=self.broker)
+        self.info = self.backend.up(self.topology_path, timeout=step.timeout,
+                                    progress=lambda m: self.say(f"  {m.strip()}"))
+
+    def _indent(self, msg: str) -> None:
+        self.say(f"  {msg.strip()}")
 
     def _step(self, i: int, step: Step) -> None:
         v = step.value
         name = step.name
-        lab = self.lab_dir
+        lab = self.backend
         if name == "up":
             self._up(v if isinstance(v, Up) else Up())
         elif name in ("kill", "stop", "restart", "pause", "resume") and isinstance(v, SiteStep):
             self._process(name, v.site)
         elif isinstance(v, Start):
             restore = self.backups[v.restore] if v.restore else None
-            orchestrator.start(lab, v.site, restore=restore, wipe=v.wipe, progress=lambda m: self.say(f"  {m.strip()}"))
+            lab.start(v.site, restore=restore, wipe=v.wipe, progress=self._indent)
         elif isinstance(v, Backup):
-            record = backup.create(lab, self._lab(), v.site)
-            self.backups[v.as_ or v.site] = record.id
-            self.say(f"  backup {record.id} of {v.site} as {v.as_ or v.site!r}")
+            backup_id = lab.backup(v.site)
+            self.backups[v.as_ or v.site] = backup_id
+            self.say(f"  backup {backup_id} of {v.site} as {v.as_ or v.site!r}")
         elif isinstance(v, Recover):
-            recover.recover(lab, v.site, backup_id=self.backups[v.backup] if v.backup else None, wipe=v.wipe,
-                            reference=v.reference, timeout=v.timeout, progress=lambda m: self.say(f"  {m.strip()}"))
+            lab.recover(v.site, backup_id=self.backups[v.backup] if v.backup else None, wipe=v.wipe,
+                        reference=v.reference, timeout=v.timeout, progress=self._indent)
         elif isinstance(v, Fault):
             self._fault(v)
         elif name == "heal":
             names = [v] if isinstance(v, str) else list(v)
             if "all" in names:
-                faults.heal_all(lab, self._lab(), progress=lambda m: self.say(f"  {m}"))
+                lab.heal_all(progress=self._indent)
             for n in names:
                 if n != "all" and n in self.faults:
-                    faults.heal(lab, self._lab(), self.faults[n], progress=lambda m: self.say(f"  {m}"))
+                    lab.heal(self.faults[n], progress=self._indent)
         elif name == "wait":
-            time.sleep(float(v))
+            lab.sleep(float(v))
         elif name == "wait-envelopes":
             self._wait_envelopes(int(v))
         elif name == "wait-converged":
@@ -170,104 +319,100 @@ class Runner:
             raise LabError(f"step {name} is not known to the runner")
 
     def _process(self, action: str, site: str) -> None:
-        lab, info = self.lab_dir, self._lab()
+        lab = self.backend
         if action == "kill":
-            orchestrator.kill(lab, site)
+            lab.kill(site)
         elif action == "stop":
-            orchestrator.stop(lab, site)
+            lab.stop(site)
         elif action == "restart":
-            orchestrator.restart(lab, site)
+            lab.restart(site)
         elif action == "pause":
-            faults.apply_pause(lab, info, site)
+            lab.pause(site)
         else:
-            for spec in faults.active(lab):
-                if spec.kind == "pause" and spec.site == site:
-                    faults.heal(lab, info, spec.id)
+            lab.resume(site)
 
     def _fault(self, v: Fault, hold: float | None = None) -> str | None:
-        lab, info = self.lab_dir, self._lab()
+        lab = self.backend
         for_s = hold if hold is not None else v.for_
         seed = v.seed if v.seed is not None else self.seeds.next()
-        spec = None
+        fault_id = None
+        say = self._indent
         if v.kind in ("partition", "drop", "duplicate", "reorder", "delay"):
             if not (v.a and v.b):
                 raise LabError(f"a {v.kind} fault needs a: and b:, the two ends of a link")
             params = {k: float(x) for k in ("rate", "window", "ms", "jitter") if (x := getattr(v, k)) is not None}
-            spec = faults.apply_link_fault(lab, info, v.kind, v.a, v.b, oneway=v.oneway, params=params, seed=seed,
-                                           for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+            fault_id, _ = lab.link_fault(v.kind, v.a, v.b, oneway=v.oneway, params=params, seed=seed, for_s=for_s,
+                                         progress=say)
         elif v.kind == "disconnect":
             if not v.site:
                 raise LabError("a disconnect fault needs site:")
-            spec = faults.apply_disconnect(lab, info, v.site, for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+            fault_id = lab.disconnect(v.site, for_s=for_s, progress=say)
         elif v.kind == "alarm":
-            spec = faults.apply_alarm(lab, info, for_s=for_s, progress=lambda m: self.say(f"  {m}"))
+            fault_id = lab.alarm(for_s=for_s, progress=say)
         else:
-            faults.broker_restart(lab, info, progress=lambda m: self.say(f"  {m}"))
-        if spec is not None and v.name:
-            self.faults[v.name] = spec.id
-        return spec.id if spec else None
+            lab.broker_restart(progress=say)
+        if fault_id is not None and v.name:
+            self.faults[v.name] = fault_id
+        return fault_id
 
     def _control(self, site: str, command: dict[str, Any]) -> dict[str, Any]:
-        info = self._lab()
-        answer = admin.control_request(info.amqp_url, info.lab_id, site, command)
+        answer = self.backend.control(site, command)
         if not answer.get("ok", False):
             raise LabError(f"{site}: {answer.get('error')}", hint=answer.get("hint"))
         return answer
 
     def _running(self) -> list[str]:
-        return [c for c in self._lab().topology.depth_order() if self.lab_dir.pid(c)]
-
-    def _applied(self) -> int:
-        total = 0
-        for code in self._lab().topology.depth_order():
-            snap = read_snapshot(self.lab_dir.site_db(code))
-            if snap:
-                total += sum(link.applied for link in snap.links.values())
-        return total
+        return [c for c in self._lab().topology.depth_order() if self.backend.running(c)]
 
     def _wait_envelopes(self, count: int, timeout: float = 300.0) -> None:
-        start = self._applied()
-        deadline = time.monotonic() + timeout
-        while self._applied() < start + count:
-            if time.monotonic() > deadline:
+        lab = self.backend
+        start = lab.applied()
+        deadline = lab.now() + timeout
+        while lab.applied() < start + count:
+            if lab.now() > deadline:
                 raise LabError(f"{count} envelopes were not applied within {timeout:.0f}s"
-                               f" ({self._applied() - start} were)", hint="is the workload running?")
-            time.sleep(0.2)
+                               f" ({lab.applied() - start} were)", hint="is the workload running?")
+            lab.sleep(0.2)
 
     def _converge(self, timeout: float) -> checker.Report:
-        lab, info = self.lab_dir, self._lab()
+        lab = self.backend
         for code in self._running():
             try:
                 self._control(code, {"cmd": "pause-workload"})
             except SmslabError:
                 pass
-        deadline = time.monotonic() + timeout
-        started = time.monotonic()
+        deadline = lab.now() + timeout
+        started = lab.now()
         last = ""
         while True:
-            report = checker.check(lab, info, with_history=False)
-            if report.verdict == "valid":
-                report = checker.check(lab, info)
-            if report.verdict == "valid":
-                self.converged_in.append(time.monotonic() - started)
-                self.say(f"  converged in {time.monotonic() - started:.1f}s")
+            report = lab.check(with_history=False) if lab.quiet() else None
+            if report is not None and report.verdict == "valid":
+                report = lab.check()
+            if report is not None and report.verdict == "valid":
+                self.converged_in.append(lab.now() - started)
+                self.say(f"  converged in {lab.now() - started:.1f}s")
                 return report
-            summary = report.render(limit=3).splitlines()[1] if len(report.render().splitlines()) > 1 else ""
+            lines = report.render(limit=3).splitlines() if report is not None else ["", "links still moving"]
+            summary = lines[1] if len(lines) > 1 else ""
             if summary != last:
-                self.say(f"  [{time.monotonic() - started:4.0f}s] {report.verdict}: {summary}")
+                self.say(f"  [{lab.now() - started:4.0f}s] {report.verdict if report else 'busy'}: {summary}")
                 last = summary
-            if time.monotonic() > deadline:
+            if lab.now() > deadline:
+                if report is None:
+                    report = lab.check()
+                    lines = report.render(limit=3).splitlines()
+                    summary = lines[1] if len(lines) > 1 else ""
                 raise LabError(f"the lab did not converge within {timeout:.0f}s: {report.verdict}, {summary}")
-            time.sleep(0.5)
+            lab.sleep(lab.poll)
 
     def _expect(self, i: int, v: Expect) -> None:
-        lab, info = self.lab_dir, self._lab()
-        deadline = time.monotonic() + v.within
+        lab = self.backend
+        deadline = lab.now() + v.within
         problems: list[str] = []
         while True:
             problems = []
             if v.check or v.violation or v.no_violation:
-                report = checker.check(lab, info)
+                report = lab.check()
                 kinds = {x.kind for x in report.violations}
                 if v.check and report.verdict != v.check:
                     problems.append(f"the verdict is {report.verdict}, not {v.check}"
@@ -279,13 +424,13 @@ class Runner:
                     if kind in kinds:
                         problems.append(f"a {kind} violation is there")
             if v.status:
-                snap = read_snapshot(lab.site_db(v.status.site))
-                ids = _status_ids(lab, v.status.site) if snap else []
+                snap = read_snapshot(self.lab_dir.site_db(v.status.site))
+                ids = _status_ids(self.lab_dir, v.status.site) if snap else []
                 if v.status.message_id not in ids:
                     problems.append(f"no status message {v.status.message_id} at {v.status.site}")
-            if not problems or time.monotonic() > deadline:
+            if not problems or lab.now() > deadline:
                 break
-            time.sleep(0.5)
+            lab.sleep(lab.poll)
         ok = not problems
         self.outcomes.append(Outcome(i, f"expect {v.describe()}", ok, "; ".join(problems)))
         self.say(f"  expectation {'held' if ok else 'FAILED'}: {v.describe()}" + ("" if ok else f": {'; '.join(problems)}"))
@@ -294,81 +439,92 @@ class Runner:
 
     def _chaos(self, chaos: Chaos) -> None:
         info = self._lab()
+        lab = self.backend
         actions = draw_schedule(chaos, info.topology, self.seed)
         self.schedule.extend(actions)
         self.say(f"  chaos for {chaos.duration:g}s: {len(actions)} fault(s) drawn from seed {self.seed}")
-        started = time.monotonic()
+        started = lab.now()
         restarts: list[tuple[float, str]] = []  # (due, site) of killed sites
         for n, action in enumerate(actions, 1):
-            while time.monotonic() - started < action.at:
+            while lab.now() - started < action.at:
                 restarts = self._due_restarts(restarts, started)
-                time.sleep(0.05)
+                lab.sleep(min(0.05, max(0.001, action.at - (lab.now() - started))))
             restarts = self._due_restarts(restarts, started)
             try:
                 what = self._chaos_action(action, restarts, started)
                 self.say(f"  [{action.at:6.1f}s] {n}/{len(actions)} {what}")
             except SmslabError as exc:
                 self.say(f"  [{action.at:6.1f}s] {n}/{len(actions)} {action.kind} skipped: {exc.message}")
-        while time.monotonic() - started < chaos.duration:
+        while lab.now() - started < chaos.duration:
             restarts = self._due_restarts(restarts, started)
-            time.sleep(0.1)
+            lab.sleep(0.1)
         for _, site in restarts:
             self._start_quietly(site)
         if chaos.heal:
-            faults.heal_all(self.lab_dir, info, progress=lambda m: self.say(f"  {m}"))
+            lab.heal_all(progress=self._indent)
             for code in info.topology.depth_order():
-                if not self.lab_dir.pid(code):
+                if not lab.running(code):
                     self._start_quietly(code)
+            # The workload goes on as long as the checker looks for a fault's effects after
+            # its heal, so a fault near the end is seen on traffic too (not vacuous).
+            settings = info.topology.settings
+            tail = settings.resend_after + 2 * settings.sync_interval
+            self.say(f"  healed; the workload runs {tail:g}s more, then pauses for convergence")
+            lab.sleep(tail)
             self._converge(chaos.converge_timeout)
 
     def _chaos_action(self, action: ChaosAction, restarts: list[tuple[float, str]], started: float) -> str:
-        lab, info = self.lab_dir, self._lab()
+        lab = self.backend
         if action.kind == "kill":
             assert action.site is not None
-            if not lab.pid(action.site):
+            if not lab.running(action.site):
                 return f"kill {action.site}: not running, nothing to do"
-            orchestrator.kill(lab, action.site)
-            restarts.append((time.monotonic() - started + action.hold, action.site))
+            lab.kill(action.site)
+            restarts.append((lab.now() - started + action.hold, action.site))
             return f"kill -9 {action.site}, restart in {action.hold:g}s"
+        if action.kind in ("pause", "disconnect", "restart") and action.site and not lab.running(action.site):
+            return f"{action.kind} {action.site}: not running, nothing to do"
         if action.kind == "restart":
             assert action.site is not None
-            orchestrator.restart(lab, action.site)
+            lab.restart(action.site)
             return f"restart {action.site}"
-        if action.kind in ("pause", "disconnect", "restart") and action.site and not lab.pid(action.site):
-            return f"{action.kind} {action.site}: not running, nothing to do"
         if action.kind == "pause":
             assert action.site is not None
-            faults.apply_pause(lab, info, action.site, for_s=action.hold)
+            lab.pause(action.site, for_s=action.hold)
             return f"pause {action.site} for {action.hold:g}s"
         if action.kind == "disconnect":
             assert action.site is not None
-            faults.apply_disconnect(lab, info, action.site, for_s=action.hold)
+            lab.disconnect(action.site, for_s=action.hold, progress=_silent)
             return f"disconnect {action.site} for {action.hold:g}s"
         if action.kind == "broker-restart":
-            faults.broker_restart(lab, info)
+            lab.broker_restart(progress=_silent)
             return "broker restart"
         assert action.a is not None and action.b is not None
-        down = [site for site in (action.a, action.b) if not lab.pid(site)]
+        down = [site for site in (action.a, action.b) if not lab.running(site)]
         if down:  # nothing would cross the link to prove the fault: not now
             return f"{action.kind} {action.a}<->{action.b}: {', '.join(down)} not running, nothing to do"
-        spec = faults.apply_link_fault(lab, info, action.kind, action.a, action.b, params=dict(action.params),
-                                       seed=action.seed, for_s=action.hold)
-        return f"{spec.describe()} for {action.hold:g}s (fault {spec.id})"
+        fault_id, described = lab.link_fault(action.kind, action.a, action.b, oneway=False, params=dict(action.params),
+                                             seed=action.seed, for_s=action.hold, progress=_silent)
+        return f"{described} for {action.hold:g}s (fault {fault_id})"
 
     def _due_restarts(self, restarts: list[tuple[float, str]], started: float) -> list[tuple[float, str]]:
-        now = time.monotonic() - started
+        now = self.backend.now() - started
         for _due, site in [r for r in restarts if r[0] <= now]:
             self._start_quietly(site)
         return [r for r in restarts if r[0] > now]
 
     def _start_quietly(self, site: str) -> None:
-        if self.lab_dir.pid(site):
+        if self.backend.running(site):
             return
         try:
-            orchestrator.start(self.lab_dir, site)
+            self.backend.start(site, progress=self._indent)
             self.say(f"  {site} started again")
         except SmslabError as exc:
             self.say(f"  {site} did not start again at once: {exc.message} (it keeps trying)")
+
+
+def _silent(_msg: str) -> None:
+    pass
 
 
 class _SeedSequence:
@@ -396,14 +552,16 @@ def _status_ids(lab_dir: LabDir, site: str) -> list[int]:
         return [int(m["id"]) for m in store.recent_status(100_000)] if store else []
 
 
-def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, amqp_url: str,
+def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, amqp_url: str = "",
                  lab_dir: LabDir | None = None, scenario_path: Path | None = None, keep_up: bool = False,
-                 progress: Progress = print, existing_lab: bool = False, broker: BrokerRef | None = None) -> RunResult:
-    """Run a scenario and keep everything in ``run_dir``."""
+                 progress: Progress = print, existing_lab: bool = False, broker: BrokerRef | None = None,
+                 backend: Callable[[LabDir], Backend] | None = None, replay: str | None = None) -> RunResult:
+    """Run a scenario and keep everything in ``run_dir``; ``backend`` makes the lab's backend
+    (default: site processes on the broker at ``amqp_url``)."""
     seed = scenario.seed if seed is None else seed
     run_dir.mkdir(parents=True, exist_ok=True)
     lab_dir = lab_dir or LabDir(run_dir / "lab")
-    replay = f"smslab run {scenario_path or scenario.source} --seed {seed}"
+    replay = replay or f"smslab run {scenario_path or scenario.source} --seed {seed}"
     log = open(run_dir / "log.txt", "a")  # noqa: SIM115 - closed in finally
 
     def say(msg: str) -> None:
@@ -416,17 +574,22 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
     topology_path = run_dir / "topology.yaml"
     topology_path.write_text(scenario.topology.to_yaml())
     say(f"scenario {scenario.scenario}, seed {seed}, run directory {run_dir}")
-    runner = Runner(scenario, lab_dir, seed=seed, amqp_url=amqp_url, progress=say, topology_path=topology_path,
-                    broker=broker)
+    lab = backend(lab_dir) if backend is not None else RealBackend(lab_dir, amqp_url, broker)
+    runner = Runner(scenario, lab, seed=seed, progress=say, topology_path=topology_path)
     started = time.time()
     error: str | None = None
     report: checker.Report | None = None
     try:
         runner.run(bring_up=not existing_lab)
-        report = checker.check(lab_dir, runner._lab())
+        report = lab.check()
     except SmslabError as exc:
         error = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
         say(f"the run stopped: {error}")
+        if runner.info is not None:
+            try:  # what the lab looks like where the run stopped, for the verdict and the report
+                report = lab.check()
+            except SmslabError:
+                report = None
     except KeyboardInterrupt:
         error = "interrupted"
         say("the run was interrupted")
@@ -450,7 +613,7 @@ def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: s
         say(report.render(limit=10))
     if lab_dir.exists() and not keep_up:
         try:
-            orchestrator.down(lab_dir, keep=True, progress=lambda m: say(f"  {m}"))
+            runner.backend.down(progress=lambda m: say(f"  {m}"))
         except SmslabError as exc:
             say(f"bringing the lab down failed: {exc.message}")
     if lab_dir.exists():
@@ -475,7 +638,7 @@ def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: s
     (run_dir / "run.json").write_text(json.dumps({
         "scenario": scenario.scenario, "seed": seed, "replay": replay, "started": started, "finished": time.time(),
         "lab": runner.info.lab_id if runner.info else None, "verdict": result.verdict, "error": error,
-        "exit": code, "steps": [s.describe() for s in scenario.steps],
+        "exit": code, "simulated": runner.backend.simulated(), "steps": [s.describe() for s in scenario.steps],
         "expectations": [o.__dict__ for o in runner.outcomes],
     }, indent=2))
     try:

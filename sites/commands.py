@@ -6,7 +6,6 @@ Every handler runs inside the batch transaction of the delivery that carried the
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from broker import names
@@ -55,7 +54,7 @@ def run(rt: SiteRuntime, command: ctl.Command, now: float) -> dict[str, Any]:
 
 
 def ping(rt: SiteRuntime) -> dict[str, Any]:
-    return {"site": rt.site, "state": rt.state, "pid": os.getpid(), "run": rt.run_id,
+    return {"site": rt.site, "state": rt.state, "pid": rt.process_id, "run": rt.run_id,
             "recovering": rt.store.get_meta("recovery_phase") not in (None, "complete"),
             "heard_from": sorted(rt.heard_from), "workload_paused": rt.workload_paused,
             "connects": rt.connects,

@@ -59,6 +59,10 @@ log = logging.getLogger("sites.runtime")
 
 PACKET_SIZE = 200  # envelopes per AMQP message at most (Replication Manager bundles too)
 PRUNE_EVERY = 60.0  # seconds between two prunings of the history by its retention
+# Protocol bugs planted on purpose, to show that a seed sweep of the simulator finds them
+# (``SMSLAB_PLANTED_BUG=purge-past-ack``: an ack purges one envelope more than it acknowledges).
+# Never set outside those tests.
+PLANTED_BUGS = frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
 
 _COUNTERS = ("txn_id", "incarnation", "scf_serial", "status_serial", "state")
 
@@ -123,6 +127,7 @@ class SiteRuntime:
         transport: Transport,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        process_id: int | None = None,
     ) -> None:
         self.lab = lab
         self.topology = topology
@@ -137,6 +142,7 @@ class SiteRuntime:
         # Identifiers (runs, object definitions, requests) come from here, so a simulator can
         # make them repeat for a seed.
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
+        self.process_id = os.getpid() if process_id is None else process_id
         self.run_id = self.new_id()
         self.parent = topology.parent(site)
         self.children = topology.children(site)
@@ -551,7 +557,10 @@ class SiteRuntime:
         effect = decision.effect
         name = f"{self.site}->{link.peer}"
         if decision.purge_through is not None:
-            self.store.outbox_purge(link.peer, decision.purge_through)
+            through = decision.purge_through
+            if "purge-past-ack" in PLANTED_BUGS and self.published.get(link.peer, 0) > through:
+                through += 1  # a bug planted on purpose (tests of the simulator's seed sweeps)
+            self.store.outbox_purge(link.peer, through)
             self.published[link.peer] = max(self.published.get(link.peer, 0), decision.purge_through)
             self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation,
                        detail={"self_rollback": True} if effect is seq.AckEffect.SELF_ROLLBACK else None)
@@ -739,7 +748,7 @@ class SiteRuntime:
         now = self.clock()
         with self.transaction():
             self.event("start", now, inc=self.incarnation, detail={
-                "pid": os.getpid(), "state": self.state, "txn_id": self.txn_id,
+                "pid": self.process_id, "state": self.state, "txn_id": self.txn_id,
                 "links": {p: {"next_send_seq": l.next_send_seq, "acked_through": l.acked_through,
                               "next_expected": l.next_expected} for p, l in self.links.items()}})
             if self.scf_serial == 0:

@@ -14,6 +14,7 @@ from emulator.cli import faults as faults_commands
 from emulator.cli import lab as lab_commands
 from emulator.cli import report as report_commands
 from emulator.cli import run as run_commands
+from emulator.cli import sim as sim_commands
 from emulator.cli import sites as site_commands
 from emulator.cli import topology as topology_commands
 from emulator.errors import SmslabError
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (lab_commands, site_commands, faults_commands, run_commands, report_commands,
+    for module in (lab_commands, site_commands, faults_commands, run_commands, sim_commands, report_commands,
                    compose_commands, topology_commands):
         module.register(sub, common)
     return p

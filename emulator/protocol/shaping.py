@@ -24,6 +24,7 @@ arrivals give the same decisions. Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 import heapq
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -115,3 +116,13 @@ class Shaper:
     @property
     def holding(self) -> int:
         return len(self._arrived)
+
+
+def envelopes_in(body: bytes) -> tuple[int, int | None, int | None]:
+    """How many data envelopes a packet carries, and their first and last link seq."""
+    try:
+        packet = json.loads(body)
+        seqs = [m["link_seq"] for m in packet.get("messages", []) if m.get("kind") == "data"]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return 0, None, None
+    return len(seqs), (min(seqs) if seqs else None), (max(seqs) if seqs else None)
