@@ -34,6 +34,7 @@ from typing import Any, Literal
 from broker import names
 from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
+from emulator.protocol import codec
 from emulator.protocol import control as ctl
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
@@ -45,7 +46,6 @@ from emulator.protocol.envelope import (
     Reject,
     ResendRequest,
     content_hash,
-    priority_of,
 )
 from emulator.protocol.objects import OBJECT_KINDS, object_id, parse_object_id
 from emulator.topology import Topology
@@ -210,7 +210,7 @@ class SiteRuntime:
         for peer, link in self.links.items():
             mark = link.fingerprint()  # only a link that changed is serialized and written
             if self._saved_rows.get(f"link:{peer}") != mark:
-                self.store.save_link_row(peer, json.dumps(link.to_row()))
+                self.store.save_link_row(peer, codec.dumps(link.to_row()))
                 written[f"link:{peer}"] = mark
         for name in _COUNTERS:
             value = str(getattr(self, name))
@@ -268,7 +268,7 @@ class SiteRuntime:
               hash_: str | None = None, inc: int | None = None, detail: dict[str, Any] | None = None) -> None:
         """Record one event of the history, inside the current transaction."""
         self.store.add_event(self.run_id, now, kind, link, seq_, txn, data_class, key, hash_, inc,
-                             json.dumps(detail, separators=(",", ":")) if detail else None)
+                             codec.dumps(detail) if detail else None)
 
     def _envelope_event(self, kind: str, link: str, env: Envelope, now: float,
                         detail: dict[str, Any] | None = None) -> None:
@@ -424,33 +424,34 @@ class SiteRuntime:
 
     def _apply_batch(self, batch: list[Delivery], out: Outgoing, malformed: list[tuple[Delivery, str]],
                      now: float) -> None:
-        with self.transaction() as db:
+        with self.transaction():
             for delivery in batch:
                 # Each delivery in a savepoint: one we cannot apply is undone and dead-lettered,
                 # and neither the batch nor the site goes down with it.
                 saved = self.capture()
-                db.execute("SAVEPOINT delivery")
+                self.store.savepoint("delivery")
                 try:
                     if delivery.queue == "control":
                         self._handle_control(delivery, out, now)
                     else:
                         packet = wire.decode(delivery.body, lab=self.lab, dest=self.site)
                         self._handle_packet(packet, delivery.redelivered, out, now)
+                    self.store.flush_pending()  # its writes, together, while its savepoint can undo them
                 except ControlFailed as failed:
-                    db.execute("ROLLBACK TO delivery")
+                    self.store.rollback_to("delivery")
                     self.restore(saved)
                     if delivery.reply_to:
                         out.replies.append((delivery.reply_to, delivery.correlation_id, failed.answer))
                 except MalformedEnvelope as exc:
-                    db.execute("ROLLBACK TO delivery")
+                    self.store.rollback_to("delivery")
                     self.restore(saved)
                     malformed.append((delivery, str(exc)))
                 except Exception as exc:
                     log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
-                    db.execute("ROLLBACK TO delivery")
+                    self.store.rollback_to("delivery")
                     self.restore(saved)
                     malformed.append((delivery, f"cannot apply: {exc!r}"))
-                db.execute("RELEASE delivery")
+                self.store.release("delivery")
 
     def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
         if not malformed:
@@ -488,6 +489,9 @@ class SiteRuntime:
         link = self.links.get(peer)
         if link is None:
             raise MalformedEnvelope(f"packet from {peer}, which is not a neighbour of {self.site}")
+        data = [(m.data_class.value, m.key, m.data_class.upward) for m in packet.messages if isinstance(m, Envelope)]
+        if len(data) > 1:  # what the envelopes will look up, read at once
+            self.store.prefetch(peer, [(c, k) for c, k, _ in data], [(c, k) for c, k, up in data if up])
         for msg in packet.messages:
             if isinstance(msg, Envelope):
                 self._receive_envelope(link, msg, out, now)
@@ -511,15 +515,14 @@ class SiteRuntime:
                               watermark=self.store.watermark(peer, env.data_class.value, env.key),
                               applied_hash=applied_hash, now=now, sync_interval=self.settings.sync_interval)
         if receipt.apply:
-            db = self.store.db
-            db.execute("SAVEPOINT envelope")
+            self.store.savepoint("envelope")
             mark = self._send_mark()
             try:
                 self.store.set_watermark(peer, env.data_class.value, env.key, env.txn_id)
                 version = self._apply(env, now)
             except Exception as exc:  # noqa: BLE001 - well-formed but unappliable: consume, record, keep
-                db.execute("ROLLBACK TO envelope")
-                db.execute("RELEASE envelope")
+                self.store.rollback_to("envelope")
+                self.store.release("envelope")
                 self._back_to(mark)
                 receipt = seq.unappliable(link, env)
                 log.error("%s: envelope %s seq %s from %s cannot be applied: %r", self.site,
@@ -527,7 +530,7 @@ class SiteRuntime:
                 out.dead.append((wire.encode_message(env), f"cannot apply: {exc!r}"))
                 self._envelope_event("unappliable", name, env, now, {"error": repr(exc)[:200]})
             else:
-                db.execute("RELEASE envelope")
+                self.store.release("envelope")
                 self.store.record_applied(peer, env.link_seq, env.txn_id, env.hash, env.data_class.value,
                                           env.key, env.origin, version, now)
                 self._envelope_event("applied", name, env, now, {"version": version} if version else None)
@@ -653,15 +656,14 @@ class SiteRuntime:
         """Queue one envelope for a peer; ``hash_`` is the payload's hash when already known."""
         link = self.links[peer]
         self.txn_id += 1
-        env = Envelope(
-            source=self.site, dest=peer, incarnation=self.incarnation, origin=origin,
-            data_class=cls, key=key, priority=priority_of(cls), txn_id=self.txn_id,
-            link_seq=link.next_send_seq, op=op, hash=hash_ or content_hash(payload),
-            payload=payload,
-        )
-        self.store.outbox_add(peer, link.next_send_seq, wire.encode_message(env))
-        self.store.add_event(self.run_id, self.clock(), "sent", f"{self.site}->{peer}", env.link_seq, env.txn_id,
-                             cls.value, key, env.hash, self.incarnation, None)
+        seq_no = link.next_send_seq
+        digest = hash_ or content_hash(payload)
+        body = wire.encode_envelope(source=self.site, dest=peer, incarnation=self.incarnation, origin=origin,
+                                    data_class=cls, key=key, txn_id=self.txn_id, link_seq=seq_no, op=op,
+                                    hash_=digest, payload=payload)
+        self.store.outbox_add(peer, seq_no, body)
+        self.store.add_event(self.run_id, self.clock(), "sent", f"{self.site}->{peer}", seq_no, self.txn_id,
+                             cls.value, key, digest, self.incarnation, None)
         link.next_send_seq += 1
         link.sent += 1
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator.errors import CorruptBackup, StoreError
+from emulator.protocol import codec
 from emulator.protocol.sequencing import LinkState
 
 SCHEMA = """
@@ -66,6 +67,17 @@ EVENT_COLUMNS = ("idx", "run", "at", "kind", "link", "seq", "txn", "data_class",
 
 _LINK_FIELDS = {f.name for f in fields(LinkState)}
 
+_DEFERRED = {
+    "wm": "INSERT OR REPLACE INTO watermark(source, data_class, key, txn) VALUES(?, ?, ?, ?)",
+    "sd": "INSERT OR REPLACE INTO site_data(data_class, key, origin, version, payload, updated)"
+          " VALUES(?, ?, ?, ?, ?, ?)",
+    "ap": "INSERT INTO applied(source, seq, txn, hash, data_class, key, origin, version, at)"
+          " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "ob": "INSERT INTO outbox(peer, seq, body) VALUES(?, ?, ?)",
+    "ev": "INSERT INTO events(run, at, kind, link, seq, txn, data_class, key, hash, inc, detail)"
+          " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+}
+
 
 class SiteStore:
     """The SQLite store of one site. Not thread-safe: one process, one writer."""
@@ -88,6 +100,20 @@ class SiteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open site store {self.path}: {exc}") from exc
         self._in_tx = False
+        # Writes of the hot path (watermarks, site data, the applied log, the outbox, the
+        # history), kept in order and written together (executemany) before anything reads
+        # those tables from SQLite, before a savepoint must exist, and before a commit. Point
+        # reads (a watermark, a version, an applied hash) see them at once.
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._wm: dict[tuple[str, str, str], int] = {}
+        self._sd: dict[tuple[str, str], int] = {}
+        self._ap: dict[tuple[str, int], str] = {}
+        # What ``prefetch`` read of SQLite for the packet at hand (None: no row), until the next write.
+        self._known_wm: dict[tuple[str, str, str], int | None] = {}
+        self._known_sd: dict[tuple[str, str], int | None] = {}
+        # Open savepoints: [name, pending writes before it, made in SQLite yet]. One is made in
+        # SQLite only when something must be written while it is open.
+        self._savepoints: list[list[Any]] = []
 
     def close(self) -> None:
         self.db.close()
@@ -106,13 +132,129 @@ class SiteStore:
         self._in_tx = True
         try:
             yield self.db
+            self.flush_pending()
         except BaseException:
+            self._drop_pending(0)
             self.db.execute("ROLLBACK")
             raise
         else:
             self.db.execute("COMMIT")
         finally:
             self._in_tx = False
+            self._savepoints.clear()
+
+    def savepoint(self, name: str) -> None:
+        self._savepoints.append([name, len(self._pending), False])
+
+    def rollback_to(self, name: str) -> None:
+        """Undo what was done since the savepoint (it stays open: ``release`` it)."""
+        for i in range(len(self._savepoints) - 1, -1, -1):
+            sp = self._savepoints[i]
+            if sp[0] == name:
+                if sp[2]:
+                    self.db.execute(f"ROLLBACK TO {name}")
+                self._drop_pending(sp[1])
+                del self._savepoints[i + 1:]
+                return
+        raise StoreError(f"no savepoint {name}")
+
+    def release(self, name: str) -> None:
+        for i in range(len(self._savepoints) - 1, -1, -1):
+            if self._savepoints[i][0] == name:
+                if self._savepoints[i][2]:
+                    self.db.execute(f"RELEASE {name}")
+                del self._savepoints[i:]
+                return
+        raise StoreError(f"no savepoint {name}")
+
+    def _defer(self, kind: str, row: tuple[Any, ...]) -> None:
+        self._pending.append((kind, row))
+        self._index(kind, row)
+        if not self._in_tx:
+            self.flush_pending()
+
+    def _index(self, kind: str, row: tuple[Any, ...]) -> None:
+        if kind == "wm":
+            self._wm[(row[0], row[1], row[2])] = row[3]
+        elif kind == "sd":
+            self._sd[(row[0], row[1])] = row[3]
+        elif kind == "ap":
+            self._ap[(row[0], row[1])] = row[3]
+
+    def _drop_pending(self, keep: int) -> None:
+        """Forget the pending writes after the first ``keep`` (a rollback)."""
+        del self._pending[keep:]
+        self._wm.clear()
+        self._sd.clear()
+        self._ap.clear()
+        for kind, row in self._pending:
+            self._index(kind, row)
+
+    def flush_pending(self) -> None:
+        """Write what is pending, making the open savepoints in SQLite where they belong."""
+        pending = self._pending
+        if not pending and all(sp[2] for sp in self._savepoints):
+            return
+        done = 0
+        for sp in self._savepoints:
+            if not sp[2]:
+                self._write(pending[done:sp[1]])
+                done = sp[1]
+                self.db.execute(f"SAVEPOINT {sp[0]}")
+                sp[2] = True
+        self._write(pending[done:])
+        self._pending = []
+        for sp in self._savepoints:
+            sp[1] = 0
+        self._wm.clear()
+        self._sd.clear()
+        self._ap.clear()
+        self._known_wm.clear()
+        self._known_sd.clear()
+
+    def prefetch(self, source: str, watermarks: list[tuple[str, str]], versions: list[tuple[str, str]]) -> None:
+        """Read the watermarks of ``source`` for these (data class, key)s and the site data
+        versions of these, one query for many, for the point reads that follow (until the
+        next write to SQLite)."""
+        self.flush_pending()
+        for cls, key, txn in self._rows_for("SELECT data_class, key, txn FROM watermark WHERE source=? AND",
+                                            (source,), watermarks):
+            self._known_wm[(source, cls, key)] = txn
+        for cls, key, version in self._rows_for("SELECT data_class, key, version FROM site_data WHERE", (),
+                                                versions):
+            self._known_sd[(cls, key)] = version
+
+    def _rows_for(self, sql: str, head: tuple[Any, ...],
+                  pairs: list[tuple[str, str]]) -> Iterator[tuple[str, str, int | None]]:
+        """(data class, key, value or None) of each pair, asked 400 at a time."""
+        wanted = list(dict.fromkeys(pairs))
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start:start + 400]
+            marks = ",".join("(?,?)" for _ in chunk)
+            found = {(c, k): v for c, k, v in self.db.execute(
+                f"{sql} (data_class, key) IN (VALUES {marks})", (*head, *(x for pair in chunk for x in pair)))}
+            for cls, key in chunk:
+                yield cls, key, found.get((cls, key))
+
+    def _write(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """One executemany per table, each table's rows in their order (the tables are
+        independent of each other: no triggers, no foreign keys)."""
+        if not rows:
+            return
+        by_kind: dict[str, list[tuple[Any, ...]]] = {}
+        for kind, row in rows:
+            by_kind.setdefault(kind, []).append(row)
+        for kind, kind_rows in by_kind.items():
+            if len(kind_rows) == 1:
+                self.db.execute(_DEFERRED[kind], kind_rows[0])
+            else:
+                self.db.executemany(_DEFERRED[kind], kind_rows)
+
+    def _direct(self) -> None:
+        """Before a statement that writes straight to SQLite: an open savepoint must exist
+        there first (and what is pending before it)."""
+        if self._savepoints and not self._savepoints[-1][2]:
+            self.flush_pending()
 
     # -- meta and counters --------------------------------------------------------------
 
@@ -121,9 +263,11 @@ class SiteStore:
         return row[0] if row else default
 
     def set_meta(self, key: str, value: object) -> None:
+        self._direct()
         self.db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, str(value)))
 
     def delete_meta(self, key: str) -> None:
+        self._direct()
         self.db.execute("DELETE FROM meta WHERE k=?", (key,))
 
     def meta(self) -> dict[str, str]:
@@ -137,6 +281,7 @@ class SiteStore:
         return dict(self.db.execute("SELECT kind, next FROM alloc").fetchall())
 
     def set_allocator(self, kind: str, next_number: int) -> None:
+        self._direct()
         self.db.execute("INSERT OR REPLACE INTO alloc(kind, next) VALUES(?, ?)", (kind, next_number))
 
     def get_control(self, key: str) -> Any:
@@ -144,6 +289,7 @@ class SiteStore:
         return json.loads(row[0]) if row else None
 
     def set_control(self, key: str, value: Any) -> None:
+        self._direct()
         if value is None:
             self.db.execute("DELETE FROM control WHERE k=?", (key,))
         else:
@@ -156,6 +302,7 @@ class SiteStore:
         return json.loads(row[0]) if row else None
 
     def record_command(self, command_id: str, answer: dict[str, Any], now: float) -> None:
+        self._direct()
         self.db.execute("INSERT OR REPLACE INTO commands(id, answer, at) VALUES(?, ?, ?)",
                         (command_id, json.dumps(answer), now))
 
@@ -169,38 +316,49 @@ class SiteStore:
         return links
 
     def save_link(self, link: LinkState) -> None:
-        self.save_link_row(link.peer, json.dumps(link.to_row()))
+        self.save_link_row(link.peer, codec.dumps(link.to_row()))
 
     def save_link_row(self, peer: str, row: str) -> None:
+        self._direct()
         self.db.execute("INSERT OR REPLACE INTO link(peer, state) VALUES(?, ?)", (peer, row))
 
     # -- outbox ---------------------------------------------------------------------------
 
     def outbox_add(self, peer: str, seq: int, body: bytes) -> None:
-        self.db.execute("INSERT INTO outbox(peer, seq, body) VALUES(?, ?, ?)", (peer, seq, body))
+        self._defer("ob", (peer, seq, body))
 
     def outbox_range(self, peer: str, from_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        self.flush_pending()
         return self.db.execute(
             "SELECT seq, body FROM outbox WHERE peer=? AND seq>=? ORDER BY seq LIMIT ?",
             (peer, from_seq, limit),
         ).fetchall()
 
     def outbox_purge(self, peer: str, through: int) -> None:
+        self.flush_pending()
         self.db.execute("DELETE FROM outbox WHERE peer=? AND seq<=?", (peer, through))
 
     def outbox_clear(self, peer: str) -> int:
+        self.flush_pending()
         return self.db.execute("DELETE FROM outbox WHERE peer=?", (peer,)).rowcount
 
     def outbox_counts(self) -> dict[str, int]:
+        self.flush_pending()
         return dict(self.db.execute("SELECT peer, COUNT(*) FROM outbox GROUP BY peer").fetchall())
 
     def outbox_min_seq(self, peer: str) -> int | None:
+        self.flush_pending()
         row = self.db.execute("SELECT MIN(seq) FROM outbox WHERE peer=?", (peer,)).fetchone()
         return int(row[0]) if row and row[0] is not None else None
 
     # -- the .trs watermarks and the applied log ------------------------------------------
 
     def watermark(self, source: str, data_class: str, key: str) -> int:
+        pending = self._wm.get((source, data_class, key))
+        if pending is not None:
+            return pending
+        if (source, data_class, key) in self._known_wm:
+            return self._known_wm[(source, data_class, key)] or 0
         row = self.db.execute(
             "SELECT txn FROM watermark WHERE source=? AND data_class=? AND key=?",
             (source, data_class, key),
@@ -208,16 +366,17 @@ class SiteStore:
         return row[0] if row else 0
 
     def set_watermark(self, source: str, data_class: str, key: str, txn: int) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO watermark(source, data_class, key, txn) VALUES(?, ?, ?, ?)",
-            (source, data_class, key, txn),
-        )
+        self._defer("wm", (source, data_class, key, txn))
 
     def max_watermark(self, source: str) -> int:
+        self.flush_pending()
         row = self.db.execute("SELECT MAX(txn) FROM watermark WHERE source=?", (source,)).fetchone()
         return row[0] or 0
 
     def applied_hash(self, source: str, seq: int) -> str | None:
+        pending = self._ap.get((source, seq))
+        if pending is not None:
+            return pending
         row = self.db.execute(
             "SELECT hash FROM applied WHERE source=? AND seq=?", (source, seq)
         ).fetchone()
@@ -227,16 +386,13 @@ class SiteStore:
         self, source: str, seq: int, txn: int, hash_: str, data_class: str, key: str,
         origin: str, version: int | None, now: float,
     ) -> None:
-        self.db.execute(
-            "INSERT INTO applied(source, seq, txn, hash, data_class, key, origin, version, at)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (source, seq, txn, hash_, data_class, key, origin, version, now),
-        )
+        self._defer("ap", (source, seq, txn, hash_, data_class, key, origin, version, now))
 
     def record_drop(
         self, source: str, seq: int, txn: int, incarnation: int, reason: str, data_class: str,
         key: str, origin: str, hash_: str, now: float,
     ) -> None:
+        self._direct()
         self.db.execute(
             "INSERT INTO drops(source, seq, txn, incarnation, reason, data_class, key, origin,"
             " hash, at) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -246,6 +402,11 @@ class SiteStore:
     # -- data -----------------------------------------------------------------------------
 
     def site_data_version(self, data_class: str, key: str) -> int | None:
+        pending = self._sd.get((data_class, key))
+        if pending is not None:
+            return pending
+        if (data_class, key) in self._known_sd:
+            return self._known_sd[(data_class, key)]
         row = self.db.execute(
             "SELECT version FROM site_data WHERE data_class=? AND key=?", (data_class, key)
         ).fetchone()
@@ -255,13 +416,10 @@ class SiteStore:
         self, data_class: str, key: str, origin: str, version: int, payload: dict[str, Any],
         now: float,
     ) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO site_data(data_class, key, origin, version, payload, updated)"
-            " VALUES(?, ?, ?, ?, ?, ?)",
-            (data_class, key, origin, version, json.dumps(payload), now),
-        )
+        self._defer("sd", (data_class, key, origin, version, codec.dumps(payload), now))
 
     def delete_site_data_of(self, origins: list[str], keep: tuple[str, ...] = ()) -> int:
+        self.flush_pending()
         marks = ",".join("?" * len(origins))
         kept = ",".join("?" * len(keep)) or "''"
         return self.db.execute(
@@ -270,6 +428,7 @@ class SiteStore:
         ).rowcount
 
     def max_site_data_version(self, data_class: str, origin: str) -> int:
+        self.flush_pending()
         row = self.db.execute(
             "SELECT MAX(version) FROM site_data WHERE data_class=? AND origin=?", (data_class, origin)
         ).fetchone()
@@ -277,6 +436,7 @@ class SiteStore:
 
     def site_data_page(self, *, after: tuple[str, str] | None, limit: int) -> list[dict[str, Any]]:
         """Site data in (data_class, key) order, after a cursor: for sending it in steps."""
+        self.flush_pending()
         sql = "SELECT data_class, key, origin, version, payload FROM site_data"
         args: tuple[Any, ...] = ()
         if after is not None:
@@ -289,6 +449,7 @@ class SiteStore:
         ]
 
     def site_data(self, data_class: str | None = None) -> list[dict[str, Any]]:
+        self.flush_pending()
         sql = "SELECT data_class, key, origin, version, payload FROM site_data"
         args: tuple[Any, ...] = ()
         if data_class:
@@ -308,12 +469,13 @@ class SiteStore:
         return _object_row(row) if row else None
 
     def upsert_object(self, obj: dict[str, Any], via: str, now: float) -> None:
+        self._direct()
         self.db.execute(
             "INSERT OR REPLACE INTO objects(id, kind, origin, def_uid, name, revision, deleted,"
             " payload, updated) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 obj["id"], obj["kind"], obj["origin"], obj["def_uid"], obj["name"],
-                obj["revision"], int(obj.get("deleted", False)), json.dumps(obj), now,
+                obj["revision"], int(obj.get("deleted", False)), codec.dumps(obj), now,
             ),
         )
         self.db.execute(
@@ -335,6 +497,7 @@ class SiteStore:
         return [_object_row(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
     def add_status(self, component: str, message_id: int, severity: str, text: str, now: float) -> None:
+        self._direct()
         self.db.execute(
             "INSERT INTO status_messages(component, message_id, severity, text, at)"
             " VALUES(?, ?, ?, ?, ?)",
@@ -347,6 +510,7 @@ class SiteStore:
     # restore from a backup the store's indices go back, and a new run tells the events apart.
 
     def begin_run(self, run: str, now: float) -> None:
+        self.flush_pending()
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
         self.db.execute("INSERT OR IGNORE INTO runs(run, first_idx, started) VALUES(?, ?, ?)",
                         (run, (row[0] if row else 0) + 1, now))
@@ -354,11 +518,7 @@ class SiteStore:
     def add_event(self, run: str, at: float, kind: str, link: str | None = None, seq: int | None = None,
                   txn: int | None = None, data_class: str | None = None, key: str | None = None,
                   hash_: str | None = None, inc: int | None = None, detail: str | None = None) -> None:
-        self.db.execute(
-            "INSERT INTO events(run, at, kind, link, seq, txn, data_class, key, hash, inc, detail)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run, at, kind, link, seq, txn, data_class, key, hash_, inc, detail),
-        )
+        self._defer("ev", (run, at, kind, link, seq, txn, data_class, key, hash_, inc, detail))
 
     def runs(self) -> list[tuple[str, int, float]]:
         """(run, first index, started) of every run whose events the store holds, oldest first."""
@@ -369,16 +529,19 @@ class SiteStore:
 
     def events_between(self, run: str, after: int, before: int | None, limit: int = 50_000) -> list[tuple[Any, ...]]:
         """Event rows of ``run`` with ``after < idx < before``, in index order."""
+        self.flush_pending()
         return self.db.execute(
             f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE idx>? AND idx<? AND run=? ORDER BY idx LIMIT ?",
             (after, before if before is not None else 2**62, run, limit)).fetchall()
 
     def first_event_index(self) -> int | None:
+        self.flush_pending()
         row = self.db.execute("SELECT MIN(idx) FROM events").fetchone()
         return int(row[0]) if row and row[0] is not None else None
 
     def prune_events(self, before: float) -> int:
         """Delete events older than ``before`` (retention); returns how many went."""
+        self.flush_pending()
         row = self.db.execute("SELECT idx FROM events WHERE at>=? ORDER BY idx LIMIT 1", (before,)).fetchone()
         if row is None:
             last = self.db.execute("SELECT MAX(idx) FROM events").fetchone()
@@ -402,6 +565,7 @@ class SiteStore:
         return out
 
     def watermark_summary(self) -> dict[str, dict[str, dict[str, int]]]:
+        self.flush_pending()
         """source -> data class -> {keys, max_txn}: the ``.trs`` files at a glance."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for source, cls, keys, top in self.db.execute(

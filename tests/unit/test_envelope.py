@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emulator.errors import MalformedEnvelope
+from emulator.protocol import envelope as wire
 from emulator.protocol.envelope import (
     DataClass,
     Envelope,
@@ -325,3 +326,17 @@ def test_deeply_nested_payload_never_crashes(depth: int) -> None:
     doc["messages"][0]["payload"] = {"deep": "HOLE"}
     text = dumps(doc).replace('"HOLE"', "[" * depth + "0" + "]" * depth)
     decode_or_refuse(text.encode())
+
+
+@given(payload=st.dictionaries(st.text(max_size=5), st.integers(-2**63, 2**63 - 1) | st.text(max_size=8)
+                               | st.booleans() | st.none(), max_size=5),
+       cls=st.sampled_from(list(wire.DataClass)))
+def test_the_fast_envelope_encoder_gives_the_message_the_model_gives(payload: dict[str, Any], cls: wire.DataClass) -> None:
+    fields: dict[str, Any] = {"source": "P01", "dest": "CEN", "incarnation": 2, "origin": "S01", "data_class": cls,
+                              "key": "k-1", "txn_id": 9, "link_seq": 4, "op": "delete"}
+    digest = wire.content_hash(payload)
+    fast = wire.encode_envelope(**fields, hash_=digest, payload=payload)
+    model = wire.Envelope(**fields, priority=wire.priority_of(cls), hash=digest, payload=payload)
+    assert json.loads(fast) == json.loads(wire.encode_message(model))
+    body = wire.encode_parts("lab-1", "P01", "CEN", [fast])
+    assert wire.decode(body, lab="lab-1", dest="CEN").messages == [model]
