@@ -15,6 +15,14 @@ A benchmark, not a test: it prints figures and asserts nothing about them.
    confirms; one consumer process (prefetch 500, manual ack of every message) consumes
    them. The clock runs from the producer's first publish until the consumer has acked all N.
 3. Both rates, the ratio durable/raw and the machine facts, as a table or (--json) JSON.
+4. CPU per envelope per hop: the receiving site's (CEN) and the sending site's (P01) CPU
+   microseconds per envelope of the durable run. With ``--baseline REF`` (a git revision, e.g.
+   the main an issue was measured on) the same durable run of that revision's own bench runs in
+   a worktree of it, alternately with this checkout's, ``--repeat`` times each, and the medians
+   and their ratio are printed side by side. ``--only cpu`` runs that comparison and the floor.
+5. The floor (in one process, today's models, no broker): decode, validate and hash a packet's
+   envelopes; apply them batched into three SQLite tables (watermark, site data, applied log,
+   one transaction a packet); re-encode them for the next hop. Printed per envelope.
 
 Every broker object made here has a unique name and is deleted at the end, also on errors.
 """
@@ -188,11 +196,117 @@ def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,
                          ("applied", "duplicates", "stale", "gaps", "conflicts")},
             "p01_resends": p01.load_links()["CEN"].resends,
             "cpu_s": cpu,
+            "cpu_us_per_envelope": {site: round(1e6 * cpu[site] / count, 1) for site in ("CEN", "P01")
+                                    if cpu.get(site) is not None},
             "cpu_wall_s": round(wall, 3),
         }
     finally:
         cen.close()
         p01.close()
+
+
+# ----------------------------------------------------------------------------------------
+# 1b. the same durable run of another revision, side by side; the in-process floor
+# ----------------------------------------------------------------------------------------
+
+
+def baseline_tree(ref: str) -> Path:
+    """A worktree of ``ref`` (detached, in a temporary folder; removed by ``drop_tree``)."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    tree = Path(tempfile.mkdtemp(prefix="smslab-baseline-")) / "tree"
+    done = subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), ref],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"--baseline {ref}: {done.stderr.strip()}")
+    return tree
+
+
+def drop_tree(tree: Path) -> None:
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True,
+                   check=False)
+    shutil.rmtree(tree.parent, ignore_errors=True)
+
+
+def baseline_run(tree: Path, url: str, count: int, deadline: float) -> dict[str, Any]:
+    """The baseline revision's own durable run (its bench, its sites), CPU per envelope."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    done = subprocess.run([sys.executable, str(tree / "bench" / "link_throughput.py"), "--only", "durable",
+                           "--count", str(count), "--amqp", url, "--deadline", str(deadline), "--json"],
+                          cwd=tree, env=env, capture_output=True, text=True, check=False, timeout=deadline + 120)
+    if done.returncode != 0:
+        raise BenchError(f"the baseline's durable run failed: {done.stderr.strip()[-500:]}")
+    d = json.loads(done.stdout)["durable"]
+    cpu = d["cpu_s"]
+    return {"acked_per_s": d["acked_per_s"], "cpu_s": cpu,
+            "cpu_us_per_envelope": {site: round(1e6 * cpu[site] / count, 1) for site in ("CEN", "P01")}}
+
+
+def floor(count: int) -> dict[str, float]:
+    """What one hop needs at least, in this process: microseconds per envelope."""
+    import sqlite3
+    import tempfile
+
+    parts = []
+    for i in range(1, count + 1):
+        client = f"P01-B{i % 1000:05d}"
+        payload = inventory_payload(client, i // 1000 + 1)
+        parts.append(wire.encode_envelope(source="P01", dest="CEN", incarnation=1, origin="P01",
+                                          data_class=wire.DataClass.INVENTORY, key=client, txn_id=i, link_seq=i,
+                                          op="upsert", hash_=wire.content_hash(payload), payload=payload))
+    bodies = [wire.encode_parts("bench", "P01", "CEN", parts[i:i + 200]) for i in range(0, count, 200)]
+    t0 = time.process_time()
+    packets = [wire.decode(b, lab="bench", dest="CEN") for b in bodies]  # JSON, models, the content hash
+    t1 = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        db = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript("""
+            CREATE TABLE watermark (source TEXT, data_class TEXT, key TEXT, txn INTEGER,
+                                    PRIMARY KEY (source, data_class, key)) WITHOUT ROWID;
+            CREATE TABLE site_data (data_class TEXT, key TEXT, origin TEXT, version INTEGER, payload TEXT,
+                                    updated REAL, PRIMARY KEY (data_class, key)) WITHOUT ROWID;
+            CREATE TABLE applied (source TEXT, seq INTEGER, txn INTEGER, hash TEXT, PRIMARY KEY (source, seq))
+                                  WITHOUT ROWID;""")
+        from emulator.protocol import codec
+
+        t2 = time.process_time()
+        for packet in packets:
+            envs = [m for m in packet.messages if isinstance(m, wire.Envelope)]
+            db.execute("BEGIN")
+            db.executemany("INSERT OR REPLACE INTO watermark VALUES(?, ?, ?, ?)",
+                           [(e.source, e.data_class.value, e.key, e.txn_id) for e in envs])
+            db.executemany("INSERT OR REPLACE INTO site_data VALUES(?, ?, ?, ?, ?, ?)",
+                           [(e.data_class.value, e.key, e.origin, int(e.payload["version"]), codec.dumps(e.payload),
+                             0.0) for e in envs])
+            db.executemany("INSERT INTO applied VALUES(?, ?, ?, ?)", [(e.source, e.link_seq, e.txn_id, e.hash)
+                                                                     for e in envs])
+            db.execute("COMMIT")
+        t3 = time.process_time()
+        db.close()
+    for packet in packets:  # forwarding: the next hop's envelope
+        for e in packet.messages:
+            if isinstance(e, wire.Envelope):
+                wire.encode_envelope(source="CEN", dest="XYZ", incarnation=1, origin=e.origin,
+                                     data_class=e.data_class, key=e.key, txn_id=e.txn_id, link_seq=e.link_seq,
+                                     op=e.op, hash_=e.hash, payload=e.payload)
+    t4 = time.process_time()
+    per = 1e6 / count
+    out = {"decode_validate_hash": round((t1 - t0) * per, 1), "apply_3_tables": round((t3 - t2) * per, 1),
+           "reencode": round((t4 - t3) * per, 1)}
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,8 +508,26 @@ def print_table(report: dict[str, Any]) -> None:
         c = r["cpu_s"]
         print(f"  CPU s, raw ({r['consumed_s']:.2f} s wall): producer {fmt_s(c['producer'])},"
               f" consumer {fmt_s(c['consumer'])}, broker {fmt_s(c['broker'])}")
+    cpu = report.get("cpu_per_envelope")
+    if d and d.get("cpu_us_per_envelope"):
+        u = d["cpu_us_per_envelope"]
+        print(f"  CPU us per envelope per hop: CEN (receiving) {u.get('CEN')}, P01 (sending) {u.get('P01')}")
+    if cpu:
+        f = cpu["floor"]
+        if cpu.get("baseline"):
+            b, n, q2 = cpu["baseline"], cpu["now"], cpu["ratio"]
+            print(f"  side by side, median of {len(cpu['runs_now'])} run(s) each: baseline {cpu['baseline_ref']}:"
+                  f" CEN {b['CEN']} us, P01 {b['P01']} us; now: CEN {n['CEN']} us, P01 {n['P01']} us;"
+                  f" now/baseline: CEN {q2['CEN']}, P01 {q2['P01']} (goal <= 0.5)")
+        print(f"  floor (one process, no broker): decode+validate+hash {f['decode_validate_hash']} us,"
+              f" apply into 3 tables {f['apply_3_tables']} us, re-encode {f['reencode']} us = {f['total']} us")
     print(f"  machine: {m['cores']} cores ({m['cpu'] or '?'}), python {m['python']},"
           f" pika {m['pika']}, RabbitMQ {m['rabbitmq'] or '?'}, busy before {fmt_pct(m['cpu_busy_before'])}")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -403,18 +535,42 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     durable = raw = None
     samples: list[bytes] = []
     relayed = None
-    if args.only in (None, "durable"):
+    cpu: dict[str, Any] | None = None
+    if args.only == "cpu" or args.baseline:
+        tree = baseline_tree(args.baseline) if args.baseline else None
+        try:
+            now_runs, base_runs = [], []
+            for i in range(args.repeat):  # alternately, so a load that comes and goes hits both
+                if tree is not None:
+                    log(f"cpu: baseline {args.baseline}, run {i + 1}/{args.repeat}")
+                    base_runs.append(baseline_run(tree, args.amqp, args.count, args.deadline))
+                log(f"cpu: this checkout, run {i + 1}/{args.repeat}")
+                now_runs.append(durable_run(args.amqp, args.count, args.deadline))
+        finally:
+            if tree is not None:
+                drop_tree(tree)
+        samples = [s for s in (r.pop("_sample") for r in now_runs) if s]
+        durable = median_run(now_runs, "acked_per_s")
+        cpu = {"now": {site: _median([r["cpu_us_per_envelope"][site] for r in now_runs]) for site in ("CEN", "P01")},
+               "runs_now": [r["cpu_us_per_envelope"] for r in now_runs], "floor": floor(args.count)}
+        if base_runs:
+            cpu["baseline_ref"] = args.baseline
+            cpu["baseline"] = {site: _median([r["cpu_us_per_envelope"][site] for r in base_runs])
+                               for site in ("CEN", "P01")}
+            cpu["runs_baseline"] = [r["cpu_us_per_envelope"] for r in base_runs]
+            cpu["ratio"] = {site: ratio(cpu["now"][site], cpu["baseline"][site]) for site in ("CEN", "P01")}
+    elif args.only in (None, "durable"):
         runs = [durable_run(args.amqp, args.count, args.deadline) for _ in range(args.repeat)]
         samples = [s for s in (r.pop("_sample") for r in runs) if s]
         durable = median_run(runs, "acked_per_s")
-    if args.only in (None, "relay"):
+    if args.only in (None, "relay") and not args.baseline:
         runs = [durable_run(args.amqp, args.count, args.deadline, relay=True) for _ in range(args.repeat)]
         for r in runs:
             r.pop("_sample")
         relayed = median_run(runs, "acked_per_s")
     # The raw messages are a real envelope of the burst, or one built the same way.
     body = samples[0] if samples else sample_envelope()
-    if args.only in (None, "raw"):
+    if args.only in (None, "raw") and not args.baseline:
         raw = median_run([raw_run(args.amqp, args.count, body, args.deadline)
                           for _ in range(args.repeat)], "consumed_per_s")
     return {
@@ -429,6 +585,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "relay_applied": ratio((relayed or {}).get("applied_per_s"), (durable or {}).get("applied_per_s")),
             "relay_acked": ratio((relayed or {}).get("acked_per_s"), (durable or {}).get("acked_per_s")),
         },
+        "cpu_per_envelope": cpu,
         "machine": machine_facts(args.amqp, load),
     }
 
@@ -441,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds each measurement may take before the run fails (default 300)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each measurement R times and report the median run (default 1)")
-    parser.add_argument("--only", choices=("durable", "relay", "raw"), help="run one of the measurements")
+    parser.add_argument("--only", choices=("durable", "relay", "raw", "cpu"), help="run one of the measurements")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run the durable path of this git revision, side by side (CPU per envelope)")
     add_json_option(parser)
     args = parser.parse_args(argv)
     if args.count < 1 or args.repeat < 1:

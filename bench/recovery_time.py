@@ -10,6 +10,8 @@ A benchmark, not a test: it prints figures and asserts nothing about them.
 2. S01 is told to ``burst`` N inventory envelopes of N distinct synthetic clients (version 1),
    and the run waits until CEN holds all N records of S01 and every outbox is empty.
 3. P01 is backed up (``emulator.backup.create``, what ``smslab backup P01`` does).
+   Its rate (records / fill time) is the link's steady rate on the path the recovery takes;
+   the report gives the recovery's rate as a ratio of it (goal: at least 1.0).
 4. A second burst of A envelopes goes through P01 after the backup, so the backup is A
    envelopes old. ``_burst`` numbers versions from 1 in every command (version =
    n // keys + 1), so the second burst uses ``keys = A // 2``: its first half re-sends
@@ -498,6 +500,9 @@ def _measure(url: str, info: LabInfo, lab_dir: LabDir, records: int, after: int,
         "recover_s": round(recover_s, 3),
         "after_recover_s": round(total_s - recover_s, 3),
         "records_per_s": round(resynced / total_s, 1),
+        # the same records on the same path (S01 -> P01 -> CEN) at steady state, in this run
+        "link_per_s": round(records / fill_s, 1),
+        "recovery_to_link": round((resynced / total_s) / (records / fill_s), 3),
         "checker_runs": checks,
         "checker_last_s": round(check_s[-1], 3),
         "data_complete_at_valid": data_complete_at_valid,
@@ -541,6 +546,8 @@ def print_table(report: dict[str, Any]) -> None:
         ("  after it, until valid", f"{r['after_recover_s']:.2f} s",
          f"{r['checker_runs']} checker run(s), last took {r['checker_last_s']:.2f} s"),
         ("records resynchronized / s", f"{r['records_per_s']:,.0f}", f"{r['records']:,} / total"),
+        ("steady link, same path / s", f"{r['link_per_s']:,.0f}", "the fill: S01 -> P01 -> CEN, this run"),
+        ("recovery rate / link rate", f"{r['recovery_to_link']:.2f}", "goal >= 1.0"),
         ("records complete at CEN and P01", f"{fmt_s(r['data_complete_s'])} s",
          "at valid" if r["data_complete_at_valid"] else "AFTER valid"),
     ]

@@ -100,6 +100,7 @@ class SiteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open site store {self.path}: {exc}") from exc
         self._in_tx = False
+        self._began = False
         # Writes of the hot path (watermarks, site data, the applied log, the outbox, the
         # history), kept in order and written together (executemany) before anything reads
         # those tables from SQLite, before a savepoint must exist, and before a commit. Point
@@ -128,20 +129,31 @@ class SiteStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         if self._in_tx:
             raise StoreError("nested transaction on the site store")
-        self.db.execute("BEGIN IMMEDIATE")
+        # BEGIN waits for the first write: a transaction that writes nothing (a heartbeat
+        # that changed nothing) costs no BEGIN and no COMMIT. One writer per store: what was
+        # read before it cannot have changed.
         self._in_tx = True
+        self._began = False
         try:
             yield self.db
             self.flush_pending()
         except BaseException:
             self._drop_pending(0)
-            self.db.execute("ROLLBACK")
+            if self._began:
+                self.db.execute("ROLLBACK")
             raise
         else:
-            self.db.execute("COMMIT")
+            if self._began:
+                self.db.execute("COMMIT")
         finally:
             self._in_tx = False
+            self._began = False
             self._savepoints.clear()
+
+    def _begin(self) -> None:
+        if self._in_tx and not self._began:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._began = True
 
     def savepoint(self, name: str) -> None:
         self._savepoints.append([name, len(self._pending), False])
@@ -192,9 +204,12 @@ class SiteStore:
 
     def flush_pending(self) -> None:
         """Write what is pending, making the open savepoints in SQLite where they belong."""
+        if self._pending:
+            self._materialize()
+
+    def _materialize(self) -> None:
         pending = self._pending
-        if not pending and all(sp[2] for sp in self._savepoints):
-            return
+        self._begin()
         done = 0
         for sp in self._savepoints:
             if not sp[2]:
@@ -253,8 +268,9 @@ class SiteStore:
     def _direct(self) -> None:
         """Before a statement that writes straight to SQLite: an open savepoint must exist
         there first (and what is pending before it)."""
+        self._begin()
         if self._savepoints and not self._savepoints[-1][2]:
-            self.flush_pending()
+            self._materialize()
 
     # -- meta and counters --------------------------------------------------------------
 

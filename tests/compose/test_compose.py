@@ -82,6 +82,13 @@ class Compose:
     def smslab(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self("exec", "-T", "tools", "smslab", *args, check=check, timeout=timeout)
 
+    def resume_workload(self, timeout: float = 180) -> None:
+        """Resume the workload, retried until the broker answers again (a container restart does not wait)."""
+        deadline = time.monotonic() + timeout
+        while (done := self.smslab("workload", "resume", check=False)).returncode != 0:
+            assert time.monotonic() < deadline, f"no broker {timeout}s after the restart: {done.stderr[-1500:]}"
+            time.sleep(1)
+
     def converge(self, timeout: float = 120) -> dict[str, object]:
         done = self.smslab("wait-converged", "--timeout", str(timeout), "--json", check=False, timeout=timeout + 60)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -194,8 +201,7 @@ def test_the_broker_container_restarted_under_load_loses_nothing(lab: Compose) -
     lab.smslab("workload", "resume")
     time.sleep(2)
     lab("restart", "rabbitmq", timeout=300)
-    time.sleep(5)
-    lab.smslab("workload", "resume")
+    lab.resume_workload()
     time.sleep(3)
     report = lab.converge(timeout=180)
     assert report["verdict"] == "valid"
