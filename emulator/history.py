@@ -274,10 +274,43 @@ def read(lab_dir: LabDir, *, offset: int = 0) -> Iterator[Event]:
                                   f" {exc.errors()[0].get('msg')}") from exc
 
 
+# The events of each history.jsonl this process has read, and up to which byte: the file only
+# grows (merge appends), so a checker polling a long run parses each line once, not once per
+# look. Keyed by path; (device, inode) and the size tell a replaced or truncated file.
+_LOADED: dict[Path, tuple[tuple[int, int], int, list[Event]]] = {}
+
+
 def load(lab_dir: LabDir, info: LabInfo | None = None, *, merge_first: bool = True) -> list[Event]:
+    """The whole merged history (merged first), as a new list."""
     if merge_first:
         merge(lab_dir, info)
-    return list(read(lab_dir))
+    path = history_path(lab_dir).resolve()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        _LOADED.pop(path, None)
+        return []
+    ident = (st.st_dev, st.st_ino)
+    cached = _LOADED.get(path)
+    if cached is None or cached[0] != ident or st.st_size < cached[1]:
+        cached = (ident, 0, [])
+    _, offset, events = cached
+    if st.st_size > offset:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read(st.st_size - offset)
+        end = chunk.rfind(b"\n") + 1  # whole lines only: a writer may be mid-line
+        for number, line in enumerate(chunk[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(Event.model_validate_json(line))
+            except ValidationError as exc:
+                raise ConfigError(f"{path}: line {number} after offset {offset} is not an event:"
+                                  f" {exc.errors()[0].get('msg')}") from exc
+        offset += end
+    _LOADED[path] = (ident, offset, events)
+    return list(events)
 
 
 def render(e: Event) -> str:

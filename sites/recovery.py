@@ -285,10 +285,13 @@ class Recovery:
         rt.pump()
 
     def _upload_step(self) -> None:
-        """Resync, up: every site data record the recovering site holds goes to its parent
-        again (its own data, its status messages, what its subtree had sent it), in steps of
-        ``RESYNC_STEP`` records, each its own transaction; the parent reinitialized its copy.
-        Resumable: the cursor is part of the agent's state."""
+        """Resync, up: every site data record the recovering site originated goes to its
+        parent again (its clients' data, its status messages), in steps of ``RESYNC_STEP``
+        records, each its own transaction; the parent reinitialized its copy. What its subtree
+        had sent it is left out: every child resends all it holds in the same handshake (the
+        agent waits for every child's report), and the child holds each of those records at
+        least at the version this site does, so sending them here too would move the subtree's
+        data twice. Resumable: the cursor is part of the agent's state."""
         rt = self.rt
         agent = self.agent
         if agent is None or agent.phase is not Phase.RESYNC or agent.upload_done or rt.parent is None:
@@ -299,7 +302,8 @@ class Recovery:
         try:
             with rt.transaction():
                 cursor = (agent.upload_cursor[0], agent.upload_cursor[1]) if agent.upload_cursor else None
-                last = _send_site_data(rt, rt.parent, cursor)
+                below = set(rt.topology.subtree(rt.site)) - {rt.site}
+                last = _send_site_data(rt, rt.parent, cursor, skip_origins=below)
                 if last is not None:
                     agent.upload_cursor = list(last)
                 agent.upload_done = last is None or rt.store.site_data_page(after=last, limit=1) == []
@@ -499,12 +503,16 @@ class Recovery:
                 self.rt.later(0, lambda: self._resync_up_step(parent))
 
 
-def _send_site_data(rt: RecoveryHost, peer: str, after: tuple[str, str] | None) -> tuple[str, str] | None:
+def _send_site_data(rt: RecoveryHost, peer: str, after: tuple[str, str] | None,
+                    skip_origins: set[str] | frozenset[str] = frozenset()) -> tuple[str, str] | None:
     """Queue one step of site data records for ``peer`` (our parent), after a cursor; our own
-    SCF is left out (a fresh one goes up). Returns the cursor of the last record, or None."""
+    SCF is left out (a fresh one goes up), and records whose origin is in ``skip_origins``.
+    Returns the cursor of the last record read, or None."""
     rows = rt.store.site_data_page(after=after, limit=RESYNC_STEP)
     for row in rows:
         if row["data_class"] == DataClass.SCF.value and row["key"] == rt.site:
+            continue
+        if row["origin"] in skip_origins:
             continue
         rt.emit(peer, DataClass(row["data_class"]), row["key"], row["origin"], row["payload"])
     return (rows[-1]["data_class"], rows[-1]["key"]) if rows else None

@@ -103,3 +103,24 @@ def test_harness_events_merge_with_the_sites_in_time_order(tmp_path: Path) -> No
     assert [e.kind for e in events] == ["applied", "applied", "fault_on", "applied"]
     assert events[2].fault == "f1" and events[2].site == history.HARNESS
     assert "fault f1" in history.render(events[2])
+
+
+def test_load_reads_what_was_appended_since_and_a_replaced_file_again(tmp_path: Path) -> None:
+    lab_dir, info = lab(tmp_path)
+    store = SiteStore(lab_dir.site_db("CEN"))
+    write(store, "r1", 3)
+    assert [e.index for e in history.load(lab_dir, info)] == [1, 2, 3]
+    write(store, "r1", 2, at=10)
+    first = history.load(lab_dir, info)
+    assert [e.index for e in first] == [1, 2, 3, 4, 5]
+    first.clear()  # a caller's list is its own
+    assert len(history.load(lab_dir, info)) == 5
+    path = history.history_path(lab_dir)
+    with path.open("a") as handle:  # a writer mid-line: only whole lines are taken
+        handle.write('{"time": 1.0, "site": "CEN"')
+    assert len(history.load(lab_dir, info, merge_first=False)) == 5
+    lines = path.read_text().splitlines(keepends=True)[:2]
+    replacement = path.with_suffix(".new")
+    replacement.write_text("".join(lines))
+    replacement.replace(path)  # another file under the same name
+    assert [e.index for e in history.load(lab_dir, info, merge_first=False)] == [1, 2]
