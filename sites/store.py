@@ -232,22 +232,25 @@ class SiteStore:
         versions of these, one query for many, for the point reads that follow (until the
         next write to SQLite)."""
         self.flush_pending()
-        for cls, key, txn in self._rows_for("SELECT data_class, key, txn FROM watermark WHERE source=? AND",
+        for cls, key, txn in self._rows_for("t.txn FROM w CROSS JOIN watermark t ON t.source=? AND",
                                             (source,), watermarks):
             self._known_wm[(source, cls, key)] = txn
-        for cls, key, version in self._rows_for("SELECT data_class, key, version FROM site_data WHERE", (),
-                                                versions):
+        for cls, key, version in self._rows_for("t.version FROM w CROSS JOIN site_data t ON", (), versions):
             self._known_sd[(cls, key)] = version
 
-    def _rows_for(self, sql: str, head: tuple[Any, ...],
+    def _rows_for(self, sql: str, tail: tuple[Any, ...],
                   pairs: list[tuple[str, str]]) -> Iterator[tuple[str, str, int | None]]:
-        """(data class, key, value or None) of each pair, asked 400 at a time."""
+        """(data class, key, value or None) of each pair, asked 400 at a time. The wanted
+        pairs drive the join (CROSS JOIN keeps them the outer loop): one primary key lookup
+        each. ``(data_class, key) IN (VALUES ...)`` scanned the whole table instead, so a
+        packet cost grew with the store."""
         wanted = list(dict.fromkeys(pairs))
         for start in range(0, len(wanted), 400):
             chunk = wanted[start:start + 400]
             marks = ",".join("(?,?)" for _ in chunk)
             found = {(c, k): v for c, k, v in self.db.execute(
-                f"{sql} (data_class, key) IN (VALUES {marks})", (*head, *(x for pair in chunk for x in pair)))}
+                f"WITH w(c, k) AS (VALUES {marks}) SELECT w.c, w.k, {sql} t.data_class=w.c AND t.key=w.k",
+                (*(x for pair in chunk for x in pair), *tail))}
             for cls, key in chunk:
                 yield cls, key, found.get((cls, key))
 
