@@ -246,10 +246,13 @@ def merge(lab_dir: LabDir, info: LabInfo | None = None) -> int:
         # two events of one transaction may carry clocks read a moment apart).
         new = list(heapq.merge(*streams, key=lambda e: e.time))
         if new:
-            with history_path(lab_dir).open("a") as out:
+            path = history_path(lab_dir)
+            with path.open("a") as out:
+                before = out.tell()
                 out.writelines(e.model_dump_json(exclude_none=True) + "\n" for e in new)
                 out.flush()
                 os.fsync(out.fileno())
+                _appended(path, os.fstat(out.fileno()), before, out.tell(), new)
             state.events += len(new)
         tmp = _state_path(lab_dir).with_suffix(".tmp")
         tmp.write_text(state.model_dump_json())
@@ -278,6 +281,18 @@ def read(lab_dir: LabDir, *, offset: int = 0) -> Iterator[Event]:
 # grows (merge appends), so a checker polling a long run parses each line once, not once per
 # look. Keyed by path; (device, inode) and the size tell a replaced or truncated file.
 _LOADED: dict[Path, tuple[tuple[int, int], int, list[Event]]] = {}
+
+
+def _appended(path: Path, st: os.stat_result, before: int, after: int, new: list[Event]) -> None:
+    """What this process just appended joins what it had read, if it had read up to there."""
+    key = path.resolve()
+    ident = (st.st_dev, st.st_ino)
+    cached = _LOADED.get(key)
+    if cached is None and before == 0:
+        cached = (ident, 0, [])
+    if cached is not None and cached[0] == ident and cached[1] == before:
+        cached[2].extend(new)
+        _LOADED[key] = (ident, after, cached[2])
 
 
 def load(lab_dir: LabDir, info: LabInfo | None = None, *, merge_first: bool = True) -> list[Event]:

@@ -124,3 +124,13 @@ def test_load_reads_what_was_appended_since_and_a_replaced_file_again(tmp_path: 
     replacement.write_text("".join(lines))
     replacement.replace(path)  # another file under the same name
     assert [e.index for e in history.load(lab_dir, info, merge_first=False)] == [1, 2]
+
+
+def test_what_a_merge_appends_is_what_a_fresh_read_finds(tmp_path: Path) -> None:
+    lab_dir, info = lab(tmp_path)
+    store = SiteStore(lab_dir.site_db("CEN"))
+    write(store, "r1", 4)
+    history.load(lab_dir, info)
+    write(store, "r1", 3, at=20, kind="sent")
+    assert history.merge(lab_dir, info) == 3  # appended and kept by this process
+    assert history.load(lab_dir, info, merge_first=False) == list(history.read(lab_dir))
