@@ -596,13 +596,17 @@ class SiteRuntime:
                 through += 1  # a bug planted on purpose (tests of the simulator's seed sweeps)
             self.store.outbox_purge(link.peer, through)
             self.published[link.peer] = max(self.published.get(link.peer, 0), decision.purge_through)
-            self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation,
-                       detail={"self_rollback": True} if effect is seq.AckEffect.SELF_ROLLBACK else None)
+            self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation)
             if self.state == "recovering":
                 self.recovery.kick()  # completion waits on these acks
         if effect is seq.AckEffect.ROLLBACK:
             self.event("rollback", now, link=f"{link.peer}->{self.site}", seq_=ack.through, inc=ack.incarnation,
                        detail={"sent_through": ack.sent_through})
+        elif effect is seq.AckEffect.REFUSED:
+            if link.ahead_since == now:  # the first of a run of them: one event, every one counted
+                self.event("refused", now, link=f"{link.peer}->{self.site}", seq_=ack.through, inc=ack.incarnation,
+                           detail={"reason": f"an ack through {ack.through}, but {self.site} has sent"
+                                             f" only {link.sent_through}: nothing purged"})
         elif effect is seq.AckEffect.SELF_ROLLBACK:
             self.event("self_rollback", now, link=name, seq_=ack.through, inc=ack.incarnation,
                        detail={"sent_through": link.sent_through})
@@ -625,6 +629,11 @@ class SiteRuntime:
     def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing, now: float) -> None:
         start = seq.serve_resend(link, req, self.store.outbox_min_seq(link.peer))
         name = f"{self.site}->{link.peer}"
+        if req.from_seq > link.sent_through:
+            self.event("refused", now, link=f"{link.peer}->{self.site}", seq_=req.from_seq, inc=req.incarnation,
+                       detail={"reason": f"a resend request from seq {req.from_seq}, but {self.site} has sent"
+                                         f" only {link.sent_through}"})
+            return
         if start is None or start > req.from_seq:
             self.event("resend_unavailable", now, link=name, seq_=req.from_seq)
         if start is not None:

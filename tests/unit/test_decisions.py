@@ -109,8 +109,9 @@ ACKS = [
     ({"next_send_seq": 11, "acked_through": 8}, (8, 0), "sms20", seq.AckEffect.NO_CHANGE, None, False, False),
     ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "sms20", seq.AckEffect.ROLLBACK, None, False, False),
     ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "hardened", seq.AckEffect.ROLLBACK, None, True, False),
-    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, 4, False, False),
-    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, 4, False, True),
+    # an ack of more than we sent purges nothing (a forged one emptied the outbox)
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, None, False, False),
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, None, False, True),
     ({"next_send_seq": 11, "acked_through": 4, "paused": True}, (8, 0), "sms20", seq.AckEffect.PAUSED, None, False, False),
 ]
 
@@ -125,7 +126,43 @@ def test_what_follows_each_ack(state: dict[str, object], numbers: tuple[int, int
     assert decision.purge_through == purge
     assert bool(decision.quarantine_peer) == q_peer and bool(decision.quarantine_self) == q_self
     if effect is seq.AckEffect.SELF_ROLLBACK:
-        assert ours.acked_through == ours.sent_through  # taken as acknowledged, as SMS 2.0 did
+        assert ours.acked_through == state["acked_through"]  # not taken as acknowledged, as SMS 2.0 did
+        assert ours.extra["ack_ahead"] == 1
+
+
+@pytest.mark.parametrize("mode", ["sms20", "hardened"])
+def test_a_forged_ack_beyond_what_was_sent_is_refused_and_only_evidence(mode: str) -> None:
+    """One ack of more than we sent (a forgery, or the first heartbeat of a peer that has seen
+    a later us) purges nothing and quarantines nobody; a sane ack ends the suspicion."""
+    ours = link(next_send_seq=11, acked_through=4, their_incarnation=0)
+    forged = seq.take_ack(ours, ack(through=2**40, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                          now=10.0, redelivered=False, suspect_for=3.0)
+    assert forged == seq.AckDecision(seq.AckEffect.REFUSED)
+    assert (ours.acked_through, ours.ahead_since, ours.extra["ack_ahead"]) == (4, 10.0, 1)
+    real = seq.take_ack(ours, ack(through=6, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                        now=11.0, redelivered=False, suspect_for=3.0)
+    assert real.effect is seq.AckEffect.PROGRESS and real.purge_through == 6 and ours.ahead_since is None
+    again = seq.take_ack(ours, ack(through=99, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                         now=20.0, redelivered=False, suspect_for=3.0)
+    assert again.effect is seq.AckEffect.REFUSED, "the suspicion starts again from the last sane ack"
+
+
+@pytest.mark.parametrize("mode, quarantine_self", [("sms20", False), ("hardened", True)])
+def test_acks_beyond_what_was_sent_that_persist_are_a_self_rollback_that_purges_nothing(
+        mode: str, quarantine_self: bool) -> None:
+    ours = link(next_send_seq=5, acked_through=2, their_incarnation=0)
+    effects = [seq.take_ack(ours, ack(through=9, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                            now=t, redelivered=False, suspect_for=3.0) for t in (1.0, 2.0, 3.0, 4.0)]
+    assert [d.effect for d in effects] == [seq.AckEffect.REFUSED] * 3 + [seq.AckEffect.SELF_ROLLBACK]
+    assert all(d.purge_through is None for d in effects) and ours.acked_through == 2
+    assert bool(effects[-1].quarantine_self) == quarantine_self and ours.extra["ack_ahead"] == 4
+
+
+def test_a_resend_request_for_what_was_never_sent_is_refused() -> None:
+    ours = link(next_send_seq=11)
+    for asked in (11, 2**40):
+        assert seq.serve_resend(ours, ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked), 5) is None
+    assert ours.extra["resend_refused"] == 2 and ours.resend_unavailable == 0
 
 
 def test_an_ack_of_another_incarnation_is_fenced_in_hardened_mode() -> None:
@@ -138,7 +175,7 @@ def test_an_ack_of_another_incarnation_is_fenced_in_hardened_mode() -> None:
     (5, 7, 7, 0), (5, 3, 5, 1), (None, 3, None, 1)])
 def test_a_resend_request_is_served_from_what_the_outbox_keeps(first: int | None, asked: int,
                                                               start: int | None, unavailable: int) -> None:
-    ours = link()
+    ours = link(next_send_seq=11)
     req = ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked)
     assert seq.serve_resend(ours, req, first) == start
     assert ours.resend_unavailable == unavailable
