@@ -182,6 +182,7 @@ class SiteRuntime:
             store.begin_run(self.run_id, self.clock())
         self.recovery = Recovery(self)
         self.on_tick_hooks.append(self.recovery.tick)
+        self.on_tick_hooks.append(self.recovery.peer_tick)
         self.workload = WorkloadClock(
             site,
             clients.ids if clients else [],

@@ -17,6 +17,7 @@ from emulator.protocol.recovery import (
     peer_on_announce,
     peer_on_complete,
     peer_on_resync,
+    peer_pause_expired,
     peer_resynced,
     peer_upload_step,
 )
@@ -233,14 +234,75 @@ def test_a_parent_peer_sends_its_data_up_in_steps_and_is_never_paused_again_by_a
     assert last.done_through == 77 and last.entry is not None and last.entry.phase is PeerPhase.RESYNCED
 
 
-def test_messages_of_another_recovery_are_ignored_or_start_anew() -> None:
+def test_messages_of_another_recovery_are_refused_ignored_or_start_anew() -> None:
     entry = peer_resynced(PeerRecovery("r1"), 5).entry
-    assert peer_on_resync(entry, "r2", site_is_child=True).ignored
+    assert peer_on_resync(entry, "r2", site_is_child=True).refused  # a resync without a matching recovery
+    assert peer_on_resync(None, "r2", site_is_child=True).refused
     assert peer_on_complete(entry, "r2").ignored
     anew = peer_on_announce(entry, "r2")
     assert anew.started and anew.entry == PeerRecovery("r2")
 
 
 def test_peer_state_roundtrips() -> None:
-    entry = PeerRecovery("r1", PeerPhase.RESYNCING, 3, ("inventory", "k"))
+    entry = PeerRecovery("r1", PeerPhase.RESYNCING, 3, ("inventory", "k"), challenge="c0ffee", paused_at=7.5,
+                         expired=True)
     assert PeerRecovery.from_state(entry.to_state()) == entry
+    old = {"recovery_id": "r1", "phase": "paused", "mark": 0, "cursor": None}  # written before issue 10
+    assert PeerRecovery.from_state(old) == PeerRecovery("r1")
+
+
+# -- forged handshake messages (issue 10) -----------------------------------------------------------
+
+
+def test_a_resync_must_echo_the_challenge_of_our_report() -> None:
+    entry = peer_on_announce(None, "r1", challenge="sekrit", now=1.0).entry
+    assert entry is not None and entry.challenge == "sekrit" and entry.paused_at == 1.0
+    for forged in ("", "guess"):
+        step = peer_on_resync(entry, "r1", site_is_child=True, challenge=forged, incarnation=9, known_incarnation=1)
+        assert step.refused and "challenge" in step.refused
+        assert not (step.accept or step.reinit_child or step.start_upload or step.unpause or step.done_through)
+        assert step.entry == entry
+    real = peer_on_resync(entry, "r1", site_is_child=True, challenge="sekrit", incarnation=2, known_incarnation=1)
+    assert real.accept and real.reinit_child and not real.refused
+
+
+@pytest.mark.parametrize("site_is_child", [True, False])
+def test_a_resync_that_does_not_move_the_incarnation_on_is_refused(site_is_child: bool) -> None:
+    entry = peer_on_announce(None, "r1", challenge="c").entry
+    step = peer_on_resync(entry, "r1", site_is_child=site_is_child, challenge="c", incarnation=3, known_incarnation=3)
+    assert step.refused and "incarnation" in step.refused and not step.accept and step.entry == entry
+
+
+def test_a_complete_must_echo_the_challenge_too() -> None:
+    entry = peer_resynced(peer_on_announce(None, "r1", challenge="c").entry, 5).entry  # type: ignore[arg-type]
+    forged = peer_on_complete(entry, "r1", challenge="x")
+    assert forged.refused and not forged.completed and not forged.unpause and forged.entry == entry
+    assert peer_on_complete(entry, "r1", challenge="c").completed
+
+
+def test_an_entry_written_before_challenges_takes_any() -> None:
+    entry = PeerRecovery("r1")
+    assert peer_on_resync(entry, "r1", site_is_child=True, incarnation=2, known_incarnation=1).accept
+
+
+def test_a_pause_expires_once_and_a_late_real_resync_still_goes_on() -> None:
+    entry = peer_on_announce(None, "r1", challenge="c", now=100.0).entry
+    assert peer_pause_expired(entry, now=219.9, timeout=120.0) is None
+    step = peer_pause_expired(entry, now=220.0, timeout=120.0)
+    assert step is not None and step.unpause and step.timed_out
+    expired = step.entry
+    assert expired is not None and expired.expired and expired.phase is PeerPhase.PAUSED
+    assert peer_pause_expired(expired, now=999.0, timeout=120.0) is None, "once"
+    again = peer_on_announce(expired, "r1", challenge="new", now=300.0)
+    assert again.report and not again.pause, "announces of an expired recovery no longer pause the link"
+    assert again.entry is not None and again.entry.challenge == "c"
+    late = peer_on_resync(expired, "r1", site_is_child=False, challenge="c", incarnation=2, known_incarnation=1)
+    assert late.accept and late.start_upload
+    anew = peer_on_announce(expired, "r2", challenge="d", now=400.0)
+    assert anew.pause and anew.entry == PeerRecovery("r2", challenge="d", paused_at=400.0)
+
+
+def test_only_a_paused_entry_expires() -> None:
+    resyncing = peer_on_resync(PeerRecovery("r1"), "r1", site_is_child=False, incarnation=2).entry
+    assert peer_pause_expired(resyncing, now=1e9, timeout=1.0) is None
+    assert peer_pause_expired(None, now=1e9, timeout=1.0) is None
