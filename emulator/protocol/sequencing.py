@@ -118,6 +118,7 @@ class LinkState:
     last_resend_request: float = 0.0
     backward_since: float | None = None  # acks have said less than we know since then
     ahead_since: float | None = None  # acks have said more than we sent since then
+    ahead_last: float = 0.0  # the last of them (a run with a pause longer than suspect_for restarts)
     # counters, all visible in diagnostics
     sent: int = 0
     applied: int = 0
@@ -230,8 +231,9 @@ def on_ack(link: LinkState, ack: LinkAck, *, now: float, redelivered: bool,
     """
     if ack.through > link.sent_through:
         link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
-        if link.ahead_since is None:
-            link.ahead_since = now
+        if link.ahead_since is None or now - link.ahead_last > suspect_for:
+            link.ahead_since = now  # a peer that went back says so every heartbeat: two forged
+        link.ahead_last = now  # acks far apart are not one run
         if now - link.ahead_since < suspect_for:
             return AckOutcome.AHEAD
         return AckOutcome.SELF_ROLLBACK

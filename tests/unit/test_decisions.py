@@ -159,6 +159,13 @@ def test_acks_beyond_what_was_sent_that_persist_are_a_self_rollback_that_purges_
     assert bool(effects[-1].quarantine_self) == quarantine_self and ours.extra["ack_ahead"] == 4
 
 
+def test_acks_beyond_what_was_sent_far_apart_are_not_one_run() -> None:
+    ours = link(next_send_seq=5, acked_through=2, their_incarnation=0)
+    effects = [seq.take_ack(ours, ack(through=9, sent_through=0), mode="hardened", now=t, redelivered=False,
+                            suspect_for=3.0).effect for t in (1.0, 100.0, 200.0, 300.0)]
+    assert effects == [seq.AckEffect.REFUSED] * 4 and ours.ahead_since == 300.0
+
+
 def test_a_resend_request_for_what_was_never_sent_is_refused() -> None:
     ours = link(next_send_seq=11)
     for asked in (11, 2**40):
