@@ -198,3 +198,25 @@ def test_a_huge_transaction_id_is_refused_and_poisons_no_watermark(lab: SimLab) 
     lab.run_until("the forgery to be dead-lettered", lambda: any("txn_id" in r for r in reasons(lab)))
     assert lab.query("CEN", "SELECT MAX(txn) FROM watermark")[0][0] < wire.MAX_SEQ
     lab.settle()
+
+
+def test_an_envelope_admitted_that_still_cannot_be_applied_is_consumed_recorded_and_dead_lettered(
+        lab: SimLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug, not a forgery: admission cannot refuse it, so the link must not block on it."""
+    cen = runtime(lab, "CEN")
+    real = cen._apply_site_data
+    seen: list[int] = []
+
+    def broken(env: Any, now: float) -> int:
+        if not seen:
+            seen.append(env.link_seq)
+            raise KeyError("a bug in applying")
+        return int(real(env, now))
+
+    monkeypatch.setattr(cen, "_apply_site_data", broken)
+    lab.run_until("one envelope to be unappliable", lambda: bool(seen) and cen.links["P01"].next_expected > seen[0])
+    assert cen.links["P01"].extra["unappliable"] == 1
+    assert lab.query("CEN", "SELECT reason FROM drops WHERE source='P01' AND seq=?", seen[0]) == [("unappliable",)]
+    lab.run_until("the dead letter", lambda: any("cannot apply" in r for r in reasons(lab)))
+    lab.run(2)
+    assert cen.links["P01"].next_expected > seen[0] + 3, "the link went on"
