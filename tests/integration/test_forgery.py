@@ -61,9 +61,10 @@ def dead_reasons(lab: Lab) -> list[str]:
     return [json.loads(d["body"])["reason"] for d in admin.dead_letters(lab.url, lab.lab_id)]
 
 
-def test_a_forged_ack_far_past_what_was_sent_purges_nothing(lab: Lab) -> None:
+@pytest.mark.parametrize("mode", ["sms20", "hardened"])
+def test_a_forged_ack_far_past_what_was_sent_purges_nothing(lab: Lab, mode: str) -> None:
     """main lost 12,803 of 20,000 records this way, and the link failed for good."""
-    lab.up(topology_yaml(DEMO_SITES[:2], settings=SETTINGS))
+    lab.up(topology_yaml(DEMO_SITES[:2], settings=SETTINGS, mode=mode))
     lab.cli("stop", "CEN")
     assert lab.control("P01", {"cmd": "burst", "count": 3000, "keys": 3000, "chunk": 500})["ok"]
     wait_for("P01's burst to wait in its outbox", lambda: outbox(lab, "P01", "CEN") >= 3000, timeout=60)
@@ -75,6 +76,7 @@ def test_a_forged_ack_far_past_what_was_sent_purges_nothing(lab: Lab) -> None:
     wait_for("P01 to refuse the ack", lambda: lab.link("P01", "CEN")["extra"].get("ack_ahead", 0) >= 1, timeout=20)
     assert outbox(lab, "P01", "CEN") >= held, "nothing purged"
     assert lab.link("P01", "CEN")["acked_through"] == link["acked_through"]
+    assert lab.meta("P01", "state") == "active", "one forged ack is evidence, not a rollback"
     lab.cli("start", "CEN")
     report = lab.wait_converged(timeout=120)
     assert report.verdict == "valid", report.render()
@@ -101,9 +103,10 @@ def test_a_forged_announce_pauses_the_link_only_until_it_times_out(lab: Lab) -> 
     assert report.verdict == "valid", report.render()
 
 
-def test_a_forged_announce_and_resync_delete_nothing_at_the_parent(lab: Lab) -> None:
+@pytest.mark.parametrize("mode", ["sms20", "hardened"])
+def test_a_forged_announce_and_resync_delete_nothing_at_the_parent(lab: Lab, mode: str) -> None:
     """main deleted the subtree's data at the parent (3,001 records lost)."""
-    lab.up(topology_yaml(SUBTREE, settings=SETTINGS))
+    lab.up(topology_yaml(SUBTREE, settings=SETTINGS, mode=mode))
     wait_for("S01's data at CEN", lambda: len(records(lab, "CEN", ("S01",))) > 3, timeout=30)
     held = records(lab, "CEN", ("P01", "S01"))
     publish(lab, "P01", "CEN", packet(lab, "P01", "CEN", RecoveryAnnounce(
