@@ -51,6 +51,8 @@ KINDS: dict[str, str] = {
     "fenced": "refused: from another incarnation of the sender (hardened)",
     "quarantined": "refused: the sender is quarantined (hardened)",
     "paused": "not taken: a recovery handshake holds the link",
+    "refused": "a message refused whole, with its reason, and dead-lettered (malformed, or not"
+               " possible from its sender: direction, origin, payload identity, counters)",
     "unappliable": "well formed but could not be applied: consumed, recorded, dead-lettered",
     "ack": "the peer acknowledged our envelopes through seq",
     "resend": "envelopes sent again from seq",

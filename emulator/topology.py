@@ -144,6 +144,9 @@ class Settings(BaseModel):
     """Seconds without ack progress before unacknowledged envelopes are resent."""
     txn_margin: int = Field(default=20, ge=1)
     """Recovery moves the transaction ID to the peers' maximum plus this."""
+    recovery_pause_timeout: float = Field(default=120.0, gt=0)
+    """Seconds a link paused by a neighbour's recovery announce waits for its resync before it
+    runs again (with a status message): a forged announce pauses nothing for good."""
     window: int = Field(default=2000, ge=1)
     """Max unacknowledged envelopes in flight per link."""
     prefetch: int = Field(default=500, ge=1)

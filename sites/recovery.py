@@ -40,6 +40,7 @@ from emulator.protocol.recovery import (
     peer_on_announce,
     peer_on_complete,
     peer_on_resync,
+    peer_pause_expired,
     peer_report,
     peer_resynced,
     peer_upload_step,
@@ -93,6 +94,8 @@ class RecoveryHost(Protocol):
     def send_site_control(self, child: str, now: float, settings: dict[str, Any] | None = ...) -> None: ...
 
     def publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None: ...
+
+    def new_id(self, length: int = ...) -> str: ...
 
     def later(self, delay: float, fn: Callable[[], None]) -> None: ...
 
@@ -330,7 +333,8 @@ class Recovery:
             report = agent.reports[peer]
             rt.publish_direct(peer, [RecoveryResync(
                 source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=agent.recovery_id,
-                next_send_seq=report["next_expected"], next_expected=report["last_sent"] + 1)])
+                next_send_seq=report["next_expected"], next_expected=report["last_sent"] + 1,
+                challenge=report.get("challenge", ""))])
 
     def _on_resync_done(self, msg: RecoveryResyncDone, now: float) -> None:
         if self.agent is None:
@@ -368,7 +372,8 @@ class Recovery:
                       f" {rt.incarnation}", now)
         for peer in agent.peers:
             rt.publish_direct(peer, [RecoveryComplete(
-                source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=agent.recovery_id)])
+                source=rt.site, dest=peer, incarnation=rt.incarnation, recovery_id=agent.recovery_id,
+                challenge=agent.reports.get(peer, {}).get("challenge", ""))])
         rt.pump()
 
     # -- handshake messages ---------------------------------------------------------------
@@ -380,13 +385,41 @@ class Recovery:
         elif isinstance(msg, RecoveryResyncDone):
             self._on_resync_done(msg, now)
         elif isinstance(msg, RecoveryAnnounce):
-            return self._peer(link, peer_on_announce(self._entry(link.peer), msg.recovery_id), msg.recovery_id, now)
+            step = peer_on_announce(self._entry(link.peer), msg.recovery_id, challenge=self.rt.new_id(16), now=now)
+            return self._peer(link, step, msg.recovery_id, now)
         elif isinstance(msg, RecoveryResync):
-            step = peer_on_resync(self._entry(link.peer), msg.recovery_id, site_is_child=link.peer in self.rt.children)
+            step = peer_on_resync(self._entry(link.peer), msg.recovery_id, site_is_child=link.peer in self.rt.children,
+                                  challenge=msg.challenge, incarnation=msg.incarnation,
+                                  known_incarnation=link.their_incarnation)
             return self._peer(link, step, msg.recovery_id, now, resync=msg)
         elif isinstance(msg, RecoveryComplete):
-            return self._peer(link, peer_on_complete(self._entry(link.peer), msg.recovery_id), msg.recovery_id, now)
+            step = peer_on_complete(self._entry(link.peer), msg.recovery_id, challenge=msg.challenge)
+            return self._peer(link, step, msg.recovery_id, now)
         return []
+
+    def peer_tick(self) -> None:
+        """A link paused by a neighbour's announce that has not resynced within the pause
+        timeout runs again, with a status message (a forged announce pauses nothing for good)."""
+        rt = self.rt
+        own = set(self.agent.peers) if self.agent and self.agent.phase is not Phase.COMPLETE else set()
+        now = rt.clock()
+        for peer, link in rt.links.items():
+            if not link.paused or peer in own:
+                continue
+            step = peer_pause_expired(self._entry(peer), now=now, timeout=rt.settings.recovery_pause_timeout)
+            if step is None or step.entry is None:
+                continue
+            with rt.transaction():
+                link.paused = False
+                self._save_entry(peer, step.entry)
+                link.extra["recovery_expired"] = link.extra.get("recovery_expired", 0) + 1
+                rt.event("peer_recovery", now, link=f"{rt.site}<->{peer}",
+                         detail={"recovery_id": step.entry.recovery_id, "phase": "expired"})
+                rt.status(sid.PEER_RECOVERY_TIMEOUT, "warning",
+                          f"site {peer} announced recovery {step.entry.recovery_id} but has not resynchronized"
+                          f" within {rt.settings.recovery_pause_timeout:.0f} s; the link is active again"
+                          " (a late resync of that recovery is still taken)", now)
+            rt.pump()
 
     # -- the peers' side ------------------------------------------------------------------
 
@@ -410,13 +443,18 @@ class Recovery:
         if step.ignored:
             log.info("%s: recovery message from %s ignored: %s", rt.site, peer, step.ignored)
             return reply
+        if step.refused:
+            log.warning("%s: recovery message from %s refused: %s", rt.site, peer, step.refused)
+            link.extra["recovery_refused"] = link.extra.get("recovery_refused", 0) + 1
+            rt.event("refused", now, link=f"{peer}->{rt.site}", detail={"reason": step.refused})
+            return reply
         entry = step.entry
         if step.started:
             rt.status(sid.PEER_RECOVERY, "info", f"site {peer} is recovering ({recovery_id}); link paused", now)
         if step.pause:
             link.paused = True
         if step.report:
-            reply.append(self._report(link, recovery_id))
+            reply.append(self._report(link, recovery_id, entry.challenge if entry else ""))
         if step.accept and resync is not None:
             void_through = accept_resync(link, resync, now)
             rt.store.outbox_purge(peer, void_through)
@@ -442,7 +480,7 @@ class Recovery:
                  detail={"recovery_id": recovery_id, "phase": entry.phase.value if entry else "complete"})
         return reply
 
-    def _report(self, link: seq.LinkState, recovery_id: str) -> RecoveryReport:
+    def _report(self, link: seq.LinkState, recovery_id: str, challenge: str) -> RecoveryReport:
         rt = self.rt
         peer = link.peer
         held = rt.store.objects(origin=peer) if peer in rt.topology.ancestors(rt.site) else []
@@ -452,6 +490,7 @@ class Recovery:
             scf_serial=rt.store.site_data_version(DataClass.SCF.value, peer) or 0,
             control_serial=rt.store.get_int("control_serial_processed") if peer == rt.parent else 0,
             status_serial=rt.store.max_site_data_version(DataClass.STATUS.value, peer),
+            challenge=challenge,
         )
 
     def _reinit_child(self, child: str, now: float) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from broker import names
 from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
-from emulator.protocol import codec
+from emulator.protocol import admission, codec
 from emulator.protocol import control as ctl
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
@@ -65,6 +65,15 @@ PRUNE_EVERY = 60.0  # seconds between two prunings of the history by its retenti
 PLANTED_BUGS = frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
 
 _COUNTERS = ("txn_id", "incarnation", "scf_serial", "status_serial", "state")
+
+
+class RefusedInput(MalformedEnvelope):
+    """A well-formed packet from a neighbour that its sender could not have sent (admission):
+    refused whole, with the reason, and dead-lettered."""
+
+    def __init__(self, message: str, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class ControlFailed(Exception):
@@ -146,6 +155,10 @@ class SiteRuntime:
         self.run_id = self.new_id()
         self.parent = topology.parent(site)
         self.children = topology.children(site)
+        # what admission checks envelopes against: who may send what, made where
+        self._ancestors = frozenset(topology.ancestors(site))
+        self._descendants = frozenset(topology.subtree(site))
+        self._subtrees = {child: frozenset(topology.subtree(child)) for child in self.children}
         self.links: dict[str, seq.LinkState] = store.load_links()
         self.published: dict[str, int] = {}
         self.batch: list[Delivery] = []
@@ -169,6 +182,7 @@ class SiteRuntime:
             store.begin_run(self.run_id, self.clock())
         self.recovery = Recovery(self)
         self.on_tick_hooks.append(self.recovery.tick)
+        self.on_tick_hooks.append(self.recovery.peer_tick)
         self.workload = WorkloadClock(
             site,
             clients.ids if clients else [],
@@ -446,12 +460,23 @@ class SiteRuntime:
                     self.store.rollback_to("delivery")
                     self.restore(saved)
                     malformed.append((delivery, str(exc)))
+                    self._refused(delivery, exc, now)
                 except Exception as exc:
                     log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
                     self.store.rollback_to("delivery")
                     self.restore(saved)
                     malformed.append((delivery, f"cannot apply: {exc!r}"))
                 self.store.release("delivery")
+
+    def _refused(self, delivery: Delivery, exc: MalformedEnvelope, now: float) -> None:
+        """Count and record a refused delivery (after its savepoint was undone): the reason is
+        in the history and, with the message, in the dead-letter queue."""
+        peer = exc.peer if isinstance(exc, RefusedInput) else None
+        link = self.links.get(peer) if peer else None
+        if link is not None:
+            link.extra["refused_input"] = link.extra.get("refused_input", 0) + 1
+        self.event("refused", now, link=f"{peer}->{self.site}" if link else None,
+                   detail={"queue": delivery.queue, "reason": str(exc)[:300]})
 
     def _ack_batch(self, batch: list[Delivery], malformed: list[tuple[Delivery, str]]) -> None:
         if not malformed:
@@ -489,6 +514,13 @@ class SiteRuntime:
         link = self.links.get(peer)
         if link is None:
             raise MalformedEnvelope(f"packet from {peer}, which is not a neighbour of {self.site}")
+        subtree = self._subtrees.get(peer, frozenset())
+        for m in packet.messages:
+            if isinstance(m, Envelope):
+                why = admission.refusal(m, peer_role=link.role, peer_subtree=subtree, ancestors=self._ancestors,
+                                        descendants=self._descendants)
+                if why:
+                    raise RefusedInput(f"refused: {why}", peer)
         data = [(m.data_class.value, m.key, m.data_class.upward) for m in packet.messages if isinstance(m, Envelope)]
         if len(data) > 1:  # what the envelopes will look up, read at once
             self.store.prefetch(peer, [(c, k) for c, k, _ in data], [(c, k) for c, k, up in data if up])
@@ -565,13 +597,17 @@ class SiteRuntime:
                 through += 1  # a bug planted on purpose (tests of the simulator's seed sweeps)
             self.store.outbox_purge(link.peer, through)
             self.published[link.peer] = max(self.published.get(link.peer, 0), decision.purge_through)
-            self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation,
-                       detail={"self_rollback": True} if effect is seq.AckEffect.SELF_ROLLBACK else None)
+            self.event("ack", now, link=name, seq_=decision.purge_through, inc=ack.incarnation)
             if self.state == "recovering":
                 self.recovery.kick()  # completion waits on these acks
         if effect is seq.AckEffect.ROLLBACK:
             self.event("rollback", now, link=f"{link.peer}->{self.site}", seq_=ack.through, inc=ack.incarnation,
                        detail={"sent_through": ack.sent_through})
+        elif effect is seq.AckEffect.REFUSED:
+            if link.ahead_since == now:  # the first of a run of them: one event, every one counted
+                self.event("refused", now, link=f"{link.peer}->{self.site}", seq_=ack.through, inc=ack.incarnation,
+                           detail={"reason": f"an ack through {ack.through}, but {self.site} has sent"
+                                             f" only {link.sent_through}: nothing purged"})
         elif effect is seq.AckEffect.SELF_ROLLBACK:
             self.event("self_rollback", now, link=name, seq_=ack.through, inc=ack.incarnation,
                        detail={"sent_through": link.sent_through})
@@ -594,6 +630,11 @@ class SiteRuntime:
     def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing, now: float) -> None:
         start = seq.serve_resend(link, req, self.store.outbox_min_seq(link.peer))
         name = f"{self.site}->{link.peer}"
+        if req.from_seq > link.sent_through:
+            self.event("refused", now, link=f"{link.peer}->{self.site}", seq_=req.from_seq, inc=req.incarnation,
+                       detail={"reason": f"a resend request from seq {req.from_seq}, but {self.site} has sent"
+                                         f" only {link.sent_through}"})
+            return
         if start is None or start > req.from_seq:
             self.event("resend_unavailable", now, link=name, seq_=req.from_seq)
         if start is not None:

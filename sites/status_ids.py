@@ -23,6 +23,7 @@ RECOVERY_STARTED = 5300
 RECOVERY_PHASE = 5301
 RECOVERY_COMPLETE = 5302
 PEER_RECOVERY = 5310  # a neighbour is recovering: link paused / resumed
+PEER_RECOVERY_TIMEOUT = 5311  # a neighbour announced a recovery and did not resync in time: link resumed
 SITE_DELETED = 5320  # delsite removed a site's data here
 QUEUE_RESTORED = 5400  # the broker deleted one of the site's queues; the site declared it again
 

@@ -119,6 +119,7 @@ Command = Annotated[
 ]
 
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
+MAX_COMMAND_BYTES = 64 * 2**10  # the largest command (a set-workload) is a few hundred bytes
 
 # Commands that change nothing: answered afresh every time, never from the record of a first run.
 READ_ONLY = frozenset({"ping"})
@@ -132,6 +133,8 @@ def parse(body: bytes) -> Command:
     Raises:
         MalformedCommand: with the first problem and where it is.
     """
+    if len(body) > MAX_COMMAND_BYTES:
+        raise MalformedCommand(f"control command of {len(body)} bytes, more than {MAX_COMMAND_BYTES}")
     try:
         return _COMMAND.validate_json(body)
     except ValidationError as exc:

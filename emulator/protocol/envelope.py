@@ -11,11 +11,22 @@ One AMQP message carries one ``Packet``: a list of messages from one site to one
 - the recovery handshake messages (``RecoveryAnnounce`` ... ``RecoveryComplete``).
 
 Decoding never raises anything but ``MalformedEnvelope`` and never returns half a packet.
+
+Strict input
+------------
+What a peer sends is validated in pydantic's strict mode (JSON ``true`` is not a number, a
+string is not an integer), every integer within the bounds below, every string within a
+length, before anything of it is looked at. A packet is at most ``MAX_PACKET_BYTES``; one
+envelope's payload at most ``MAX_PAYLOAD_BYTES`` (canonical JSON), ``MAX_DEPTH`` levels deep,
+with integers of 64 bits. The bounds are far above what any lab reaches
+(``MAX_SEQ``: a link carrying a million envelopes a second for twelve days) and far below
+what poisons a counter for good (2**62).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -26,6 +37,23 @@ from emulator.protocol import codec
 
 SCHEMA_VERSION: Literal[1] = 1
 SiteCode = Annotated[str, Field(pattern=r"^[A-Z0-9]{3}$")]
+
+MAX_SEQ = 2**40  # link sequences, transaction IDs, watermarks
+MAX_INCARNATION = 2**31  # one more per recovery
+MAX_VERSION = 2**31  # data versions, object revisions, serials
+MAX_PACKET_BYTES = 32 * 2**20  # one AMQP message (a report of every object a site holds fits)
+MAX_MESSAGES = 100_000  # messages in one packet
+MAX_PAYLOAD_BYTES = 64 * 2**10  # one envelope's payload, canonical JSON (an inventory is ~200 B)
+MAX_DEPTH = 16  # nesting of a payload or a reported object
+MAX_JSON_INT = 2**63 - 1  # integers inside payloads: 64 bits, what the codec writes natively
+MAX_OBJECTS = 100_000  # objects in one recovery report (object numbers have five digits)
+
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+Seq1 = Annotated[int, Field(ge=1, le=MAX_SEQ)]
+Incarnation = Annotated[int, Field(ge=0, le=MAX_INCARNATION)]
+Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+RecoveryId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+Challenge = Annotated[str, Field(max_length=64)]
 
 
 class DataClass(str, Enum):
@@ -73,7 +101,7 @@ class _Msg(BaseModel):
     v: Literal[1] = SCHEMA_VERSION
     source: SiteCode  # the sending end of the link
     dest: SiteCode
-    incarnation: int = Field(ge=0)  # the sender's incarnation (checked in hardened mode)
+    incarnation: Incarnation  # the sender's incarnation (checked in hardened mode)
 
 
 class Envelope(_Msg):
@@ -82,22 +110,22 @@ class Envelope(_Msg):
     data_class: DataClass
     key: str = Field(min_length=1, max_length=200)
     priority: Priority
-    txn_id: int = Field(ge=1)  # the sender's Replication Manager transaction ID
-    link_seq: int = Field(ge=1)  # contiguous per directed link, from 1
+    txn_id: Seq1  # the sender's Replication Manager transaction ID
+    link_seq: Seq1  # contiguous per directed link, from 1
     op: Literal["upsert", "delete"] = "upsert"
-    hash: str
+    hash: str = Field(pattern=r"^[0-9a-f]{16}$")
     payload: dict[str, Any]
 
 
 class LinkAck(_Msg):
     kind: Literal["ack"] = "ack"
-    through: int = Field(ge=0)  # highest link_seq applied, contiguous
-    sent_through: int = Field(ge=0)  # highest link_seq the acker has sent on the reverse link
+    through: Seq  # highest link_seq applied, contiguous
+    sent_through: Seq  # highest link_seq the acker has sent on the reverse link
 
 
 class ResendRequest(_Msg):
     kind: Literal["resend"] = "resend"
-    from_seq: int = Field(ge=1)
+    from_seq: Seq1
 
 
 class RejectReason(str, Enum):
@@ -110,57 +138,65 @@ class RejectReason(str, Enum):
 
 class Reject(_Msg):
     kind: Literal["reject"] = "reject"
-    link_seq: int
+    link_seq: Seq
     reason: RejectReason
-    detail: str = ""
+    detail: str = Field(default="", max_length=1000)
 
 
 class RecoveryAnnounce(_Msg):
     """Phase 1: the recovering site names itself and its restored counters."""
 
     kind: Literal["recovery_announce"] = "recovery_announce"
-    recovery_id: str
-    txn_id: int
-    next_send_seq: int  # what the restored site would send next on this link
-    next_expected: int  # what the restored site expects next on the reverse link
+    recovery_id: RecoveryId
+    txn_id: Seq
+    next_send_seq: Seq1  # what the restored site would send next on this link
+    next_expected: Seq1  # what the restored site expects next on the reverse link
 
 
 class RecoveryReport(_Msg):
     """Phase 2: a peer has paused the link and says what it knows of the recovering site."""
 
     kind: Literal["recovery_report"] = "recovery_report"
-    recovery_id: str
-    next_expected: int  # next seq the peer expects from the recovering site
-    last_sent: int  # last seq the peer sent to the recovering site
-    txn_watermark: int  # the peer's highest accepted txn ID from the recovering site
-    max_object_ids: dict[str, int]  # per object kind, the highest number of the site seen
-    scf_serial: int  # the recovering site's SCF serial as the peer knows it
-    control_serial: int  # the last site-control delta serial the peer processed from it
-    their_incarnation: int = 0  # the recovering site's incarnation as the peer knows it
-    status_serial: int = 0  # the highest status message serial of the site the peer holds
-    objects: list[dict[str, Any]] = Field(default_factory=list)  # the site's own objects held
+    recovery_id: RecoveryId
+    next_expected: Seq1  # next seq the peer expects from the recovering site
+    last_sent: Seq  # last seq the peer sent to the recovering site
+    txn_watermark: Seq  # the peer's highest accepted txn ID from the recovering site
+    # per object kind, the highest number of the site seen
+    max_object_ids: dict[Annotated[str, Field(max_length=40)], Annotated[int, Field(ge=0, le=99999)]] = Field(
+        max_length=16)
+    scf_serial: Version  # the recovering site's SCF serial as the peer knows it
+    control_serial: Version  # the last site-control delta serial the peer processed from it
+    their_incarnation: Incarnation = 0  # the recovering site's incarnation as the peer knows it
+    status_serial: Version = 0  # the highest status message serial of the site the peer holds
+    # the site's own objects held
+    objects: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_OBJECTS)
+    # echoed by the recovering site's resync and complete: only who read this report can
+    # move the recovery on (a forger who did not is refused)
+    challenge: Challenge = ""
 
 
 class RecoveryResync(_Msg):
     """Phase 4: counters are set; here are the link sequences; resynchronize the data."""
 
     kind: Literal["recovery_resync"] = "recovery_resync"
-    recovery_id: str
-    next_send_seq: int  # the recovering site's next seq to this peer
-    next_expected: int  # the recovering site's next expected seq from this peer
+    recovery_id: RecoveryId
+    next_send_seq: Seq1  # the recovering site's next seq to this peer
+    next_expected: Seq1  # the recovering site's next expected seq from this peer
+    challenge: Challenge = ""  # the peer's report's
 
 
 class RecoveryResyncDone(_Msg):
     """A peer has queued all its resync data for the recovering site, through ``through``."""
 
     kind: Literal["recovery_resync_done"] = "recovery_resync_done"
-    recovery_id: str
-    through: int
+    recovery_id: RecoveryId
+    through: Seq
 
 
 class RecoveryComplete(_Msg):
     kind: Literal["recovery_complete"] = "recovery_complete"
-    recovery_id: str
+    recovery_id: RecoveryId
+    challenge: Challenge = ""  # the peer's report's
 
 
 Message = Annotated[
@@ -175,10 +211,10 @@ class Packet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
-    lab: str
+    lab: str = Field(max_length=200)
     source: SiteCode
     dest: SiteCode
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 _PACKET = TypeAdapter(Packet)
@@ -217,8 +253,10 @@ def decode(body: bytes, *, lab: str, dest: str) -> Packet:
         MalformedEnvelope: not JSON, not a packet of this schema, another lab, another site,
             or a message inside whose source/dest disagree with the packet's.
     """
+    if len(body) > MAX_PACKET_BYTES:
+        raise MalformedEnvelope(f"packet of {len(body)} bytes, more than {MAX_PACKET_BYTES}")
     try:
-        packet = _PACKET.validate_json(body)
+        packet = _PACKET.validate_json(body, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -236,8 +274,41 @@ def decode(body: bytes, *, lab: str, dest: str) -> Packet:
                 f"message {msg.kind} says {msg.source}->{msg.dest} inside packet"
                 f" {packet.source}->{packet.dest}"
             )
-        if isinstance(msg, Envelope) and msg.hash != content_hash(msg.payload):
-            raise MalformedEnvelope(
-                f"envelope {msg.source}->{msg.dest} seq {msg.link_seq}: content hash mismatch"
-            )
+        if isinstance(msg, Envelope):
+            where = f"envelope {msg.source}->{msg.dest} seq {msg.link_seq}"
+            problem = bounded(msg.payload)
+            if problem:
+                raise MalformedEnvelope(f"{where}: payload {problem}")
+            raw = codec.canonical(msg.payload)
+            if len(raw) > MAX_PAYLOAD_BYTES:
+                raise MalformedEnvelope(f"{where}: payload of {len(raw)} bytes, more than {MAX_PAYLOAD_BYTES}")
+            if msg.hash != hashlib.blake2b(raw, digest_size=8).hexdigest():
+                raise MalformedEnvelope(f"{where}: content hash mismatch")
+        elif isinstance(msg, RecoveryReport):
+            for obj in msg.objects:
+                problem = bounded(obj)
+                if problem:
+                    raise MalformedEnvelope(f"recovery report {msg.source}->{msg.dest}: object {problem}")
     return packet
+
+
+def bounded(value: Any, max_depth: int = MAX_DEPTH) -> str | None:
+    """What is wrong with a decoded JSON value as a payload (too deep, an integer JSON does
+    carries beyond 64 bits, a number that is not finite), or None. Iterative: a deep value never
+    exhausts the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return f"nested more than {max_depth} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, bool) or item is None or isinstance(item, str):
+            continue
+        elif isinstance(item, int):
+            if not -MAX_JSON_INT - 1 <= item <= MAX_JSON_INT:
+                return f"holds the integer {item}, beyond 64 bits"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "holds a number that is not finite"
+    return None

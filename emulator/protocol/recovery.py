@@ -40,10 +40,22 @@ neighbour, with its transitions in ``PEER_TRANSITIONS``:
     RESYNCING  --last step-->                RESYNCED   Done(through)
     RESYNCED   --announce or resync-->       RESYNCED   Done again (the first was lost)
     RESYNCED   --complete-->                 (none)     forgotten; the link is active
+    PAUSED     --pause timeout-->            PAUSED     expired: the link runs again
     any        --announce (a new recovery)-->  PAUSED   the old one is abandoned
 
 A late announce or resync of the same recovery (a duplicate, or delayed on the way) never
-pauses a link that is resyncing again. Each handler returns a ``PeerStep``: what the runtime
+pauses a link that is resyncing again.
+
+Forgeries: anyone who can publish to a site's inbox can send an announce, so an announce
+only pauses, and a pause is bounded: a recovery that has not resynced ``pause timeout``
+seconds after its announce is let go (``peer_pause_expired``: the link resumes, the
+entry stays so the real recovery, late, can still go on; its announces no longer pause).
+What destroys data (a resync makes a parent reinitialize its copy of the child's subtree;
+a resync and a complete reset or free the link) must prove it read the peer's report: each
+report carries a random ``challenge`` that the resync and the complete echo. A resync or a
+complete with no recovery under way here, another recovery ID, the wrong challenge, or (a
+resync) an incarnation that does not move past the one known is refused, with its reason,
+and changes nothing. Each handler returns a ``PeerStep``: what the runtime
 does, in order, and the new state to persist.
 
 Everything here is pure: the runtime persists the agent's state (``to_state`` /
@@ -287,16 +299,22 @@ class PeerRecovery:
     phase: PeerPhase = PeerPhase.PAUSED
     mark: int = 0  # the last seq of our resync data (RESYNCED)
     cursor: tuple[str, str] | None = None  # (data class, key) of the last record sent up
+    challenge: str = ""  # sent in our report; the resync and the complete must echo it
+    paused_at: float = 0.0  # when the announce paused the link
+    expired: bool = False  # the pause timed out: the link runs; announces no longer pause it
 
     def to_state(self) -> dict[str, Any]:
         return {"recovery_id": self.recovery_id, "phase": self.phase.value, "mark": self.mark,
-                "cursor": list(self.cursor) if self.cursor else None}
+                "cursor": list(self.cursor) if self.cursor else None, "challenge": self.challenge,
+                "paused_at": self.paused_at, "expired": self.expired}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PeerRecovery:
         cursor = state.get("cursor")
         return cls(recovery_id=str(state["recovery_id"]), phase=PeerPhase(state["phase"]),
-                   mark=int(state.get("mark", 0)), cursor=(cursor[0], cursor[1]) if cursor else None)
+                   mark=int(state.get("mark", 0)), cursor=(cursor[0], cursor[1]) if cursor else None,
+                   challenge=str(state.get("challenge", "")), paused_at=float(state.get("paused_at", 0.0)),
+                   expired=bool(state.get("expired", False)))
 
 
 @dataclass(frozen=True)
@@ -313,7 +331,9 @@ class PeerStep:
     done_through: int | None = None  # answer RecoveryResyncDone(through)
     unpause: bool = False
     completed: bool = False  # forget the recovery: the link is active
+    timed_out: bool = False  # the pause expired: say so
     ignored: str | None = None  # why nothing was done
+    refused: str | None = None  # why nothing was done, counted as evidence of a forgery
 
 
 def _move(entry: PeerRecovery | None, to: PeerRecovery | None) -> PeerRecovery | None:
@@ -324,23 +344,49 @@ def _move(entry: PeerRecovery | None, to: PeerRecovery | None) -> PeerRecovery |
     return to
 
 
-def peer_on_announce(entry: PeerRecovery | None, recovery_id: str) -> PeerStep:
+def peer_on_announce(entry: PeerRecovery | None, recovery_id: str, *, challenge: str = "",
+                     now: float = 0.0) -> PeerStep:
+    """``challenge``: a fresh random string, kept in a new entry and sent in its reports."""
     if entry is None or entry.recovery_id != recovery_id:
-        return PeerStep(_move(entry, PeerRecovery(recovery_id)), started=True, pause=True, report=True)
+        fresh = PeerRecovery(recovery_id, challenge=challenge, paused_at=now)
+        return PeerStep(_move(entry, fresh), started=True, pause=True, report=True)
     if entry.phase is PeerPhase.RESYNCED:
         return PeerStep(entry, done_through=entry.mark, unpause=True)
     if entry.phase is PeerPhase.RESYNCING:
         return PeerStep(entry, ignored="already sending our resync data; Done follows the last step")
-    return PeerStep(entry, pause=True, report=True)
+    return PeerStep(entry, pause=not entry.expired, report=True)
 
 
-def peer_on_resync(entry: PeerRecovery | None, recovery_id: str, *, site_is_child: bool) -> PeerStep:
+def peer_pause_expired(entry: PeerRecovery | None, *, now: float, timeout: float) -> PeerStep | None:
+    """A link paused by an announce and not resynced within ``timeout`` runs again (the entry
+    stays: the real recovery can still go on when its resync comes)."""
+    if entry is None or entry.phase is not PeerPhase.PAUSED or entry.expired or now - entry.paused_at < timeout:
+        return None
+    return PeerStep(_move(entry, replace(entry, expired=True)), unpause=True, timed_out=True)
+
+
+def _unproven(entry: PeerRecovery, challenge: str, what: str) -> str | None:
+    if entry.challenge and challenge != entry.challenge:
+        return f"a {what} for recovery {entry.recovery_id} that does not echo the challenge of this site's report"
+    return None
+
+
+def peer_on_resync(entry: PeerRecovery | None, recovery_id: str, *, site_is_child: bool, challenge: str = "",
+                   incarnation: int = 1, known_incarnation: int = 0) -> PeerStep:
+    """``incarnation``: the resync's; ``known_incarnation``: the site's as this peer knows it
+    (a recovery always moves past it)."""
     if entry is None or entry.recovery_id != recovery_id:
-        return PeerStep(entry, ignored=f"a resync for recovery {recovery_id}, which is not under way here")
+        return PeerStep(entry, refused=f"a resync for recovery {recovery_id}, which is not under way here")
     if entry.phase is PeerPhase.RESYNCED:
         return PeerStep(entry, done_through=entry.mark)
     if entry.phase is PeerPhase.RESYNCING:
         return PeerStep(entry, ignored="already sending our resync data; Done follows the last step")
+    unproven = _unproven(entry, challenge, "resync")
+    if unproven:
+        return PeerStep(entry, refused=unproven)
+    if incarnation <= known_incarnation:
+        return PeerStep(entry, refused=f"a resync for recovery {recovery_id} at incarnation {incarnation},"
+                                       f" which does not move past {known_incarnation}")
     if site_is_child:
         # the caller reinitializes, sends global data down, then calls ``peer_resynced``
         return PeerStep(entry, accept=True, reinit_child=True)
@@ -363,9 +409,12 @@ def peer_upload_step(entry: PeerRecovery, cursor: tuple[str, str] | None, *, las
     return PeerStep(_move(entry, replace(moved, phase=PeerPhase.RESYNCED, mark=mark)), done_through=mark)
 
 
-def peer_on_complete(entry: PeerRecovery | None, recovery_id: str) -> PeerStep:
+def peer_on_complete(entry: PeerRecovery | None, recovery_id: str, *, challenge: str = "") -> PeerStep:
     if entry is None or entry.recovery_id != recovery_id:
         return PeerStep(entry, ignored=f"complete for recovery {recovery_id}, which is not under way here")
+    unproven = _unproven(entry, challenge, "complete")
+    if unproven:
+        return PeerStep(entry, refused=unproven)
     if entry.phase is not PeerPhase.RESYNCED:
         # the site completed without our Done (it was counted before a crash): we are done too
         entry = replace(entry, phase=PeerPhase.RESYNCED)
@@ -384,6 +433,7 @@ def peer_report(
     scf_serial: int,
     control_serial: int,
     status_serial: int,
+    challenge: str = "",
 ) -> RecoveryReport:
     """Phase 2 at a peer: what we know of the recovering site ``peer``. ``held_objects`` are
     the objects we hold that the site (or its ancestors, when it is our child) made."""
@@ -396,4 +446,5 @@ def peer_report(
         scf_serial=scf_serial, control_serial=control_serial, their_incarnation=link.their_incarnation,
         status_serial=status_serial,
         objects=[o for o in held_objects if o["origin"] == peer],
+        challenge=challenge,
     )

@@ -28,7 +28,11 @@ A ``LinkAck`` says "applied through N" and "I have sent through M". A sender pur
 outbox through N. Counters that go backwards within one incarnation (an ack below what was
 already acknowledged, or a peer that says it sent less than we already applied) mean the
 peer was rolled back: ``ROLLBACK`` (hardened mode quarantines it; sms20 only counts it).
-An ack above what we ever sent means *we* were rolled back (``SELF_ROLLBACK``).
+An ack above what we ever sent is refused: it purges nothing (SMS 2.0 took it as
+acknowledging everything, and a forged one emptied the outbox of data nobody had). Acks
+that keep saying so for ``suspect_for`` seconds mean *we* were rolled back
+(``SELF_ROLLBACK``: evidence hardened mode quarantines this site on; still nothing purged).
+A resend request from a number we never sent is refused the same way.
 
 Health follows ConfigMgr's link states: ``degraded_after`` consecutive failed syncs make a
 link degraded, ``failed_after`` make it failed, one success makes it active again.
@@ -87,7 +91,8 @@ class AckOutcome(str, Enum):
     PROGRESS = "progress"
     NO_CHANGE = "no_change"
     ROLLBACK = "rollback"  # the peer's counters went backwards
-    SELF_ROLLBACK = "self_rollback"  # the peer acknowledges more than we ever sent
+    AHEAD = "ahead"  # the peer acknowledges more than we ever sent: refused, evidence
+    SELF_ROLLBACK = "self_rollback"  # ... and has kept saying so for ``suspect_for``
 
 
 @dataclass
@@ -112,6 +117,8 @@ class LinkState:
     last_resend: float = 0.0
     last_resend_request: float = 0.0
     backward_since: float | None = None  # acks have said less than we know since then
+    ahead_since: float | None = None  # acks have said more than we sent since then
+    ahead_last: float = 0.0  # the last of them (a run with a pause longer than suspect_for restarts)
     # counters, all visible in diagnostics
     sent: int = 0
     applied: int = 0
@@ -219,9 +226,18 @@ def on_ack(link: LinkState, ack: LinkAck, *, now: float, redelivered: bool,
     redelivered) or from a peer that went back. Acks of a peer that went back keep saying
     less, heartbeat after heartbeat; a late one is followed by newer ones. So only acks that
     stay backwards for ``suspect_for`` seconds are a rollback; until then they change nothing.
+    An ack of more than we sent changes nothing either: it is counted, and when acks keep
+    saying so for ``suspect_for`` seconds, with no sane ack between, we were rolled back.
     """
     if ack.through > link.sent_through:
+        link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
+        if link.ahead_since is None or now - link.ahead_last > suspect_for:
+            link.ahead_since = now  # a peer that went back says so every heartbeat: two forged
+        link.ahead_last = now  # acks far apart are not one run
+        if now - link.ahead_since < suspect_for:
+            return AckOutcome.AHEAD
         return AckOutcome.SELF_ROLLBACK
+    link.ahead_since = None
     if ack.sent_through < link.applied_through or ack.through < link.acked_through:
         if redelivered:  # an ack we already took, delivered again after a reconnect
             return AckOutcome.NO_CHANGE
@@ -356,7 +372,8 @@ class AckEffect(str, Enum):
     PAUSED = "paused"  # a recovery handshake holds the link: acks wait
     FENCED = "fenced"  # hardened: an ack of another incarnation of the peer
     ROLLBACK = "rollback"  # the peer's counters went backwards
-    SELF_ROLLBACK = "self_rollback"  # the peer has applied more than we ever sent: we went back
+    REFUSED = "refused"  # the peer acknowledges more than we ever sent: nothing purged, counted
+    SELF_ROLLBACK = "self_rollback"  # ... for ``suspect_for`` seconds: we went back; nothing purged
 
 
 @dataclass(frozen=True)
@@ -379,15 +396,15 @@ def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redeliver
     outcome = on_ack(link, ack, now=now, redelivered=redelivered, suspect_for=suspect_for)
     if outcome is AckOutcome.PROGRESS:
         return AckDecision(AckEffect.PROGRESS, purge_through=link.acked_through)
+    if outcome is AckOutcome.AHEAD:
+        return AckDecision(AckEffect.REFUSED)
     if outcome is AckOutcome.SELF_ROLLBACK:
-        # SMS 2.0 never noticed: its new data was silently dropped as already seen. What we
-        # sent is taken as acknowledged, as the restored site's Replication Manager did.
-        link.extra["ack_ahead"] = link.extra.get("ack_ahead", 0) + 1
-        link.acked_through = link.sent_through
+        # SMS 2.0 took what it had sent as acknowledged, and its new data was silently dropped
+        # as already seen. Here nothing is purged on the peer's word: what the outbox holds is
+        # sent again, and what reused a number the peer applied is still the hole it drops.
         why = (f"{link.peer} acknowledges seq {ack.through} but this site has sent only"
                f" {link.sent_through}: restored without recovery")
-        return AckDecision(AckEffect.SELF_ROLLBACK, purge_through=link.sent_through,
-                           quarantine_self=why if hardened else None)
+        return AckDecision(AckEffect.SELF_ROLLBACK, quarantine_self=why if hardened else None)
     if outcome is AckOutcome.ROLLBACK:
         quarantine = None
         if hardened and not link.quarantined:
@@ -399,7 +416,11 @@ def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redeliver
 
 def serve_resend(link: LinkState, req: ResendRequest, first_in_outbox: int | None) -> int | None:
     """A peer asks for envelopes again from ``req.from_seq``: the seq to republish from, or
-    None when none of them is kept (SMS's parent "cannot resend them": the link stays broken)."""
+    None when none of them is kept (SMS's parent "cannot resend them": the link stays broken),
+    or when we never sent that number (refused and counted: ``resend_refused``)."""
+    if req.from_seq > link.sent_through:
+        link.extra["resend_refused"] = link.extra.get("resend_refused", 0) + 1
+        return None
     if first_in_outbox is None or req.from_seq < first_in_outbox:
         link.resend_unavailable += 1
         if first_in_outbox is None:

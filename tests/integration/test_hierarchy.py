@@ -177,27 +177,31 @@ def test_cli_errors_say_what_and_what_to_do(lab: Lab, tmp_path: Path) -> None:
     assert done.returncode == 2 and "unknown site X99" in done.stderr
 
 
-def test_an_envelope_that_cannot_be_applied_is_consumed_recorded_and_dead_lettered(lab: Lab) -> None:
-    """Well-formed but unappliable: the site records it, dead-letters it and its link goes on."""
+def test_an_envelope_its_sender_could_not_have_sent_is_refused_and_the_real_one_taken(lab: Lab) -> None:
+    """Global data coming up from a child (issue 10, admission): refused whole with its reason and
+    dead-lettered; the link does not move, so the real envelope of that number is applied. (A
+    well-formed envelope that passes admission and still cannot be applied, a bug, is consumed,
+    recorded and dead-lettered: tests/unit/test_forgery_memory.py.)"""
     from emulator.protocol import envelope as wire
 
     lab.up(topology_yaml(DEMO_SITES[:2]))
     lab.control("P01", {"cmd": "pause-workload"})
     wait_for("P01's link to settle", lambda: lab.link("P01", "CEN")["acked_through"] == lab.link("P01", "CEN")["next_send_seq"] - 1)
     seq = lab.link("CEN", "P01")["next_expected"]
-    payload = {"no": "target"}  # a site control change without its target: well-formed, unappliable
+    payload = {"no": "target"}  # a site control change, coming up, without its target
     bad = wire.Envelope(source="P01", dest="CEN", incarnation=1, origin="P01",
                         data_class=wire.DataClass.SITE_CONTROL, key="x", priority=wire.Priority.HIGH,
                         txn_id=10**9, link_seq=seq, hash=wire.content_hash(payload), payload=payload)
     packet = wire.Packet(lab=lab.lab_id, source="P01", dest="CEN", messages=[bad])
     admin.publish_raw(lab.url, lab.lab_id, "CEN", wire.encode(packet))
     letters = wait_for("the dead letter", lambda: admin.dead_letters(lab.url, lab.lab_id))
-    assert "cannot apply" in json.loads(letters[0]["body"])["reason"]
-    assert lab.link("CEN", "P01")["next_expected"] == seq + 1, "consumed: one bad envelope never blocks a link"
-    assert lab.link("CEN", "P01")["extra"]["unappliable"] == 1
-    assert lab.query("CEN", "SELECT reason, seq FROM drops WHERE source='P01'") == [("unappliable", seq)]
+    assert "global data does not come up from a child" in json.loads(letters[0]["body"])["reason"]
+    wait_for("CEN to count the refusal", lambda: lab.link("CEN", "P01")["extra"].get("refused_input") == 1)
+    assert lab.link("CEN", "P01")["next_expected"] == seq, "not consumed: the real envelope of that number comes"
+    assert lab.query("CEN", "SELECT reason, seq FROM drops WHERE source='P01'") == []
     lab.control("P01", {"cmd": "resume-workload"})
     wait_for("P01's next envelopes to be applied", lambda: lab.link("CEN", "P01")["next_expected"] > seq + 5)
+    assert lab.query("CEN", "SELECT hash != ? FROM applied WHERE source='P01' AND seq=?", bad.hash, seq) == [(1,)]
     assert lab.dir.pid("CEN")
 
 

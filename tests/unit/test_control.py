@@ -48,6 +48,11 @@ def test_not_json_or_too_deep_is_one_clear_error() -> None:
         ctl.parse(b'{"cmd": "ping", "x": ' + b"[" * 10000 + b"]" * 10000 + b"}")
 
 
+def test_a_command_too_big_is_refused_before_it_is_parsed() -> None:
+    with pytest.raises(ctl.MalformedCommand, match="bytes, more than"):
+        ctl.parse(b'{"cmd": "ping", "x": "' + b"x" * ctl.MAX_COMMAND_BYTES + b'"}')
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300) | st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

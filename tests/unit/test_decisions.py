@@ -17,6 +17,7 @@ from emulator.protocol.recovery import (
     peer_on_announce,
     peer_on_complete,
     peer_on_resync,
+    peer_pause_expired,
     peer_resynced,
     peer_upload_step,
 )
@@ -109,8 +110,9 @@ ACKS = [
     ({"next_send_seq": 11, "acked_through": 8}, (8, 0), "sms20", seq.AckEffect.NO_CHANGE, None, False, False),
     ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "sms20", seq.AckEffect.ROLLBACK, None, False, False),
     ({"next_send_seq": 11, "acked_through": 8}, (3, 0), "hardened", seq.AckEffect.ROLLBACK, None, True, False),
-    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, 4, False, False),
-    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, 4, False, True),
+    # an ack of more than we sent purges nothing (a forged one emptied the outbox)
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "sms20", seq.AckEffect.SELF_ROLLBACK, None, False, False),
+    ({"next_send_seq": 5, "acked_through": 2}, (9, 0), "hardened", seq.AckEffect.SELF_ROLLBACK, None, False, True),
     ({"next_send_seq": 11, "acked_through": 4, "paused": True}, (8, 0), "sms20", seq.AckEffect.PAUSED, None, False, False),
 ]
 
@@ -125,7 +127,50 @@ def test_what_follows_each_ack(state: dict[str, object], numbers: tuple[int, int
     assert decision.purge_through == purge
     assert bool(decision.quarantine_peer) == q_peer and bool(decision.quarantine_self) == q_self
     if effect is seq.AckEffect.SELF_ROLLBACK:
-        assert ours.acked_through == ours.sent_through  # taken as acknowledged, as SMS 2.0 did
+        assert ours.acked_through == state["acked_through"]  # not taken as acknowledged, as SMS 2.0 did
+        assert ours.extra["ack_ahead"] == 1
+
+
+@pytest.mark.parametrize("mode", ["sms20", "hardened"])
+def test_a_forged_ack_beyond_what_was_sent_is_refused_and_only_evidence(mode: str) -> None:
+    """One ack of more than we sent (a forgery, or the first heartbeat of a peer that has seen
+    a later us) purges nothing and quarantines nobody; a sane ack ends the suspicion."""
+    ours = link(next_send_seq=11, acked_through=4, their_incarnation=0)
+    forged = seq.take_ack(ours, ack(through=2**40, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                          now=10.0, redelivered=False, suspect_for=3.0)
+    assert forged == seq.AckDecision(seq.AckEffect.REFUSED)
+    assert (ours.acked_through, ours.ahead_since, ours.extra["ack_ahead"]) == (4, 10.0, 1)
+    real = seq.take_ack(ours, ack(through=6, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                        now=11.0, redelivered=False, suspect_for=3.0)
+    assert real.effect is seq.AckEffect.PROGRESS and real.purge_through == 6 and ours.ahead_since is None
+    again = seq.take_ack(ours, ack(through=99, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                         now=20.0, redelivered=False, suspect_for=3.0)
+    assert again.effect is seq.AckEffect.REFUSED, "the suspicion starts again from the last sane ack"
+
+
+@pytest.mark.parametrize("mode, quarantine_self", [("sms20", False), ("hardened", True)])
+def test_acks_beyond_what_was_sent_that_persist_are_a_self_rollback_that_purges_nothing(
+        mode: str, quarantine_self: bool) -> None:
+    ours = link(next_send_seq=5, acked_through=2, their_incarnation=0)
+    effects = [seq.take_ack(ours, ack(through=9, sent_through=0), mode=mode,  # type: ignore[arg-type]
+                            now=t, redelivered=False, suspect_for=3.0) for t in (1.0, 2.0, 3.0, 4.0)]
+    assert [d.effect for d in effects] == [seq.AckEffect.REFUSED] * 3 + [seq.AckEffect.SELF_ROLLBACK]
+    assert all(d.purge_through is None for d in effects) and ours.acked_through == 2
+    assert bool(effects[-1].quarantine_self) == quarantine_self and ours.extra["ack_ahead"] == 4
+
+
+def test_acks_beyond_what_was_sent_far_apart_are_not_one_run() -> None:
+    ours = link(next_send_seq=5, acked_through=2, their_incarnation=0)
+    effects = [seq.take_ack(ours, ack(through=9, sent_through=0), mode="hardened", now=t, redelivered=False,
+                            suspect_for=3.0).effect for t in (1.0, 100.0, 200.0, 300.0)]
+    assert effects == [seq.AckEffect.REFUSED] * 4 and ours.ahead_since == 300.0
+
+
+def test_a_resend_request_for_what_was_never_sent_is_refused() -> None:
+    ours = link(next_send_seq=11)
+    for asked in (11, 2**40):
+        assert seq.serve_resend(ours, ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked), 5) is None
+    assert ours.extra["resend_refused"] == 2 and ours.resend_unavailable == 0
 
 
 def test_an_ack_of_another_incarnation_is_fenced_in_hardened_mode() -> None:
@@ -138,7 +183,7 @@ def test_an_ack_of_another_incarnation_is_fenced_in_hardened_mode() -> None:
     (5, 7, 7, 0), (5, 3, 5, 1), (None, 3, None, 1)])
 def test_a_resend_request_is_served_from_what_the_outbox_keeps(first: int | None, asked: int,
                                                               start: int | None, unavailable: int) -> None:
-    ours = link()
+    ours = link(next_send_seq=11)
     req = ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked)
     assert seq.serve_resend(ours, req, first) == start
     assert ours.resend_unavailable == unavailable
@@ -196,14 +241,75 @@ def test_a_parent_peer_sends_its_data_up_in_steps_and_is_never_paused_again_by_a
     assert last.done_through == 77 and last.entry is not None and last.entry.phase is PeerPhase.RESYNCED
 
 
-def test_messages_of_another_recovery_are_ignored_or_start_anew() -> None:
+def test_messages_of_another_recovery_are_refused_ignored_or_start_anew() -> None:
     entry = peer_resynced(PeerRecovery("r1"), 5).entry
-    assert peer_on_resync(entry, "r2", site_is_child=True).ignored
+    assert peer_on_resync(entry, "r2", site_is_child=True).refused  # a resync without a matching recovery
+    assert peer_on_resync(None, "r2", site_is_child=True).refused
     assert peer_on_complete(entry, "r2").ignored
     anew = peer_on_announce(entry, "r2")
     assert anew.started and anew.entry == PeerRecovery("r2")
 
 
 def test_peer_state_roundtrips() -> None:
-    entry = PeerRecovery("r1", PeerPhase.RESYNCING, 3, ("inventory", "k"))
+    entry = PeerRecovery("r1", PeerPhase.RESYNCING, 3, ("inventory", "k"), challenge="c0ffee", paused_at=7.5,
+                         expired=True)
     assert PeerRecovery.from_state(entry.to_state()) == entry
+    old = {"recovery_id": "r1", "phase": "paused", "mark": 0, "cursor": None}  # written before issue 10
+    assert PeerRecovery.from_state(old) == PeerRecovery("r1")
+
+
+# -- forged handshake messages (issue 10) -----------------------------------------------------------
+
+
+def test_a_resync_must_echo_the_challenge_of_our_report() -> None:
+    entry = peer_on_announce(None, "r1", challenge="sekrit", now=1.0).entry
+    assert entry is not None and entry.challenge == "sekrit" and entry.paused_at == 1.0
+    for forged in ("", "guess"):
+        step = peer_on_resync(entry, "r1", site_is_child=True, challenge=forged, incarnation=9, known_incarnation=1)
+        assert step.refused and "challenge" in step.refused
+        assert not (step.accept or step.reinit_child or step.start_upload or step.unpause or step.done_through)
+        assert step.entry == entry
+    real = peer_on_resync(entry, "r1", site_is_child=True, challenge="sekrit", incarnation=2, known_incarnation=1)
+    assert real.accept and real.reinit_child and not real.refused
+
+
+@pytest.mark.parametrize("site_is_child", [True, False])
+def test_a_resync_that_does_not_move_the_incarnation_on_is_refused(site_is_child: bool) -> None:
+    entry = peer_on_announce(None, "r1", challenge="c").entry
+    step = peer_on_resync(entry, "r1", site_is_child=site_is_child, challenge="c", incarnation=3, known_incarnation=3)
+    assert step.refused and "incarnation" in step.refused and not step.accept and step.entry == entry
+
+
+def test_a_complete_must_echo_the_challenge_too() -> None:
+    entry = peer_resynced(peer_on_announce(None, "r1", challenge="c").entry, 5).entry  # type: ignore[arg-type]
+    forged = peer_on_complete(entry, "r1", challenge="x")
+    assert forged.refused and not forged.completed and not forged.unpause and forged.entry == entry
+    assert peer_on_complete(entry, "r1", challenge="c").completed
+
+
+def test_an_entry_written_before_challenges_takes_any() -> None:
+    entry = PeerRecovery("r1")
+    assert peer_on_resync(entry, "r1", site_is_child=True, incarnation=2, known_incarnation=1).accept
+
+
+def test_a_pause_expires_once_and_a_late_real_resync_still_goes_on() -> None:
+    entry = peer_on_announce(None, "r1", challenge="c", now=100.0).entry
+    assert peer_pause_expired(entry, now=219.9, timeout=120.0) is None
+    step = peer_pause_expired(entry, now=220.0, timeout=120.0)
+    assert step is not None and step.unpause and step.timed_out
+    expired = step.entry
+    assert expired is not None and expired.expired and expired.phase is PeerPhase.PAUSED
+    assert peer_pause_expired(expired, now=999.0, timeout=120.0) is None, "once"
+    again = peer_on_announce(expired, "r1", challenge="new", now=300.0)
+    assert again.report and not again.pause, "announces of an expired recovery no longer pause the link"
+    assert again.entry is not None and again.entry.challenge == "c"
+    late = peer_on_resync(expired, "r1", site_is_child=False, challenge="c", incarnation=2, known_incarnation=1)
+    assert late.accept and late.start_upload
+    anew = peer_on_announce(expired, "r2", challenge="d", now=400.0)
+    assert anew.pause and anew.entry == PeerRecovery("r2", challenge="d", paused_at=400.0)
+
+
+def test_only_a_paused_entry_expires() -> None:
+    resyncing = peer_on_resync(PeerRecovery("r1"), "r1", site_is_child=False, incarnation=2).entry
+    assert peer_pause_expired(resyncing, now=1e9, timeout=1.0) is None
+    assert peer_pause_expired(None, now=1e9, timeout=1.0) is None

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from emulator.errors import MalformedEnvelope
 from emulator.protocol import envelope as wire
 from emulator.protocol.envelope import (
+    MAX_JSON_INT,
+    MAX_SEQ,
     DataClass,
     Envelope,
     Packet,
@@ -246,7 +248,7 @@ json_values = st.recursive(
 
 
 finite_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none() | st.booleans() | st.integers(-MAX_JSON_INT, MAX_JSON_INT) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
@@ -255,7 +257,7 @@ finite_json = st.recursive(
 
 @FUZZ
 @given(st.dictionaries(st.text(max_size=10), finite_json, max_size=5),
-       st.integers(min_value=1, max_value=2**62), st.text(min_size=1, max_size=200))
+       st.integers(min_value=1, max_value=MAX_SEQ), st.text(min_size=1, max_size=200))
 def test_fuzz_round_trip_of_any_payload(payload: dict[str, Any], seq: int, key: str) -> None:
     sent = packet(envelope(payload=payload, link_seq=seq, txn_id=seq, key=key))
     got = decode(encode(sent), lab=LAB, dest=PARENT)
@@ -340,3 +342,85 @@ def test_the_fast_envelope_encoder_gives_the_message_the_model_gives(payload: di
     assert json.loads(fast) == json.loads(wire.encode_message(model))
     body = wire.encode_parts("lab-1", "P01", "CEN", [fast])
     assert wire.decode(body, lab="lab-1", dest="CEN").messages == [model]
+
+
+# -- strict input: types, bounds, sizes, nesting (issue 10) ------------------------------------
+
+STRICT = [
+    # (message index, field, value): each refused, whatever decoding in lax mode would make of it
+    (0, "link_seq", True),  # hardened mode read `true` as seq 1 and quarantined the real child
+    (0, "link_seq", "7"),
+    (0, "link_seq", 7.0),
+    (0, "txn_id", 2**62),  # poisoned the watermark: every later report was stale
+    (0, "txn_id", wire.MAX_SEQ + 1),
+    (0, "incarnation", False),
+    (0, "incarnation", wire.MAX_INCARNATION + 1),
+    (0, "hash", "not-a-hash"),
+    (1, "through", 2**62),  # a forged ack far past anything sent
+    (1, "through", True),
+    (1, "sent_through", "3"),
+]
+
+
+@pytest.mark.parametrize("index, field, value", STRICT, ids=[f"{f}={v!r}" for _, f, v in STRICT])
+def test_strict_types_and_bounds(index: int, field: str, value: Any) -> None:
+    doc = good()
+    doc["messages"][index][field] = value
+    assert field in refusal(dumps(doc))
+
+
+@pytest.mark.parametrize("field, value", [("next_send_seq", True), ("txn_id", 2**62), ("recovery_id", "x" * 65),
+                                          ("recovery_id", "a b")])
+def test_strict_recovery_messages(field: str, value: Any) -> None:
+    doc = json.loads(encode(packet(KINDS["recovery_announce"])))
+    doc["messages"][0][field] = value
+    assert field in refusal(dumps(doc))
+
+
+def test_a_report_with_a_huge_serial_is_refused() -> None:
+    doc = json.loads(encode(packet(KINDS["recovery_report"])))
+    doc["messages"][0]["scf_serial"] = 2**62
+    assert "scf_serial" in refusal(dumps(doc))
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    sent = packet(envelope(link_seq=wire.MAX_SEQ, txn_id=wire.MAX_SEQ, incarnation=wire.MAX_INCARNATION))
+    assert decode(encode(sent), lab=LAB, dest=PARENT) == sent
+
+
+def test_a_packet_too_big_is_refused_before_it_is_parsed() -> None:
+    body = b'{"v":1,' + b" " * wire.MAX_PACKET_BYTES + b"}"
+    assert "bytes" in refusal(body)
+
+
+def test_a_payload_too_big_is_refused() -> None:
+    sent = packet(envelope(payload={"blob": "x" * (wire.MAX_PAYLOAD_BYTES + 1)}))
+    assert "payload of" in refusal(encode(sent))
+    small = packet(envelope(payload={"blob": "x" * (wire.MAX_PAYLOAD_BYTES - 100)}))
+    assert decode(encode(small), lab=LAB, dest=PARENT) == small
+
+
+def test_a_payload_nested_too_deep_is_refused() -> None:
+    deep: Any = 0
+    for _ in range(wire.MAX_DEPTH):
+        deep = [deep]
+    assert "nested" in refusal(encode(packet(envelope(payload={"d": deep}))))
+    ok = deep[0]
+    sent = packet(envelope(payload={"d": ok}))
+    assert decode(encode(sent), lab=LAB, dest=PARENT) == sent
+
+
+def test_a_payload_integer_beyond_64_bits_is_refused() -> None:
+    doc = good()
+    doc["messages"][0]["payload"] = {"n": 2**70}
+    doc["messages"][0]["hash"] = content_hash({"n": 2**70})
+    assert "64 bits" in refusal(dumps(doc))
+
+
+def test_a_reported_object_nested_too_deep_is_refused() -> None:
+    deep: Any = 0
+    for _ in range(wire.MAX_DEPTH + 1):
+        deep = {"x": deep}
+    doc = json.loads(encode(packet(KINDS["recovery_report"])))
+    doc["messages"][0]["objects"] = [deep]
+    assert "nested" in refusal(dumps(doc))
