@@ -81,8 +81,8 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
 
     def on_term(_sig: int, _frame: object) -> None:
-        # Only a flag: the loop's own 0.1 s tick stops the site from inside (calling into
-        # pika from a signal handler could deadlock on its locks).
+        # Only a flag: the workload tick (at most 0.5 s apart) stops the site from inside
+        # (calling into pika from a signal handler could deadlock on its locks).
         runtime.stopping = True
 
     signal.signal(signal.SIGTERM, on_term)

@@ -123,6 +123,16 @@ class WorkloadClock:
     def _again(self, interval: float) -> float:
         return interval * self.rng.uniform(0.8, 1.2) if interval > 0 else float("inf")
 
+    def next_at(self) -> float:
+        """When something is due next (inf: never)."""
+        at = min(self.next_status, min(self.next_inv.values(), default=float("inf")),
+                 min(self.next_disc.values(), default=float("inf")))
+        if self.has_objects:
+            at = min(at, self.next_object)
+        if self.has_children:
+            at = min(at, self.next_control)
+        return at
+
     def due(self, now: float) -> Due:
         out = Due()
         for client, at in self.next_inv.items():

@@ -59,6 +59,8 @@ log = logging.getLogger("sites.runtime")
 
 PACKET_SIZE = 200  # envelopes per AMQP message at most (Replication Manager bundles too)
 PRUNE_EVERY = 60.0  # seconds between two prunings of the history by its retention
+WORKLOAD_TICK = 0.1  # seconds: the shortest wait between two looks at the workload
+WORKLOAD_TICK_MAX = 0.5  # the longest: a stop (SIGTERM), a pause or new rates are seen within it
 # Protocol bugs planted on purpose, to show that a seed sweep of the simulator finds them
 # (``SMSLAB_PLANTED_BUG=purge-past-ack``: an ack purges one envelope more than it acknowledges).
 # Never set outside those tests.
@@ -820,11 +822,15 @@ class SiteRuntime:
         if self.stopping:  # set by a signal handler: stop from inside the loop
             self.shutdown()
             return
-        self.later(0.1, self._workload_tick)
         if self.workload_paused or self.state != "active":
+            self.later(WORKLOAD_TICK_MAX, self._workload_tick)
             return
         now = self.clock()
         due = self.workload.due(now)
+        # The next look when something is due, between WORKLOAD_TICK and WORKLOAD_TICK_MAX (a
+        # stop, a pause or new rates are seen within the longer): an idle site wakes rarely.
+        wait = min(max(self.workload.next_at() - now, WORKLOAD_TICK), WORKLOAD_TICK_MAX)
+        self.later(wait, self._workload_tick)
         if not due:
             return
         with self.transaction():
