@@ -13,7 +13,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from broker import names
+from broker import names, urls
 from emulator.errors import BrokerUnavailable, ConfigError, LabError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -21,12 +21,15 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 @contextmanager
 def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
-    params = parameters(url)
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.client_properties = {"connection_name": name}
+    """A blocking connection to the broker at ``url``; several URLs (comma-separated, the nodes
+    of one cluster) are tried in turn and the first that answers is used."""
+    params_list = all_parameters(url)
+    for params in params_list:
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": name}
     try:
-        conn = pika.BlockingConnection(params)
+        conn = pika.BlockingConnection(params_list if len(params_list) > 1 else params_list[0])
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise BrokerUnavailable(f"RabbitMQ at {_safe(url)} refused the login: {exc}",
                                 hint="check the user and password in the URL") from exc
@@ -52,15 +55,26 @@ def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
 
 
 def parameters(url: str) -> pika.URLParameters:
-    if not url.startswith(("amqp://", "amqps://")):
+    """The connection parameters of ``url`` (of the first node if it names several)."""
+    return all_parameters(url)[0]
+
+
+def all_parameters(url: str) -> list[pika.URLParameters]:
+    """One set of connection parameters per URL in ``url`` (comma-separated)."""
+    found = urls.split(url)
+    if not found:
         raise ConfigError(f"not an AMQP URL: {url!r}",
                           hint="use amqp://USER:PASSWORD@HOST:PORT/VHOST, e.g. " + DEFAULT_URL)
-    return pika.URLParameters(url)
+    return [pika.URLParameters(u) for u in found]
 
 
 def _safe(url: str) -> str:
-    params = pika.URLParameters(url)
-    return f"amqp://{params.host}:{params.port}{'/' + params.virtual_host if params.virtual_host != '/' else ''}"
+    shown = []
+    for one in urls.split(url) or [url]:
+        params = pika.URLParameters(one)
+        shown.append(f"amqp://{params.host}:{params.port}"
+                     f"{'/' + params.virtual_host if params.virtual_host != '/' else ''}")
+    return ",".join(shown)
 
 
 def check(url: str) -> None:
@@ -76,7 +90,10 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
     with blocking(url) as conn:
         ch = conn.channel()
         ch.exchange_declare(names.exchange(lab), "direct", durable=True)
-        args = names.queue_arguments(queue_type)
+        args = names.inbox_arguments(queue_type, lab)
+        # The dead-letter queue first: the inboxes dead-letter into it.
+        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=names.queue_arguments(queue_type))
+        ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
         for site in sites:
             for queue, key in (
                 (names.site_queue(lab, site), names.site_key(site)),
@@ -88,8 +105,6 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
             sender = key.split(".")[1]
             if (sender, receiver) not in diverted:
                 ch.queue_bind(names.site_queue(lab, receiver), names.exchange(lab), routing_key=key)
-        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=args)
-        ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
 
 
 def delete_lab(url: str, lab: str, sites: list[str], links: list[tuple[str, str]] | None = None) -> None:
