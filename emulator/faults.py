@@ -204,6 +204,10 @@ def control_for(lab_dir: LabDir, info: LabInfo) -> BrokerControl:
     if info.broker.kind == "container":
         raise LabError("broker faults are not available on a lab whose broker is a testcontainers container",
                        hint="give the lab a broker on this host (a private node: smslab up with no broker running)")
+    if len(info.amqp_urls) > 1:
+        # rabbitmqctl on PATH drives the host's own node, which is not one of the cluster's.
+        raise LabError("broker faults are not available yet on a lab whose broker is a cluster of several nodes",
+                       hint="kill a node of a local cluster by its pid (smslab broker cluster status lists them)")
     host = admin.parameters(info.amqp_url).host
     if host not in ("localhost", "127.0.0.1", "::1"):
         raise LabError(f"broker faults need the broker on this host; this lab's is at {host}",

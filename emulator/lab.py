@@ -45,10 +45,11 @@ class BrokerRef(BaseModel):
     owned: bool = True  # started for the lab: down stops it (False: the lab only uses it)
 
     def describe(self, url: str) -> str:
-        nodes = [one.split("@")[-1] for one in url.split(",")]
-        where = nodes[0]
+        nodes = url.split(",")
+        where = nodes[0].split("@")[-1]
         if len(nodes) > 1:
-            return f"a RabbitMQ cluster of {len(nodes)} nodes ({', '.join(nodes)})"
+            shown = ", ".join(urls.where(u) if u.startswith(urls.SCHEMES) else u for u in nodes)
+            return f"a RabbitMQ cluster of {len(nodes)} nodes ({shown})"
         if self.kind == "private":
             return f"a private RabbitMQ node of the lab ({where}, {self.node_dir})"
         if self.kind == "container":

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import urls
 from broker.local import LocalCluster, find_server
-from emulator.errors import SmslabError
 from emulator.testing import Lab, topology_yaml, wait_for
 
 pytestmark = pytest.mark.integration
 
 # With three URLs, CEN tries node 3 first, P01 node 2, S01 node 1 (broker.urls.first_choice):
 # one site per node. The lab's queues are declared through node 1, which leads them all.
-SITES = [
+SITES: list[dict[str, Any]] = [
     {"code": "CEN", "type": "central", "clients": 0},
     {"code": "P01", "type": "primary", "parent": "CEN"},
     {"code": "S01", "type": "secondary", "parent": "P01"},
@@ -37,25 +38,39 @@ WORKLOAD = {"inventory_interval": 0.3, "discovery_interval": 1.0, "status_interv
 SETTINGS = {"queue_type": "quorum", "degraded_after": 20, "failed_after": 40}
 
 
+def smslab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "emulator", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    server = find_server()
-    if server is None:
+    """Three nodes started as a user starts them, ``smslab broker cluster up``, and always
+    stopped and removed at the end (``down``; kill -9 of what it left)."""
+    if find_server() is None:
         reason = "RabbitMQ is not installed here (find_server() found no rabbitmq-server script)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}, and CI=true requires it")
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("cluster")
-    handle = LocalCluster(base / "nodes", 3, name=f"t{secrets.token_hex(3)}-lab", server=server)
+    base = tmp_path_factory.mktemp("cluster") / "nodes"
+    handle: LocalCluster | None = None
     try:
-        handle.start(timeout=180)
+        up = smslab("broker", "cluster", "up", "--dir", str(base), "--nodes", "3")
+        assert up.returncode == 0, up.stdout + up.stderr
+        handle = LocalCluster.load(base)
+        # Its last line: the nodes' AMQP URLs comma-separated, ready for --amqp.
+        assert up.stdout.strip().splitlines()[-1] == urls.join(handle.urls)
+        assert len(set(handle.urls)) == 3
+        assert sorted(handle.running_nodes()) == sorted(handle.node_names)
         yield handle
     finally:
-        try:
-            handle.stop(timeout=30, remove=True)
-        except SmslabError:
-            for node in handle.nodes:
-                node.kill()
+        down = smslab("broker", "cluster", "down", "--dir", str(base))
+        left = [n for n in (handle.nodes if handle else []) if n.is_running()]
+        for node in left:
+            node.kill()
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, f"down left {[n.node_name for n in left]} running"
+        assert not base.exists(), f"down left {base}"
 
 
 @pytest.fixture
@@ -91,6 +106,12 @@ def nodes_of_sites(lab: Lab) -> dict[str, str | None]:
     return {s["code"]: s["broker_node"] for s in lab.status()["sites"]}
 
 
+def every_site_connected(lab: Lab) -> dict[str, str] | None:
+    """Site -> the node it is connected to, once every site is connected."""
+    nodes = nodes_of_sites(lab)
+    return {code: where for code, where in nodes.items() if where} if all(nodes.values()) else None
+
+
 def node_index(cluster: LocalCluster, where: str) -> int:
     return next(i for i, url in enumerate(cluster.urls, start=1) if urls.where(url) == where)
 
@@ -112,8 +133,7 @@ def test_a_lab_on_a_three_node_cluster_with_quorum_queues_converges_valid(
         assert args.get("x-delivery-limit") == 50 and args.get("x-dead-letter-exchange") == f"smslab.{info.lab_id}"
 
     # Each site is connected to a node of the cluster, and status says which: one per node.
-    nodes = wait_for("every site to report its broker node",
-                     lambda: (n := nodes_of_sites(lab)) and all(n.values()) and n, timeout=20)
+    nodes = wait_for("every site to report its broker node", lambda: every_site_connected(lab), timeout=20)
     assert sorted(nodes.values()) == sorted(urls.where(u) for u in cluster.urls), nodes
     assert "broker " in lab.cli("status").stdout
 
@@ -127,8 +147,7 @@ def test_the_node_a_site_is_on_killed_under_traffic_loses_nothing_and_applies_no
         cluster: LocalCluster, cluster_lab: Lab) -> None:
     lab = cluster_lab
     lab.up(topology_yaml(SITES, settings=SETTINGS, workload=WORKLOAD))
-    nodes = wait_for("every site to report its broker node",
-                     lambda: (n := nodes_of_sites(lab)) and all(n.values()) and n, timeout=20)
+    nodes = wait_for("every site to report its broker node", lambda: every_site_connected(lab), timeout=20)
     victim_where = nodes["S01"]
     assert victim_where is not None
     victim = node_index(cluster, victim_where)
