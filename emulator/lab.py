@@ -38,8 +38,9 @@ class BrokerRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["external", "private", "container", "compose", "simulated"] = "external"
-    node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
+    kind: Literal["external", "private", "container", "compose", "simulated", "cluster"] = "external"
+    node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode); cluster: the
+    # local cluster's folder (broker.local.LocalCluster, smslab broker cluster up), for node faults
     container: str | None = None  # container: its id (testcontainers)
     management: str | None = None  # compose: the broker's management API (http://user:password@host:port)
     owned: bool = True  # started for the lab: down stops it (False: the lab only uses it)
@@ -49,7 +50,8 @@ class BrokerRef(BaseModel):
         where = nodes[0].split("@")[-1]
         if len(nodes) > 1:
             shown = ", ".join(urls.where(u) if u.startswith(urls.SCHEMES) else u for u in nodes)
-            return f"a RabbitMQ cluster of {len(nodes)} nodes ({shown})"
+            local = f", local, in {self.node_dir}" if self.kind == "cluster" else ""
+            return f"a RabbitMQ cluster of {len(nodes)} nodes ({shown}{local})"
         if self.kind == "private":
             return f"a private RabbitMQ node of the lab ({where}, {self.node_dir})"
         if self.kind == "container":

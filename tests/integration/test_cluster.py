@@ -22,6 +22,7 @@ import pytest
 
 from broker import urls
 from broker.local import LocalCluster, find_server
+from emulator import history
 from emulator.testing import Lab, topology_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -182,3 +183,41 @@ def test_the_node_a_site_is_on_killed_under_traffic_loses_nothing_and_applies_no
         theirs = {(c, k): v for c, k, v in lab.query(ancestor, "SELECT data_class, key, version FROM site_data")}
         short = {k: v for k, v in held.items() if theirs.get(k, 0) < v}
         assert not short, f"{ancestor} lacks {len(short)} of S01's records, e.g. {sorted(short)[:3]}"
+
+    # The killed node started again rejoins the cluster (and the lab's teardown does not wait on
+    # the quorum queues' missing member).
+    cluster.restart_node(victim, timeout=120)
+    assert cluster.node(victim).node_name in cluster.running_nodes()
+
+
+def test_fault_broker_node_kill_on_a_lab_up_on_the_local_cluster_then_heal(
+        cluster: LocalCluster, cluster_lab: Lab) -> None:
+    lab = cluster_lab
+    topo = lab.root / "topology.yaml"
+    topo.write_text(topology_yaml(SITES, settings=SETTINGS, workload=WORKLOAD))
+    lab.cli("up", str(topo), "--cluster", str(cluster.base_dir))
+    lab.info = lab.dir.load()
+    assert lab.info.broker.kind == "cluster" and lab.info.amqp_urls == cluster.urls
+    nodes = wait_for("every site to report its broker node", lambda: every_site_connected(lab), timeout=20)
+    where = urls.where(cluster.urls[1])
+    on_it = sorted(code for code, node in nodes.items() if node == where)
+    assert on_it == ["P01"], nodes
+
+    spec = json.loads(lab.cli("fault", "broker-node-kill", "2", "--json").stdout)
+    assert spec["kind"] == "broker-node-kill" and spec["target"] == cluster.node(2).node_name
+    assert not cluster.node(2).is_running()
+    assert [row["kind"] for row in json.loads(lab.cli("faults", "--json").stdout)] == ["broker-node-kill"]
+    wait_for("P01 to fail over to a node still up",
+             lambda: (w := nodes_of_sites(lab)["P01"]) is not None and w != where, timeout=60)
+    acked = int(lab.link("P01", "CEN").get("acked_through") or 0)
+    wait_for("P01's envelopes to flow to CEN on two nodes",
+             lambda: int(lab.link("P01", "CEN").get("acked_through") or 0) > acked + 5, timeout=60)
+
+    lab.cli("heal", spec["id"])
+    assert cluster.node(2).is_running() and cluster.node(2).node_name in cluster.running_nodes()
+    assert json.loads(lab.cli("faults", "--json").stdout) == []
+    report = lab.wait_converged(timeout=120)
+    assert report.verdict == "valid", report.render()
+    marks = [(e.kind, (e.detail or {}).get("kind")) for e in history.load(lab.dir)
+             if e.kind in ("fault_on", "fault_off") and e.fault == spec["id"]]
+    assert marks == [("fault_on", "broker-node-kill"), ("fault_off", "broker-node-kill")]
