@@ -156,3 +156,39 @@ def test_a_channel_whose_publishes_to_one_queue_are_refused_for_seconds_is_given
     now[0] += module.REFUSED_FOR
     transport._note_refusal(key, refused=True)
     assert conn.closed == 1 and transport._error is not None and key in transport._error
+
+
+def test_broker_cluster_and_node_kill_commands_parse() -> None:
+    args = build_parser().parse_args(["broker", "cluster", "up", "--dir", "/tmp/c", "--nodes", "3"])
+    assert (args.kind, args.verb, args.dir, args.nodes) == ("cluster", "up", "/tmp/c", 3)
+    args = build_parser().parse_args(["broker", "cluster", "down", "--dir", "/tmp/c"])
+    assert args.verb == "down"
+    args = build_parser().parse_args(["fault", "broker-node-kill", "2", "--for", "5"])
+    assert (args.kind, args.node, args.for_s) == ("broker-node-kill", "2", 5.0)
+    args = build_parser().parse_args(["up", "t.yaml", "--cluster", "/tmp/c"])
+    assert args.cluster == "/tmp/c"
+
+
+def test_a_node_of_the_cluster_is_named_by_number_name_or_address(tmp_path: Path) -> None:
+    from broker.local import LocalCluster
+    from emulator import faults
+
+    cluster = LocalCluster(tmp_path / "c", 3, name="unit")  # nothing is started
+    for i, node in enumerate(cluster.nodes, start=1):
+        for name in (str(i), node.node_name, node.node_name.split("@")[0], urls.where(node.amqp_url)):
+            assert faults._cluster_node(cluster, name) == i
+    with pytest.raises(ConfigError) as info:
+        faults._cluster_node(cluster, "4")
+    assert "its nodes: 1 (" in info.value.message
+
+
+def test_node_faults_need_a_lab_on_a_local_cluster() -> None:
+    from emulator import faults
+    from emulator.errors import LabError
+
+    info = LabInfo(lab_id="t-1", amqp_urls=[A, B, C], created=0.0, topology=TOPOLOGY)
+    with pytest.raises(LabError) as refused:
+        faults._local_cluster(info)
+    assert "--cluster" in (refused.value.hint or "")
+    with pytest.raises(LabError):
+        faults.control_for(LabDir("/nonexistent"), info)  # rabbitmqctl would drive the host's node
