@@ -7,13 +7,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import pika
 import pika.exceptions
 
-from broker import names
+from broker import names, urls
 from emulator.errors import BrokerUnavailable, ConfigError, LabError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -21,12 +22,15 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 @contextmanager
 def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
-    params = parameters(url)
-    params.connection_attempts = 1
-    params.socket_timeout = 5
-    params.client_properties = {"connection_name": name}
+    """A blocking connection to the broker at ``url``; several URLs (comma-separated, the nodes
+    of one cluster) are tried in turn and the first that answers is used."""
+    params_list = all_parameters(url)
+    for params in params_list:
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.client_properties = {"connection_name": name}
     try:
-        conn = pika.BlockingConnection(params)
+        conn = pika.BlockingConnection(params_list if len(params_list) > 1 else params_list[0])
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise BrokerUnavailable(f"RabbitMQ at {_safe(url)} refused the login: {exc}",
                                 hint="check the user and password in the URL") from exc
@@ -52,15 +56,26 @@ def blocking(url: str, name: str = "smslab-cli") -> Iterator[Any]:
 
 
 def parameters(url: str) -> pika.URLParameters:
-    if not url.startswith(("amqp://", "amqps://")):
+    """The connection parameters of ``url`` (of the first node if it names several)."""
+    return all_parameters(url)[0]
+
+
+def all_parameters(url: str) -> list[pika.URLParameters]:
+    """One set of connection parameters per URL in ``url`` (comma-separated)."""
+    found = urls.split(url)
+    if not found:
         raise ConfigError(f"not an AMQP URL: {url!r}",
                           hint="use amqp://USER:PASSWORD@HOST:PORT/VHOST, e.g. " + DEFAULT_URL)
-    return pika.URLParameters(url)
+    return [pika.URLParameters(u) for u in found]
 
 
 def _safe(url: str) -> str:
-    params = pika.URLParameters(url)
-    return f"amqp://{params.host}:{params.port}{'/' + params.virtual_host if params.virtual_host != '/' else ''}"
+    shown = []
+    for one in urls.split(url) or [url]:
+        params = pika.URLParameters(one)
+        shown.append(f"amqp://{params.host}:{params.port}"
+                     f"{'/' + params.virtual_host if params.virtual_host != '/' else ''}")
+    return ",".join(shown)
 
 
 def check(url: str) -> None:
@@ -76,7 +91,10 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
     with blocking(url) as conn:
         ch = conn.channel()
         ch.exchange_declare(names.exchange(lab), "direct", durable=True)
-        args = names.queue_arguments(queue_type)
+        args = names.inbox_arguments(queue_type, lab)
+        # The dead-letter queue first: the inboxes dead-letter into it.
+        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=names.queue_arguments(queue_type))
+        ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
         for site in sites:
             for queue, key in (
                 (names.site_queue(lab, site), names.site_key(site)),
@@ -88,19 +106,32 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
             sender = key.split(".")[1]
             if (sender, receiver) not in diverted:
                 ch.queue_bind(names.site_queue(lab, receiver), names.exchange(lab), routing_key=key)
-        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=args)
-        ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
 
 
 def delete_lab(url: str, lab: str, sites: list[str], links: list[tuple[str, str]] | None = None) -> None:
+    relays = [names.relay_queue(lab, a, b) for p, c in (links or []) for a, b in ((p, c), (c, p))]
+    queues = [names.dead_queue(lab), *relays] + [
+        q for s in sites for q in (names.site_queue(lab, s), names.control_queue(lab, s))
+    ]
+    if len(urls.split(url)) > 1:
+        # On a cluster, deleting a quorum queue one of whose members is down takes RabbitMQ 3.10
+        # about 5 s (a Raft timeout): the queues go in parallel, each connection its own.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for future in [pool.submit(_delete_queues, url, queues[i::8]) for i in range(8)]:
+                future.result()
+    else:
+        _delete_queues(url, queues)
+    with blocking(url) as conn:
+        conn.channel().exchange_delete(names.exchange(lab))
+
+
+def _delete_queues(url: str, queues: list[str]) -> None:
+    if not queues:
+        return
     with blocking(url) as conn:
         ch = conn.channel()
-        relays = [names.relay_queue(lab, a, b) for p, c in (links or []) for a, b in ((p, c), (c, p))]
-        for queue in [names.dead_queue(lab), *relays] + [
-            q for s in sites for q in (names.site_queue(lab, s), names.control_queue(lab, s))
-        ]:
+        for queue in queues:
             ch.queue_delete(queue)
-        ch.exchange_delete(names.exchange(lab))
 
 
 def divert_link(url: str, lab: str, sender: str, receiver: str, queue_type: str = "classic") -> None:

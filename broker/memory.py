@@ -506,7 +506,7 @@ class MemoryBroker:
         name = (names.site_queue if label == "site" else names.control_queue)(lab, site)
         keys = ([names.site_key(site)] + [names.link_key(n, site) for n in neighbours]
                 if label == "site" else [names.control_key(site)])
-        self.declare_queue(name, names.queue_arguments(queue_type))
+        self.declare_queue(name, names.inbox_arguments(queue_type, lab))
         for key in keys:
             if key not in self.diverted:  # a link fault's binding stays with its relay
                 self.bind(name, names.exchange(lab), key)
@@ -521,7 +521,7 @@ class MemoryBroker:
                     links: list[tuple[str, str]] | None = None) -> None:
         """What ``broker.admin.declare_lab`` declares on RabbitMQ."""
         self.declare_exchange(names.exchange(lab))
-        args = names.queue_arguments(queue_type)
+        args = names.inbox_arguments(queue_type, lab)
         for site in sites:
             for queue, key in ((names.site_queue(lab, site), names.site_key(site)),
                                (names.control_queue(lab, site), names.control_key(site))):
@@ -529,7 +529,7 @@ class MemoryBroker:
                 self.bind(queue, names.exchange(lab), key)
         for key, receiver in names.link_keys(links or []):
             self.bind(names.site_queue(lab, receiver), names.exchange(lab), key)
-        self.declare_queue(names.dead_queue(lab), args)
+        self.declare_queue(names.dead_queue(lab), names.queue_arguments(queue_type))
         self.bind(names.dead_queue(lab), names.exchange(lab), names.DEAD_KEY)
 
     def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
@@ -731,14 +731,14 @@ class MemoryBroker:
 
     def _setup_site(self, conn: Connection, lab: str, site: str, prefetch: int, queue_type: str) -> None:
         """What ``PikaTransport`` declares and consumes once its channel is open."""
-        args = names.queue_arguments(queue_type)
+        args = names.inbox_arguments(queue_type, lab)
         exchange = names.exchange(lab)
         self.declare_exchange(exchange)
         for queue, key in ((names.site_queue(lab, site), names.site_key(site)),
                            (names.control_queue(lab, site), names.control_key(site))):
             self.declare_queue(queue, args)
             self.bind(queue, exchange, key)
-        self.declare_queue(names.dead_queue(lab), args)
+        self.declare_queue(names.dead_queue(lab), names.queue_arguments(queue_type))
         self.bind(names.dead_queue(lab), exchange, names.DEAD_KEY)
         conn.confirm = True
         conn.send_to_client(conn.client._opened)  # before any delivery: the stream keeps order

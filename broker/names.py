@@ -55,7 +55,35 @@ def connection_name(lab: str, site: str) -> str:
     return f"smslab:{lab}:{site}"
 
 
-def queue_arguments(queue_type: str) -> dict[str, object]:
-    if queue_type == "quorum":
-        return {"x-queue-type": "quorum"}
-    return {}
+# A quorum queue counts the deliveries of each message; past this many (a message that ends every
+# consumer that takes it) the broker moves it to the lab's dead-letter queue. Generous: a site
+# killed or cut off with envelopes in flight has them delivered again, and an envelope
+# dead-lettered anyway is not lost: its sender resends what the receiver never acknowledged.
+DELIVERY_LIMIT = 50
+
+
+def queue_arguments(queue_type: str, *, dead_letter_to: str | None = None) -> dict[str, object]:
+    """The arguments of a lab queue. ``quorum``: a replicated Raft queue (durable; never
+    exclusive, auto-delete or with priorities). With ``dead_letter_to`` (an exchange), messages
+    delivered more than DELIVERY_LIMIT times go there with the dead-letter routing key.
+
+    At-most-once dead-lettering (the default strategy) on purpose: at-least-once needs
+    ``x-overflow: reject-publish``, and with it RabbitMQ 3.10 left a channel that began to publish
+    to a queue while its leader was being elected (a site failing over after a node was killed)
+    refusing every later publish to it. A message past the limit and lost on its way to the
+    dead-letter queue is sent again by its sender, which never got the receiver's ack."""
+    if queue_type != "quorum":
+        return {}
+    args: dict[str, object] = {"x-queue-type": "quorum"}
+    if dead_letter_to is not None:
+        args.update({
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": dead_letter_to,
+            "x-dead-letter-routing-key": DEAD_KEY,
+        })
+    return args
+
+
+def inbox_arguments(queue_type: str, lab: str) -> dict[str, object]:
+    """A site's envelope inbox and its control queue: dead-lettered to the lab's dead queue."""
+    return queue_arguments(queue_type, dead_letter_to=exchange(lab))

@@ -82,11 +82,13 @@ class RelayHub:
     # -- connection ---------------------------------------------------------------------------
 
     def connect(self) -> None:
-        params = admin.parameters(self.url)
-        params.heartbeat = 30
-        params.client_properties = {"connection_name": f"smslab:{self.lab}:relay"}
+        params_list = admin.all_parameters(self.url)  # a cluster's nodes: the first that answers
+        for params in params_list:
+            params.heartbeat = 30
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": f"smslab:{self.lab}:relay"}
         try:
-            self._conn = pika.BlockingConnection(params)
+            self._conn = pika.BlockingConnection(params_list)
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
             self._ch.basic_qos(prefetch_count=PREFETCH)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -22,11 +23,12 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from broker import names
+from broker import names, urls
 from broker.base import Delivery, TransportHandler
 from emulator.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+REFUSED_FOR = 3.0  # seconds of refused publishes to one queue before the channel is given up
 
 
 def declare_args(queue_type: str) -> dict[str, Any]:
@@ -50,17 +52,31 @@ class PikaTransport:
         self.neighbours = list(neighbours or [])  # whose link keys bind to our inbox
         self.prefetch = prefetch
         self.queue_type = queue_type
-        params = pika.URLParameters(url)
-        params.heartbeat = heartbeat
-        params.blocked_connection_timeout = 30
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": names.connection_name(lab, site)}
-        self.params = params
+        # One URL, or the nodes of a cluster: each run() connects to one of them; a failed
+        # attempt or a lost connection moves to the next (the caller's backoff grows with
+        # ``failures``, the attempts in a row that did not get a working connection).
+        self.urls = urls.split(url)
+        if not self.urls:
+            raise BrokerUnavailable(f"no broker URL given for site {site}")
+        self.params_list: list[pika.URLParameters] = []
+        for one in self.urls:
+            params = pika.URLParameters(one)
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 30
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+            params.client_properties = {"connection_name": names.connection_name(lab, site)}
+            self.params_list.append(params)
+        self._index = urls.first_choice(site, len(self.urls))
+        self.failures = 0
+        self.connected_to: str | None = None  # host:port of the node while the site is connected
         self._conn: SelectConnection | None = None
         self._channel: Channel | None = None
         self._handler: TransportHandler | None = None
         self._pending: OrderedDict[int, Any] = OrderedDict()
         self._returned: set[int] = set()
+        self._keys: dict[int, str] = {}  # publish seq -> routing key, while unconfirmed
+        self._refused_since: dict[str, float] = {}  # routing key -> when the broker began to nack it
         self._consumers: dict[str, str] = {}  # consumer tag -> "site" | "control"
         self._publish_seq = 0
         self._stopping = False
@@ -71,6 +87,15 @@ class PikaTransport:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def params(self) -> pika.URLParameters:
+        """The node the next (or the current) connection goes to."""
+        return self.params_list[self._index]
+
+    @property
+    def node(self) -> str:
+        return urls.where(self.urls[self._index])
+
     # -- lifetime -------------------------------------------------------------------------
 
     def run(self, handler: TransportHandler) -> None:
@@ -79,6 +104,8 @@ class PikaTransport:
         self._ready = False
         self._pending.clear()
         self._returned.clear()
+        self._keys.clear()
+        self._refused_since.clear()
         self._publish_seq = 0
         try:
             self._conn = SelectConnection(
@@ -89,14 +116,28 @@ class PikaTransport:
             )
             self._conn.ioloop.start()
         except (pika.exceptions.AMQPError, OSError) as exc:
-            raise BrokerUnavailable(f"broker connection failed: {exc!r}") from exc
+            self._error = f"broker connection failed: {exc!r}"
+            raise BrokerUnavailable(self._error) from exc
         finally:
+            was_ready = self.connected_to is not None
             self._ready = False
+            self.connected_to = None
             self._channel = None
             if self._conn is not None:
                 self._conn.ioloop.close()  # its timers and file descriptors go with it
+            if not self._stopping:
+                self._fail_over(was_ready)
         if self._error and not self._stopping:
             raise BrokerUnavailable(self._error)
+
+    def _fail_over(self, was_ready: bool) -> None:
+        """After a failed attempt or a lost connection: the next node, and one failure more
+        (counted from zero again if the connection had worked)."""
+        self.failures = 1 if was_ready else self.failures + 1
+        if len(self.urls) > 1:
+            before = self.node
+            self._index = (self._index + 1) % len(self.urls)
+            log.warning("%s: broker node %s lost or unreachable; trying %s next", self.site, before, self.node)
 
     def stop(self) -> None:
         self._stopping = True
@@ -155,8 +196,12 @@ class PikaTransport:
         assert self._channel is not None
         ch = self._channel
         lab, site = self.lab, self.site
-        args = declare_args(self.queue_type)
+        args = dict(names.inbox_arguments(self.queue_type, lab))
         steps: list[Callable[[Callable[[Any], None]], None]] = [
+            lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True,
+                                        arguments=declare_args(self.queue_type), callback=cb),
+            lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
+                                     routing_key=names.DEAD_KEY, callback=cb),
             lambda cb: ch.queue_declare(names.site_queue(lab, site), durable=True,
                                         arguments=args, callback=cb),
             lambda cb: ch.queue_bind(names.site_queue(lab, site), names.exchange(lab),
@@ -165,9 +210,6 @@ class PikaTransport:
                                         arguments=args, callback=cb),
             lambda cb: ch.queue_bind(names.control_queue(lab, site), names.exchange(lab),
                                      routing_key=names.control_key(site), callback=cb),
-            lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True, arguments=args, callback=cb),
-            lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
-                                     routing_key=names.DEAD_KEY, callback=cb),
             lambda cb: ch.confirm_delivery(self._on_confirm, callback=cb),
             lambda cb: ch.basic_qos(prefetch_count=self.prefetch, callback=cb),
         ]
@@ -186,6 +228,8 @@ class PikaTransport:
         for label in ("site", "control"):
             self._consume(label)
         self._ready = True
+        self.failures = 0
+        self.connected_to = self.node
         self._guard(self._handler.on_ready)
 
     def _queue_of(self, label: str) -> str:
@@ -220,7 +264,7 @@ class PikaTransport:
             ch.queue_bind(queue, names.exchange(self.lab), routing_key=keys[index],
                           callback=lambda _f: bind(index + 1))
 
-        ch.queue_declare(queue, durable=True, arguments=declare_args(self.queue_type),
+        ch.queue_declare(queue, durable=True, arguments=dict(names.inbox_arguments(self.queue_type, self.lab)),
                          callback=lambda _f: bind(0))
 
     def _guard(self, fn: Callable[[], None]) -> None:
@@ -259,6 +303,7 @@ class PikaTransport:
             raise BrokerUnavailable("not connected to the broker")
         self._publish_seq += 1
         self._pending[self._publish_seq] = token
+        self._keys[self._publish_seq] = routing_key
         props = BasicProperties(
             delivery_mode=2, message_id=str(self._publish_seq), correlation_id=correlation_id,
         )
@@ -301,8 +346,31 @@ class PikaTransport:
             token = self._pending.pop(t, None)
             returned = t in self._returned
             self._returned.discard(t)
+            key = self._keys.pop(t, None)
+            if key is not None and not returned:
+                self._note_refusal(key, refused=not ok)
             if token is not None:
                 self._guard(functools.partial(handler.on_confirm, token, ok and not returned))
+
+    def _note_refusal(self, key: str, *, refused: bool) -> None:
+        """A channel whose publishes to one queue the broker keeps refusing (nack) is given up.
+
+        A quorum queue refuses while it has no leader (a node was killed, an election is on);
+        RabbitMQ 3.10 went on refusing, long after the election, the publishes of a channel that
+        began publishing to the queue during it. A new channel does not inherit that: after
+        REFUSED_FOR seconds of nothing but nacks on a routing key the connection is closed and
+        the site reconnects (to the next node), and resends what was refused."""
+        if not refused:
+            self._refused_since.pop(key, None)
+            return
+        now = time.monotonic()
+        since = self._refused_since.setdefault(key, now)
+        if now - since >= REFUSED_FOR and self._conn is not None and self._conn.is_open and not self._stopping:
+            log.warning("%s: the broker node %s has refused every publish to %s for %.0fs; reconnecting",
+                        self.site, self.connected_to, key, now - since)
+            self._error = f"the broker refused publishes to {key} for {now - since:.0f}s"
+            self._refused_since.clear()
+            self._conn.close()
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         """Acknowledge deliveries; on a closed channel nothing is acknowledged and the broker

@@ -136,6 +136,8 @@ class Lab:
         if kind == "broker-restart":
             faults.broker_restart(self.dir, self.info)
             return None
+        if kind == "broker-node-kill":
+            return faults.apply_broker_node_kill(self.dir, self.info, str(site or a or ""), for_s=for_s).id
         if kind == "pause":
             return self.pause(site or a or "", for_s=for_s)
         raise LabError(f"unknown fault {kind!r}", hint=f"one of {', '.join(faults.FAULT_KINDS)}")

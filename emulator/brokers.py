@@ -104,6 +104,19 @@ def private_node(lab_dir: LabDir, progress: Progress = _quiet) -> tuple[str, Bro
     return node.amqp_url, BrokerRef(kind="private", node_dir=str(base))
 
 
+def local_cluster(base: Path, given: str | None) -> tuple[str, BrokerRef]:
+    """The URLs of the local cluster in ``base`` (``smslab broker cluster up``); a lab on it is
+    not its owner: ``down`` leaves the cluster running."""
+    from broker import urls
+    from broker.local import LocalCluster
+
+    cluster = LocalCluster.load(base)
+    if given and set(urls.split(given)) != set(cluster.urls):
+        raise LabError(f"--amqp names other brokers than the cluster in {base}",
+                       hint="give one of --amqp or --cluster")
+    return urls.join(cluster.urls), BrokerRef(kind="cluster", node_dir=str(cluster.base_dir), owned=False)
+
+
 def broker_for_lab(lab_dir: LabDir, given: str | None, progress: Progress = _quiet) -> tuple[str, BrokerRef]:
     """The broker ``up`` uses: the URL given, else the local one, else one of its own."""
     if given:

@@ -578,7 +578,7 @@ def vacuous_faults(state: LabState) -> list[Violation]:
         if kind in _SITE_FAULTS:
             site = str(detail.get("site") or on.link)
             struck = {f"{a}->{b}" for a, b in state.topology.links() for a, b in ((a, b), (b, a)) if site in (a, b)}
-        elif kind == "alarm":
+        elif kind in ("alarm", "broker-node-kill"):
             struck = None  # every link
         else:
             struck = set(detail.get("links") or [])

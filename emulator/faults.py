@@ -18,6 +18,9 @@ leaves a link cut that ``smslab faults`` does not show, and ``heal`` (or ``down`
 - ``alarm``: the broker's memory watermark is set to 0: a memory alarm blocks every publisher.
 - ``pause``: SIGSTOP of the site's process; healing is SIGCONT.
 - ``broker-restart`` happens at once (stop_app, start_app) and stays in the history only.
+- ``broker-node-kill`` (a lab on a local cluster, ``smslab up --cluster DIR``): SIGKILL of one
+  node's process; the sites on it fail over, the quorum queues it led elect new leaders.
+  Healing starts the node again and waits until the cluster lists it running.
 
 Each fault reports that it took effect, checked on traffic (a link fault: the relay has seen
 the link's messages; disconnect: the site has no connection; alarm: the broker reports it;
@@ -40,15 +43,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker import admin, names
+from broker import admin, names, urls
 from broker.control import BrokerControl, ManagementApi, Rabbitmqctl
 from emulator import history
 from emulator.errors import ConfigError, LabError
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.shaping import LINK_FAULTS, Shaper
 
-FaultKind = Literal["partition", "drop", "duplicate", "reorder", "delay", "disconnect", "alarm", "pause"]
-FAULT_KINDS: tuple[str, ...] = (*LINK_FAULTS, "disconnect", "alarm", "pause", "broker-restart")
+FaultKind = Literal["partition", "drop", "duplicate", "reorder", "delay", "disconnect", "alarm", "pause",
+                    "broker-node-kill"]
+FAULT_KINDS: tuple[str, ...] = (*LINK_FAULTS, "disconnect", "alarm", "pause", "broker-restart", "broker-node-kill")
 Progress = Callable[[str], None]
 
 
@@ -204,6 +208,10 @@ def control_for(lab_dir: LabDir, info: LabInfo) -> BrokerControl:
     if info.broker.kind == "container":
         raise LabError("broker faults are not available on a lab whose broker is a testcontainers container",
                        hint="give the lab a broker on this host (a private node: smslab up with no broker running)")
+    if len(info.amqp_urls) > 1:
+        # rabbitmqctl on PATH drives the host's own node, which is not one of the cluster's.
+        raise LabError("broker faults are not available yet on a lab whose broker is a cluster of several nodes",
+                       hint="kill a node of a local cluster by its pid (smslab broker cluster status lists them)")
     host = admin.parameters(info.amqp_url).host
     if host not in ("localhost", "127.0.0.1", "::1"):
         raise LabError(f"broker faults need the broker on this host; this lab's is at {host}",
@@ -417,6 +425,63 @@ def broker_restart(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quie
     progress(f"broker restarted; {len(running)} site(s) reconnected")
 
 
+def _local_cluster(info: LabInfo) -> Any:
+    from broker.local import LocalCluster
+
+    if info.broker.kind != "cluster" or not info.broker.node_dir:
+        raise LabError("broker-node-kill needs a lab on a local cluster",
+                       hint="smslab broker cluster up --dir DIR, then smslab up --cluster DIR TOPOLOGY")
+    return LocalCluster.load(Path(info.broker.node_dir))
+
+
+def _cluster_node(cluster: Any, node: str) -> int:
+    """The 1-based index of ``node``: its number, its node name (or the part before @), or host:port."""
+    for i, n in enumerate(cluster.nodes, start=1):
+        if node in (str(i), n.node_name, n.node_name.split("@")[0], urls.where(n.amqp_url)):
+            return i
+    names_ = ", ".join(f"{i} ({n.node_name}, {urls.where(n.amqp_url)})" for i, n in enumerate(cluster.nodes, start=1))
+    raise ConfigError(f"no node {node!r} in the lab's cluster; its nodes: {names_}")
+
+
+def apply_broker_node_kill(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: float | None = None,
+                           progress: Progress = _quiet) -> FaultSpec:
+    """SIGKILL of one node of the lab's local cluster (a crash); healed by starting it again."""
+    cluster = _local_cluster(info)
+    index = _cluster_node(cluster, node)
+    victim = cluster.node(index)
+    if not victim.is_running():
+        raise LabError(f"node {victim.node_name} is not running", hint="smslab broker cluster status --dir "
+                       f"{cluster.base_dir}")
+    where = urls.where(victim.amqp_url)
+    on_it = [c for c in info.topology.depth_order() if lab_dir.pid(c) and lab_dir.broker_node(c) == where]
+    if for_s:
+        from emulator import orchestrator
+
+        orchestrator.ensure_daemon(lab_dir, info)
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind == "broker-node-kill" and int(f.params.get("node", 0)) == index:
+                raise LabError(f"node {victim.node_name} is already killed by fault {f.id}", hint=f"smslab heal {f.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="broker-node-kill", target=victim.node_name, seed=_seed(None),
+                         since=now, until=now + for_s if for_s else None, params={"node": float(index)})
+        save(lab_dir, spec)
+        pid = victim.pid
+        cluster.kill_node(index)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link="broker", fault=spec.id,
+                       detail={"kind": "broker-node-kill", "node": victim.node_name, "where": where, "pid": pid,
+                               "sites_on_it": on_it, "for": for_s})
+    if victim.is_running():
+        heal(lab_dir, info, spec.id, verified=False)
+        raise LabError(f"fault {spec.id}: node {victim.node_name} survived SIGKILL; it was healed")
+    progress(f"fault {spec.id}: node {victim.node_name} ({where}, pid {pid}) killed"
+             + (f"; the sites on it ({', '.join(on_it)}) fail over" if on_it else "")
+             + (f"; started again in {for_s:g}s" if for_s else ""))
+    return spec
+
+
 def _proc_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
@@ -459,6 +524,13 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
                 os.kill(int(spec.params["pid"]), signal.SIGCONT)
             except ProcessLookupError:
                 pass
+        elif spec.kind == "broker-node-kill":
+            # Started again from its own folder; it rejoins the cluster and its quorum replicas
+            # catch up from the leaders.
+            cluster = _local_cluster(info)
+            index = int(spec.params["node"])
+            if not cluster.node(index).is_running():
+                cluster.restart_node(index, timeout=120)
     if spec.is_link_fault:
         _drain(lab_dir, info, spec, wait_drain)
     with locked(lab_dir):

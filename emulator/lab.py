@@ -1,10 +1,11 @@
 """The lab directory: everything of one lab (topology, site stores, backups, logs, history).
 
-    <lab dir>/lab.json                 LabInfo: lab id, broker URL, topology
+    <lab dir>/lab.json                 LabInfo: lab id, broker URLs (one per cluster node), topology
     <lab dir>/sites/<CODE>/site.db     the site's store (SQLite, WAL)
     <lab dir>/sites/<CODE>/clients.db  its simulated clients (not part of the site: never restored)
     <lab dir>/sites/<CODE>/site.pid    pid of the running site process
     <lab dir>/sites/<CODE>/site.log    its log
+    <lab dir>/sites/<CODE>/site.broker the broker node it is connected to (host:port)
     <lab dir>/sites/<CODE>/backups/<ID>/  one backup of the site: site.db + backup.json
     <lab dir>/faults/                  the faults that are on (one file each) and their counters
     <lab dir>/labd.pid, labd.log       the lab's fault daemon (relays, timed heals, history)
@@ -14,15 +15,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from broker import urls
 from emulator.errors import ConfigError, LabError
 from emulator.topology import Topology
 
@@ -35,14 +38,20 @@ class BrokerRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["external", "private", "container", "compose", "simulated"] = "external"
-    node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode)
+    kind: Literal["external", "private", "container", "compose", "simulated", "cluster"] = "external"
+    node_dir: str | None = None  # private: the node's folder (broker.local.LocalNode); cluster: the
+    # local cluster's folder (broker.local.LocalCluster, smslab broker cluster up), for node faults
     container: str | None = None  # container: its id (testcontainers)
     management: str | None = None  # compose: the broker's management API (http://user:password@host:port)
     owned: bool = True  # started for the lab: down stops it (False: the lab only uses it)
 
     def describe(self, url: str) -> str:
-        where = url.split("@")[-1]
+        nodes = url.split(",")
+        where = nodes[0].split("@")[-1]
+        if len(nodes) > 1:
+            shown = ", ".join(urls.where(u) if u.startswith(urls.SCHEMES) else u for u in nodes)
+            local = f", local, in {self.node_dir}" if self.kind == "cluster" else ""
+            return f"a RabbitMQ cluster of {len(nodes)} nodes ({shown}{local})"
         if self.kind == "private":
             return f"a private RabbitMQ node of the lab ({where}, {self.node_dir})"
         if self.kind == "container":
@@ -58,10 +67,28 @@ class LabInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lab_id: str
-    amqp_url: str
+    amqp_urls: list[str] = Field(min_length=1)
+    """The broker's URL, or the URLs of the nodes of its cluster (each site connects to one and
+    fails over to the others)."""
     created: float
     topology: Topology
     broker: BrokerRef = Field(default_factory=BrokerRef)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_url_or_several(cls, data: Any) -> Any:
+        # ``amqp_url`` (one URL or several comma-separated) is what lab files before the list
+        # held, and what callers pass; it becomes the list.
+        if isinstance(data, dict) and "amqp_url" in data:
+            data = dict(data)
+            given = data.pop("amqp_url")
+            data.setdefault("amqp_urls", [given] if given == "memory://" else urls.split(given))
+        return data
+
+    @property
+    def amqp_url(self) -> str:
+        """The URLs comma-separated: what broker.admin and the transport take."""
+        return urls.join(self.amqp_urls)
 
 
 def new_lab_id(name: str) -> str:
@@ -154,6 +181,19 @@ class LabDir:
 
     def alive_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.alive"
+
+    def broker_file(self, code: str) -> Path:
+        """The broker node the site's process is connected to (JSON, written by the site)."""
+        return self.site_dir(code) / "site.broker"
+
+    def broker_node(self, code: str) -> str | None:
+        """``host:port`` of the broker node the site is connected to, None if it is not (or
+        does not say)."""
+        try:
+            node = json.loads(self.broker_file(code).read_text()).get("node")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return node if isinstance(node, str) else None
 
     def site_host(self, code: str) -> str | None:
         """The host (container) a site's process runs on, as its pid file says."""

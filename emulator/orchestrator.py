@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import admin
+from broker import admin, urls
 from emulator import backup, history
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id
@@ -35,7 +35,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     if lab_dir.exists():
         refuse_existing(lab_dir)
     admin.check(amqp_url)
-    info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_url=amqp_url, created=time.time(),
+    info = LabInfo(lab_id=new_lab_id(topology.lab), amqp_urls=urls.split(amqp_url), created=time.time(),
                    topology=topology, broker=broker or BrokerRef())
     lab_dir.save(info)
     (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())

@@ -213,7 +213,7 @@ class SimLab:
         self.broker = MemoryBroker(self.loop, latency=latency, jitter=jitter)
         self.broker.declare_lab(self.lab_id, topology.codes, topology.settings.queue_type, topology.links())
         self.dir = lab_dir
-        self.info = LabInfo(lab_id=self.lab_id, amqp_url="memory://", created=self.loop.now, topology=topology,
+        self.info = LabInfo(lab_id=self.lab_id, amqp_urls=["memory://"], created=self.loop.now, topology=topology,
                             broker=BrokerRef(kind="simulated", owned=False))
         lab_dir.save(self.info)
         self.rng = random.Random(f"smslab-sim:{seed}")  # ids of backups, recoveries, fault seeds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from broker import urls
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.sequencing import LinkState, health
 from sites.store import SiteStore, read_only
@@ -51,6 +52,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
             "outbox": sum(snap["outbox"].values()) if snap else 0,
             "drops": snap["drops"] if snap else {},
             "workload_paused": bool(snap and snap["workload_paused"]),
+            "broker_node": lab_dir.broker_node(code) if pid else None,
         }
     links = []
     for parent, child in topo.links():
@@ -69,6 +71,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
         })
     return {"lab": info.lab_id, "mode": topo.mode, "dir": str(lab_dir.path),
             "broker": info.broker.describe(info.amqp_url), "broker_kind": info.broker.kind,
+            "broker_nodes": [urls.where(u) for u in info.amqp_urls] if info.broker.kind != "simulated" else [],
             "sites": list(sites.values()), "links": links}
 
 
@@ -111,6 +114,7 @@ def _worst(states: list[str]) -> str:
 def render(status: dict[str, Any]) -> str:
     lines = [f"lab {status['lab']} ({status['mode']}) in {status['dir']}, broker: {status.get('broker', '?')}"]
     sites = {s["code"]: s for s in status["sites"]}
+    nodes = status.get("broker_nodes") or []
     links = {(l["parent"], l["child"]): l for l in status["links"]}
     children: dict[str | None, list[str]] = {}
     for s in status["sites"]:
@@ -124,6 +128,7 @@ def render(status: dict[str, Any]) -> str:
             f"{prefix}{branch}{code} {s['type']:<9} {s['state']:<18} pid {pid:<7} inc {s['incarnation']}"
             f"  txn {s['txn_id']:<7} clients {s['clients']}  outbox {s['outbox']}"
             + ("  workload paused" if s.get("workload_paused") and s["pid"] else "")
+            + (f"  broker {s.get('broker_node') or 'reconnecting'}" if s["pid"] and len(nodes) > 1 else "")
         )
         inner = prefix + ("" if root else ("   " if last else "│  "))
         if s["parent"]:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
 import threading
 import time
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
+from broker import urls
 from broker.transport import PikaTransport
 from emulator.errors import BrokerUnavailable, SmslabError
 from emulator.lab import LabDir
@@ -66,17 +69,28 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
         runtime.recovery.begin(recover, reference)
     lab_dir.pid_file(site).write_text(f"{os.getpid()} {socket.gethostname()}\n")
     alive = lab_dir.alive_file(site)
+    broker_file = lab_dir.broker_file(site)
+    broker_file.unlink(missing_ok=True)
 
     def heartbeat() -> None:
         # How the harness on another host (a compose lab's tools container) sees this process
         # is alive: a file touched every second, also while the broker is away (a thread of its
-        # own: it shares nothing with the site's loop).
+        # own: it shares nothing with the site's loop). Beside it, the broker node the site is
+        # connected to (status shows it); a plain read of two attributes of the transport.
+        shown: str | None = "?"
         while True:
             try:
                 alive.touch()
+                node = transport.connected_to
+                if node != shown:
+                    tmp = broker_file.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"node": node, "nodes": [urls.where(u) for u in transport.urls],
+                                               "since": time.time()}))
+                    os.replace(tmp, broker_file)
+                    shown = node
             except OSError:
                 pass
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
 
@@ -88,12 +102,17 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     log.info("site %s starting (lab %s, pid %s)", site, info.lab_id, os.getpid())
+    def backoff(_state: RetryCallState) -> float:
+        # Every node once quickly (fail over), then each round of them waits twice as long.
+        rounds = max(0, transport.failures - 1) // len(transport.urls)
+        return min(5.0, 0.2 * 2.0 ** rounds) + random.uniform(0, 0.1 if rounds == 0 else 0.5)
+
     retrying = Retrying(
         retry=retry_if_exception_type(BrokerUnavailable),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.5),
+        wait=backoff,
         before_sleep=lambda rs: log.warning(
-            "broker unavailable (%s); reconnecting, attempt %d", rs.outcome.exception() if rs.outcome else "?",
-            rs.attempt_number),
+            "broker unavailable (%s); reconnecting to %s, attempt %d", rs.outcome.exception() if rs.outcome else "?",
+            transport.node, rs.attempt_number),
         reraise=True,
     )
     try:

@@ -8,7 +8,8 @@ import argparse
 import os
 import sys
 
-from broker import admin
+from broker import admin, urls
+from emulator.cli import broker as broker_commands
 from emulator.cli import compose as compose_commands
 from emulator.cli import faults as faults_commands
 from emulator.cli import lab as lab_commands
@@ -17,8 +18,21 @@ from emulator.cli import run as run_commands
 from emulator.cli import sim as sim_commands
 from emulator.cli import sites as site_commands
 from emulator.cli import topology as topology_commands
-from emulator.errors import SmslabError
+from emulator.errors import ConfigError, SmslabError
 from emulator.lab import DEFAULT_LAB_DIR, LabDir
+
+
+class _AmqpUrls(argparse.Action):
+    """``--amqp`` repeated or comma-separated: one comma-separated string of every URL given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        try:
+            given = urls.split([before or "", str(values)])
+        except ConfigError as exc:
+            parser.error(f"--amqp: {exc.message}")
+        setattr(namespace, self.dest, urls.join(given))
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -29,8 +43,10 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     parser.add_argument("--lab", default=default(None),
                         help=f"lab directory (default {DEFAULT_LAB_DIR}, or SMSLAB_LAB)")
-    parser.add_argument("--amqp", default=default(None),
-                        help="broker URL (default SMSLAB_AMQP_URL or amqp://guest:guest@localhost:5672/%%2F)")
+    parser.add_argument("--amqp", default=default(None), action=_AmqpUrls, metavar="URL",
+                        help="broker URL (default SMSLAB_AMQP_URL or amqp://guest:guest@localhost:5672/%%2F); "
+                             "the nodes of a cluster comma-separated or --amqp repeated: each site "
+                             "connects to one and fails over to the others")
     parser.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
 
 
@@ -46,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (lab_commands, site_commands, faults_commands, run_commands, sim_commands, report_commands,
-                   compose_commands, topology_commands):
+                   compose_commands, topology_commands, broker_commands):
         module.register(sub, common)
     return p
 
@@ -59,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.amqp and args.command != "up" and lab_dir.exists():
             used = lab_dir.load().amqp_url
-            if used != args.amqp:
+            if urls.split(used) != urls.split(args.amqp):
                 print(f"smslab: note: this lab's sites use the broker given at `up` ({admin._safe(used)});"
                       " --amqp is ignored", file=sys.stderr)
         code: int = args.handler(args, lab_dir)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from broker import urls
 from emulator import orchestrator
 from emulator.cli.common import emit_json, say
 from emulator.compose import compose_file, relative_topology
@@ -42,7 +43,7 @@ def cmd_compose_init(args: argparse.Namespace, lab_dir: LabDir) -> int:
             raise ConfigError(f"{lab_dir.path} holds lab {info.lab_id} of another topology",
                               hint="docker compose down -v starts afresh")
     else:
-        info = LabInfo(lab_id=lab_id, amqp_url=url, created=time.time(), topology=topology,
+        info = LabInfo(lab_id=lab_id, amqp_urls=urls.split(url), created=time.time(), topology=topology,
                        broker=BrokerRef(kind="compose", management=os.environ.get("SMSLAB_MANAGEMENT_URL")))
         lab_dir.save(info)
         (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())

@@ -33,6 +33,8 @@ def cmd_fault(args: argparse.Namespace, lab_dir: LabDir) -> int:
     elif kind == "broker-restart":
         faults.broker_restart(lab_dir, info, progress=tell)
         spec = None
+    elif kind == "broker-node-kill":
+        spec = faults.apply_broker_node_kill(lab_dir, info, args.node, for_s=args.for_s, progress=tell)
     else:  # pragma: no cover - argparse allows only the kinds above
         raise ConfigError(f"unknown fault {kind!r}")
     if args.json:
@@ -169,6 +171,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="clear it after S seconds")
     add_json(s)
     add_json(add("broker-restart", cmd_fault, "restart the broker application (stop_app, start_app)", kinds))
+    s = add("broker-node-kill", cmd_fault, "kill -9 one node of the lab's local cluster (smslab up --cluster DIR); "
+            "healing starts it again", kinds)
+    s.add_argument("node", metavar="NODE", help="its number (1, 2, 3), node name or HOST:PORT")
+    s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="start it again after S seconds")
+    add_json(s)
 
     add_json(add("faults", cmd_faults, "the faults that are on, and what each has done so far"))
     s = add("heal", cmd_heal, "undo faults: smslab heal ID [ID...] or --all")

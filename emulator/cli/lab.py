@@ -31,7 +31,10 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
     if lab_dir.exists():
         orchestrator.refuse_existing(lab_dir)
     given = getattr(args, "amqp", None) or os.environ.get("SMSLAB_AMQP_URL")
-    url, ref = brokers.broker_for_lab(lab_dir, given, progress=tell)
+    if args.cluster:
+        url, ref = brokers.local_cluster(Path(args.cluster), given)
+    else:
+        url, ref = brokers.broker_for_lab(lab_dir, given, progress=tell)
     try:
         info = orchestrator.up(Path(args.topology), lab_dir, url, timeout=args.timeout, progress=tell, broker=ref)
     except BaseException:
@@ -245,6 +248,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = add("up", cmd_up, "bring a lab up from a topology file")
     s.add_argument("topology")
     s.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C brings it down")
+    s.add_argument("--cluster", metavar="DIR",
+                   help="use the local RabbitMQ cluster in DIR (smslab broker cluster up --dir DIR): its "
+                        "nodes' URLs, and node faults (fault broker-node-kill) on it")
     s.add_argument("--timeout", type=positive, default=60.0, help="seconds to wait for every site")
     add_json(s)
     s = add("down", cmd_down, "heal every fault, stop every site, delete the lab's broker objects")

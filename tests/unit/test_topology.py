@@ -96,7 +96,7 @@ def test_twenty_site_lab_shape() -> None:
         assert getattr(topo.defaults.workload, field) > getattr(demo.defaults.workload, field)
 
 
-@pytest.mark.parametrize("name", ["lab.yaml", "lab-20.yaml"])
+@pytest.mark.parametrize("name", ["lab.yaml", "lab-20.yaml", "lab-quorum.yaml"])
 def test_examples_round_trip(name: str) -> None:
     topo = load_topology(EXAMPLES / name)
     assert "null" not in topo.to_yaml()
