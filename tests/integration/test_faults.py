@@ -148,11 +148,12 @@ def test_a_crashed_cli_leaves_the_fault_on_the_books_and_down_heals_it(lab: Lab,
 def test_disconnect_for_a_while_then_the_site_reconnects_and_nothing_is_lost(lab: Lab) -> None:
     lab.up(topology_yaml(THREE, settings=SETTINGS))
     assert lab.control("P01", {"cmd": "ping"})["connects"] == 1
-    lab.cli("fault", "disconnect", "P01", "--for", "4")
+    # Long enough to be listed while it is on, even on a busy machine where a CLI call takes seconds.
+    lab.cli("fault", "disconnect", "P01", "--for", "10")
     (row,) = faults_on(lab)
     assert row["kind"] == "disconnect"
     applied = applied_from(lab, "CEN", "P01")
-    wait_for("the fault to end by itself", lambda: faults_on(lab) == [], timeout=20)
+    wait_for("the fault to end by itself", lambda: faults_on(lab) == [], timeout=30)
     wait_for("P01 to reconnect", lambda: lab.control("P01", {"cmd": "ping"}, timeout=2)["connects"] >= 2, timeout=20)
     wait_for("P01's data to flow again", lambda: applied_from(lab, "CEN", "P01") > applied + 3, timeout=20)
     assert lab.wait_converged(timeout=60).verdict == "valid"
