@@ -37,6 +37,7 @@ from emulator.protocol.recovery import (
     Phase,
     RecoveryAgent,
     accept_resync,
+    left_to_children,
     peer_on_announce,
     peer_on_complete,
     peer_on_resync,
@@ -291,10 +292,8 @@ class Recovery:
         """Resync, up: every site data record the recovering site originated goes to its
         parent again (its clients' data, its status messages), in steps of ``RESYNC_STEP``
         records, each its own transaction; the parent reinitialized its copy. What its subtree
-        had sent it is left out: every child resends all it holds in the same handshake (the
-        agent waits for every child's report), and the child holds each of those records at
-        least at the version this site does, so sending them here too would move the subtree's
-        data twice. Resumable: the cursor is part of the agent's state."""
+        had sent it is left out (``left_to_children``). Resumable: the cursor is part of the
+        agent's state."""
         rt = self.rt
         agent = self.agent
         if agent is None or agent.phase is not Phase.RESYNC or agent.upload_done or rt.parent is None:
@@ -305,7 +304,7 @@ class Recovery:
         try:
             with rt.transaction():
                 cursor = (agent.upload_cursor[0], agent.upload_cursor[1]) if agent.upload_cursor else None
-                below = set(rt.topology.subtree(rt.site)) - {rt.site}
+                below = left_to_children(rt.site, rt.topology.subtree(rt.site))
                 last = _send_site_data(rt, rt.parent, cursor, skip_origins=below)
                 if last is not None:
                     agent.upload_cursor = list(last)

@@ -448,3 +448,11 @@ def peer_report(
         objects=[o for o in held_objects if o["origin"] == peer],
         challenge=challenge,
     )
+
+
+def left_to_children(site: str, subtree: list[str]) -> frozenset[str]:
+    """The origins whose records a recovering site does not send up again in its resync:
+    every site below it. Each child resends all it holds in the same handshake (the agent
+    waits for every child's report) and holds each of those records at least at the version
+    the recovering site does, so sending them too would move the subtree's data twice."""
+    return frozenset(subtree) - {site}
