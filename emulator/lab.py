@@ -119,9 +119,7 @@ class LabDir:
 
     def save(self, info: LabInfo) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.info_path.with_suffix(".tmp")
-        tmp.write_text(info.model_dump_json(indent=2))
-        os.replace(tmp, self.info_path)
+        write_atomically(self.info_path, info.model_dump_json(indent=2))
 
     def site_dir(self, code: str) -> Path:
         return self.path / "sites" / code
@@ -134,6 +132,11 @@ class LabDir:
 
     def pid_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.pid"
+
+    def write_pid(self, code: str, pid: int) -> None:
+        """Write a site's pid file in one step: a reader never sees it empty (a truncated file
+        read between the truncate and the write would say the site is not running)."""
+        write_atomically(self.pid_file(code), f"{pid} {socket.gethostname()}\n")
 
     def log_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.log"
@@ -230,6 +233,13 @@ class LabDir:
         if _is_zombie(pid) or not _is_site_process(pid, code):
             return None  # dead, or the pid was reused by another process since
         return pid
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _is_site_process(pid: int, code: str) -> bool:

@@ -17,13 +17,12 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 from broker import names
 from broker.relay import Counters, RelayEvent, RelayHub
 from emulator import faults, history
 from emulator.errors import BrokerUnavailable, SmslabError
-from emulator.lab import LabDir, LabInfo
+from emulator.lab import LabDir, LabInfo, write_atomically
 
 log = logging.getLogger("emulator.labd")
 
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    Path(lab_dir.daemon_pid_file()).write_text(f"{os.getpid()}\n")
+    write_atomically(lab_dir.daemon_pid_file(), f"{os.getpid()}\n")
     log.info("fault daemon of lab %s running (pid %s)", info.lab_id, os.getpid())
     try:
         daemon.run()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from broker import admin, urls
 from emulator import backup, history
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
-from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id
+from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id, write_atomically
 from emulator.topology import load_topology
 
 Progress = Callable[[str], None]
@@ -76,7 +75,7 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
-    lab_dir.pid_file(code).write_text(f"{proc.pid} {socket.gethostname()}\n")
+    lab_dir.write_pid(code, proc.pid)
     return proc.pid
 
 
@@ -145,7 +144,7 @@ def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             close_fds=True,
         )
-    lab_dir.daemon_pid_file().write_text(f"{proc.pid}\n")
+    write_atomically(lab_dir.daemon_pid_file(), f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while lab_dir.daemon_pid() is None:
         if proc.poll() is not None or time.monotonic() > deadline:

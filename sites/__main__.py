@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import sys
 import threading
 import time
@@ -67,7 +66,7 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
                           transport=transport)
     if recover:
         runtime.recovery.begin(recover, reference)
-    lab_dir.pid_file(site).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    lab_dir.write_pid(site, os.getpid())
     alive = lab_dir.alive_file(site)
     broker_file = lab_dir.broker_file(site)
     broker_file.unlink(missing_ok=True)
