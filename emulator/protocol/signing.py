@@ -50,11 +50,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from emulator.protocol import codec
+
+# ``cryptography`` is imported where a key is first used: an sms20 site never loads it (0.1 s
+# and a few MB of every site process otherwise).
 
 SIG = "_sig"
 _DOMAIN = b"smslab-signed-v1\0"
@@ -91,6 +90,9 @@ class Signer:
     """A site's signing key of one incarnation, made from a 32-byte seed."""
 
     def __init__(self, seed: bytes, inc: int) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         self.seed = seed
         self.inc = inc
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
@@ -116,6 +118,8 @@ class Signer:
 
 def verify_key(pub: str) -> None:
     """Raise ValueError unless ``pub`` is an Ed25519 public key in base64."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(base64.b64decode(pub, validate=True))
     except binascii.Error as exc:
@@ -149,6 +153,9 @@ def check(origin: str, data_class: str, key: str, op: str, payload: dict[str, An
     inc, pub, value = sig["inc"], sig["pub"], sig["sig"]
     if type(inc) is not int or not isinstance(pub, str) or not isinstance(value, str) or len(pub) > 64 or len(value) > 128:
         return Check(Outcome.FORGED, f"its signature of {origin} is malformed")
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(base64.b64decode(pub, validate=True)).verify(
             base64.b64decode(value, validate=True), statement(origin, data_class, key, op, payload))
