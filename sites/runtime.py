@@ -764,8 +764,9 @@ class SiteRuntime:
         self._sig_checks.clear()
         pins = dict(self.pins())
         for m in packet.messages:
-            if not isinstance(m, Envelope):
-                continue
+            if not isinstance(m, Envelope) or link.quarantined or m.incarnation != link.their_incarnation \
+                    or m.link_seq < link.next_expected:
+                continue  # fenced, quarantined or a repeat: sequencing applies none of them
             result = signing.check(m.origin, m.data_class.value, m.key, m.op, m.payload,
                                    pinned=pins.get(m.origin),
                                    neighbour_incarnation=link.their_incarnation if m.origin == m.source else None)
