@@ -64,7 +64,11 @@ WORKLOAD_TICK_MAX = 0.5  # the longest: a stop (SIGTERM), a pause or new rates a
 # Protocol bugs planted on purpose, to show that a seed sweep of the simulator finds them
 # (``SMSLAB_PLANTED_BUG=purge-past-ack``: an ack purges one envelope more than it acknowledges).
 # Never set outside those tests.
-PLANTED_BUGS = frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
+def planted_bugs() -> frozenset[str]:
+    return frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
+
+
+PLANTED_BUGS = planted_bugs()
 
 _COUNTERS = ("txn_id", "incarnation", "scf_serial", "status_serial", "state")
 
