@@ -22,6 +22,7 @@ Where it cannot serve (not running yet, a site in a network namespace) the orche
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import select
@@ -98,6 +99,10 @@ def serve(lab: Path) -> int:
         import setproctitle  # noqa: F401 - loaded once here, used in each child
     except ImportError:  # pragma: no cover - a dependency
         pass
+    # What is imported stays shared with the children: the collector leaves it alone instead
+    # of touching (and so copying) every page of it in each child.
+    gc.collect()
+    gc.freeze()
 
     path = lab / "zygote.sock"
     path.unlink(missing_ok=True)
