@@ -12,11 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import admin, urls
-from emulator import backup, history
+from emulator import backup, history, hostnet
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id, write_atomically
 from emulator.topology import load_topology
@@ -29,7 +29,7 @@ def _quiet(_msg: str) -> None:
 
 
 def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 60.0,
-       progress: Progress = _quiet, broker: BrokerRef | None = None) -> LabInfo:
+       progress: Progress = _quiet, broker: BrokerRef | None = None, netns: Sequence[str] = ()) -> LabInfo:
     topology = load_topology(topology_path)  # refused here, before anything starts
     if lab_dir.exists():
         refuse_existing(lab_dir)
@@ -39,6 +39,8 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     lab_dir.save(info)
     (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     codes = topology.depth_order()
+    if netns:
+        place_in_namespaces(lab_dir, info, hostnet.check_codes(netns, codes), progress)
     ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
     for code in codes:
@@ -46,6 +48,23 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     ensure_daemon(lab_dir, info)
     wait_attached(lab_dir, info, codes, timeout=timeout, progress=progress)
     return info
+
+
+def place_in_namespaces(lab_dir: LabDir, info: LabInfo, codes: list[str], progress: Progress = _quiet) -> None:
+    """Each site of ``codes`` gets a network namespace of its own (a host of its own) and must
+    reach every broker node from there; else the namespaces are deleted and ``up`` refused."""
+    made = hostnet.create_hosts(lab_dir, info.lab_id, codes, info.topology.depth_order())
+    for host in made:
+        unreachable = [urls.where(u) for u in hostnet.urls_from(host, info.amqp_urls)
+                       if not hostnet.reachable(host, u)]
+        if unreachable:
+            hostnet.delete_hosts(lab_dir)
+            raise LabError(f"from {host.site}'s network namespace {host.netns} ({host.ns_address}) no broker "
+                           f"answers at {', '.join(unreachable)}: the brokers listen on loopback only",
+                           hint="start the cluster with smslab broker cluster up --listen 0.0.0.0, or give "
+                                "--amqp URLs of brokers the namespaces reach")
+        progress(f"  {host.site} on its own host: network namespace {host.netns}, {host.ns_address} "
+                 f"(brokers at {host.host_address})")
 
 
 def refuse_existing(lab_dir: LabDir) -> None:
@@ -69,9 +88,17 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
                        hint=f"smslab stop {code} first")
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])]
+    host = hostnet.host_of(lab_dir, code)
+    if host is not None:
+        # On a host of its own: inside its namespace, with the brokers where it reaches them.
+        if not hostnet.exists(host):
+            raise LabError(f"site {code}'s network namespace {host.netns} is gone",
+                           hint="smslab down and up the lab again")
+        argv = [*hostnet.exec_prefix(host), *argv, "--amqp", urls.join(hostnet.urls_from(host, lab_dir.load().amqp_urls))]
     with open(lab_dir.log_file(code), "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
+            argv,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -310,6 +337,8 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
     finally:
         from emulator import brokers
 
+        if hostnet.delete_hosts(lab_dir):
+            progress("deleted the sites' network namespaces")
         released = brokers.release(info.broker)
         if released:
             progress(released)
