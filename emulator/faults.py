@@ -459,7 +459,9 @@ def apply_broker_node_kill(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: 
         raise LabError(f"node {victim.node_name} is not running", hint="smslab broker cluster status --dir "
                        f"{cluster.base_dir}")
     where = urls.where(victim.amqp_url)
-    on_it = [c for c in info.topology.depth_order() if lab_dir.pid(c) and lab_dir.broker_node(c) == where]
+    # By port: a site in a network namespace names the node by the host end of its veth.
+    on_it = [c for c in info.topology.depth_order()
+             if lab_dir.pid(c) and (lab_dir.broker_node(c) or "").rsplit(":", 1)[-1] == str(victim.amqp_port)]
     if for_s:
         from emulator import orchestrator
 

@@ -157,7 +157,7 @@ def ensure_broker_objects(lab_dir: LabDir, info: LabInfo) -> None:
 
     topo = info.topology
     admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type, topo.links(),
-                      diverted=faults.diverted_links(lab_dir))
+                      diverted=faults.diverted_links(lab_dir), delivery_limit=topo.settings.quorum_delivery_limit)
 
 
 def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:

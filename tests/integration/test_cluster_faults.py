@@ -28,6 +28,7 @@ from broker import urls
 from broker.local import LocalCluster, find_server
 from emulator import history, hostnet
 from emulator.testing import Lab, topology_yaml, wait_for
+from tests.integration.test_cluster import queue_types
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ SITES: list[dict[str, Any]] = [
 ]
 WORKLOAD = {"inventory_interval": 0.3, "discovery_interval": 1.0, "status_interval": 0.5,
             "object_interval": 0.5, "scf_interval": 2.0}
-SETTINGS = {"queue_type": "quorum", "degraded_after": 40, "failed_after": 80}
+SETTINGS = {"queue_type": "quorum", "degraded_after": 40, "failed_after": 80, "quorum_delivery_limit": 25}
 
 
 def smslab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -198,6 +199,11 @@ def test_the_node_leading_the_queues_partitioned_from_the_other_two_loses_nothin
         cluster: LocalCluster, cluster_lab: Lab) -> None:
     lab = cluster_lab
     up_on_cluster(lab, cluster)
+    assert lab.info is not None
+    # The topology's delivery limit is what the inboxes and control queues are declared with.
+    queues = queue_types(cluster, lab.info.lab_id)
+    inboxes = [args for name, (_kind, args) in queues.items() if name.split(".")[-2] in ("site", "ctl")]
+    assert len(inboxes) == 6 and all(args.get("x-delivery-limit") == 25 for args in inboxes), queues
     nodes = wait_for("every site to report its broker node",
                      lambda: (n := nodes_of_sites(lab)) and all(n.values()) and n, timeout=30)
     # S01 is on node 1, which the lab's queues were declared through, so it leads them all.

@@ -99,3 +99,18 @@ def test_a_cluster_beyond_loopback_has_a_user_of_its_own(tmp_path: Path) -> None
     assert [n.dist_source for n in wide.nodes] == ["127.0.1.1", "127.0.1.2", "127.0.1.3"]
     assert all(PARTITION_HANDLING in n.extra_config and n.listen == "0.0.0.0" for n in wide.nodes)
     assert "inet_dist_connect_options [{ip,{127,0,1,2}}]" in wide.node(2)._env()["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]
+
+
+def test_the_quorum_delivery_limit_comes_from_the_topology() -> None:
+    from broker import names
+
+    topo = parse_topology("lab: t\nsettings:\n  queue_type: quorum\n  quorum_delivery_limit: 7\nsites:\n"
+                          "  - code: CEN\n    type: central\n", source="t.yaml")
+    assert topo.settings.quorum_delivery_limit == 7
+    assert names.inbox_arguments("quorum", "t-1", topo.settings.quorum_delivery_limit)["x-delivery-limit"] == 7
+    assert names.inbox_arguments("quorum", "t-1")["x-delivery-limit"] == names.DELIVERY_LIMIT == 50
+    assert parse_topology("lab: t\nsites:\n  - code: CEN\n    type: central\n",
+                          source="t.yaml").settings.quorum_delivery_limit == 50
+    with pytest.raises(ConfigError):
+        parse_topology("lab: t\nsettings:\n  quorum_delivery_limit: 0\nsites:\n  - code: CEN\n    type: central\n",
+                       source="t.yaml")
