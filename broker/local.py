@@ -101,6 +101,7 @@ _SHORT_SETTINGS = frozenset({
     "DISTRIBUTION_BUFFER_SIZE", "MAX_NUMBER_OF_PROCESSES", "MAX_NUMBER_OF_ATOMS", "CONF_ENV_FILE",
     "NOTIFY_SOCKET",
 })
+PARTITION_HANDLING = "cluster_partition_handling = pause_minority"
 _LOG_PREFIX = re.compile(r"^.*?\[error\] <[^>]*> ?")
 _POLL = 0.1
 
@@ -287,6 +288,8 @@ class NodeInfo(BaseModel):
     pid: int | None = None
     server: Path | None = None
     extra_config: list[str] = Field(default_factory=list)
+    listen: str = HOST  # the address AMQP listens on (0.0.0.0: every interface, network namespaces too)
+    dist_source: str | None = None  # the loopback address its distribution connections leave from
 
     @property
     def path(self) -> Path:
@@ -322,9 +325,13 @@ class ClusterInfo(BaseModel):
     name: str
     size: int = Field(ge=1, le=9)
     base_dir: Path
+    listen: str = HOST
+    user: str | None = None  # a user of the cluster's own, for clients beyond loopback (guest is loopback only)
+    password: str | None = None
 
     def save(self) -> None:
         _write_atomic(self.base_dir / CLUSTER_FILE, self.model_dump_json(indent=2) + "\n")
+        (self.base_dir / CLUSTER_FILE).chmod(0o600)  # it may hold the password
 
     @classmethod
     def load(cls, base_dir: Path) -> ClusterInfo:
@@ -364,7 +371,7 @@ class LocalNode:
     def __init__(self, base_dir: Path, *, name: str, amqp_port: int | None = None,
                  dist_port: int | None = None, management_port: int | None = None,
                  cookie: str | None = None, server: Path | None = None,
-                 extra_config: Sequence[str] = ()) -> None:
+                 extra_config: Sequence[str] = (), listen: str = HOST, dist_source: str | None = None) -> None:
         if not _NAME_RE.match(name):
             raise ConfigError(f"node name {name!r}: use letters, digits, '-' and '_' (at most 81)",
                               hint="for example name='lab1'")
@@ -397,6 +404,11 @@ class LocalNode:
         self.dist_port: int = dist_port if dist_port is not None else next(chosen)
         self.management_port = management_port
         self.extra_config = list(extra_config)
+        for label, address in (("listen", listen), ("dist_source", dist_source)):
+            if address is not None and not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", address):
+                raise ConfigError(f"{label}={address!r}: an IPv4 address", hint="for example 0.0.0.0 or 127.0.1.2")
+        self.listen = listen
+        self.dist_source = dist_source
         self._cookie = cookie
         self._server = server
         self._child: subprocess.Popen[bytes] | None = None
@@ -444,7 +456,7 @@ class LocalNode:
         return NodeInfo(name=self.name, node_name=self.node_name, base_dir=self.base_dir,
                         amqp_port=self.amqp_port, dist_port=self.dist_port,
                         management_port=self.management_port, pid=self.pid, server=self._server,
-                        extra_config=self.extra_config)
+                        extra_config=self.extra_config, listen=self.listen, dist_source=self.dist_source)
 
     # -- saving and loading
 
@@ -459,7 +471,7 @@ class LocalNode:
         info = NodeInfo.load(base_dir)
         node = cls(Path(base_dir), name=info.name, amqp_port=info.amqp_port, dist_port=info.dist_port,
                    management_port=info.management_port, server=info.server,
-                   extra_config=info.extra_config)
+                   extra_config=info.extra_config, listen=info.listen, dist_source=info.dist_source)
         if node.node_name != info.node_name:
             raise ConfigError(f"{info.path}: node_name {info.node_name} does not match name {info.name}",
                               hint="delete the folder and start the node again")
@@ -579,7 +591,7 @@ class LocalNode:
         self._write_cookie(self.cookie)
         lines = [
             "# A private smslab node (broker/local.py); nothing under /etc/rabbitmq is read.",
-            f"listeners.tcp.1 = {HOST}:{self.amqp_port}",
+            f"listeners.tcp.1 = {self.listen}:{self.amqp_port}",
             "loopback_users.guest = true",
             "log.console = false",
             "log.file.level = info",
@@ -617,7 +629,7 @@ class LocalNode:
             "HOME": str(self.home_dir),
             "RABBITMQ_NODENAME": self.node_name,
             "RABBITMQ_USE_LONGNAME": "false",
-            "RABBITMQ_NODE_IP_ADDRESS": HOST,
+            "RABBITMQ_NODE_IP_ADDRESS": self.listen,
             "RABBITMQ_NODE_PORT": str(self.amqp_port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
@@ -633,9 +645,16 @@ class LocalNode:
             # What /etc/rabbitmq/rabbitmq-env.conf gives the system node (distribution on loopback),
             # plus the marker that finds this node's process again.
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
-                f"-kernel inet_dist_use_interface {{127,0,0,1}} {MARKER} {self.node_name}",
+                f"-kernel inet_dist_use_interface {{127,0,0,1}}{self._dist_source_arg()} {MARKER} {self.node_name}",
         })
         return env
+
+    def _dist_source_arg(self) -> str:
+        """Its distribution connections leave from its own loopback address, so that a firewall
+        rule can tell them from its peers' (``broker/netfault.py``: a partitioned node)."""
+        if self.dist_source is None:
+            return ""
+        return f" -kernel inet_dist_connect_options [{{ip,{{{self.dist_source.replace('.', ',')}}}}}]"
 
     def _await_ready(self, deadline: float, timeout: float, *, launched: bool) -> None:
         launched_at = time.monotonic()
@@ -880,7 +899,7 @@ class LocalCluster:
     their names: ``node(1)`` is the seed the others join, ``urls[0]`` its URL."""
 
     def __init__(self, base_dir: Path, size: int = 3, *, name: str = "cluster", cookie: str | None = None,
-                 server: Path | None = None) -> None:
+                 server: Path | None = None, listen: str = HOST) -> None:
         if not 1 <= size <= 9:
             raise ConfigError(f"cluster size {size}: use 1 to 9 nodes")
         base = Path(base_dir).resolve()
@@ -888,15 +907,22 @@ class LocalCluster:
             first = base / "node1" / "home" / ".erlang.cookie"
             cookie = first.read_text().strip() if first.exists() else secrets.token_hex(20).upper()
         ports = free_ports(2 * size)
+        # pause_minority: a node cut off from the majority stops serving (its clients fail over to
+        # the majority) and rejoins by itself once it sees the others again; what quorum queues
+        # are meant to run with. Each node's distribution connections leave from 127.0.1.I.
         nodes = [LocalNode(base / f"node{i}", name=f"{name}-{i}", amqp_port=ports[2 * i - 2],
-                           dist_port=ports[2 * i - 1], cookie=cookie, server=server)
+                           dist_port=ports[2 * i - 1], cookie=cookie, server=server, listen=listen,
+                           dist_source=f"127.0.1.{i}", extra_config=[PARTITION_HANDLING])
                  for i in range(1, size + 1)]
-        self._setup(base, name, nodes)
+        user, password = (None, None) if listen == HOST else ("smslab", secrets.token_urlsafe(18))
+        self._setup(base, name, nodes, ClusterInfo(name=name, size=size, base_dir=base, listen=listen, user=user,
+                                                   password=password))
 
-    def _setup(self, base: Path, name: str, nodes: list[LocalNode]) -> None:
+    def _setup(self, base: Path, name: str, nodes: list[LocalNode], info: ClusterInfo) -> None:
         self.base_dir = base
         self.name = name
         self._nodes = nodes
+        self._info = info
 
     @classmethod
     def load(cls, base_dir: Path) -> LocalCluster:
@@ -904,8 +930,14 @@ class LocalCluster:
         info = ClusterInfo.load(base_dir)
         base = Path(base_dir).resolve()
         cluster = cls.__new__(cls)
-        cluster._setup(base, info.name, [LocalNode.load(base / f"node{i}") for i in range(1, info.size + 1)])
+        cluster._setup(base, info.name, [LocalNode.load(base / f"node{i}") for i in range(1, info.size + 1)], info)
         return cluster
+
+    @property
+    def listen(self) -> str:
+        """The address the nodes' AMQP listeners are on (127.0.0.1, or 0.0.0.0 for clients in
+        network namespaces of this host)."""
+        return self._info.listen
 
     @property
     def size(self) -> int:
@@ -917,7 +949,11 @@ class LocalCluster:
 
     @property
     def urls(self) -> list[str]:
-        return [n.amqp_url for n in self._nodes]
+        """The nodes' AMQP URLs on 127.0.0.1; with the cluster's own user when it listens beyond
+        loopback (guest may log in from loopback only)."""
+        if self._info.user is None or self._info.password is None:
+            return [n.amqp_url for n in self._nodes]
+        return [f"amqp://{self._info.user}:{self._info.password}@{HOST}:{n.amqp_port}/%2F" for n in self._nodes]
 
     @property
     def node_names(self) -> list[str]:
@@ -934,7 +970,7 @@ class LocalCluster:
         start_app) and return once ``cluster_status`` lists every node running. On failure every
         node is stopped again."""
         deadline = time.monotonic() + timeout
-        ClusterInfo(name=self.name, size=self.size, base_dir=self.base_dir).save()
+        self._info.save()
         try:
             self._each(lambda n: n.start(timeout=max(1.0, deadline - time.monotonic())))
             seed = self._nodes[0]
@@ -947,9 +983,21 @@ class LocalCluster:
                 node.ctl("join_cluster", seed.node_name, timeout=left)
                 node.start_app(timeout=max(5.0, deadline - time.monotonic()))
             self.await_running(timeout=max(1.0, deadline - time.monotonic()))
+            self._ensure_user(seed, timeout=max(5.0, deadline - time.monotonic()))
         except BaseException:
             self._each(lambda n: n.stop(timeout=20), raise_first=False)
             raise
+
+    def _ensure_user(self, node: LocalNode, timeout: float) -> None:
+        """The cluster's own administrator (users are cluster-wide: made once, through node 1)."""
+        user, password = self._info.user, self._info.password
+        if user is None or password is None:
+            return
+        listed = node.ctl("list_users", "--formatter", "json", timeout=timeout)
+        if user not in {row.get("user") for row in json.loads(listed or "[]") if isinstance(row, dict)}:
+            node.ctl("add_user", user, password, timeout=timeout)
+        node.ctl("set_user_tags", user, "administrator", timeout=timeout)
+        node.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*", timeout=timeout)
 
     def await_running(self, timeout: float = 60.0, names: Sequence[str] | None = None) -> list[str]:
         """Wait until ``cluster_status`` lists ``names`` (default: every node) as running."""
@@ -980,6 +1028,10 @@ class LocalCluster:
 
     def running_nodes(self) -> list[str]:
         return list(self.cluster_status().get("running_nodes", []))
+
+    def running_nodes_seen_by(self, node: LocalNode) -> list[str]:
+        """The nodes ``node`` lists running (another node may see otherwise in a partition)."""
+        return list(self._status(node).get("running_nodes", []))
 
     @staticmethod
     def _status(node: LocalNode) -> dict[str, Any]:

@@ -62,10 +62,12 @@ def connection_name(lab: str, site: str) -> str:
 DELIVERY_LIMIT = 50
 
 
-def queue_arguments(queue_type: str, *, dead_letter_to: str | None = None) -> dict[str, object]:
+def queue_arguments(queue_type: str, *, dead_letter_to: str | None = None,
+                    delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
     """The arguments of a lab queue. ``quorum``: a replicated Raft queue (durable; never
     exclusive, auto-delete or with priorities). With ``dead_letter_to`` (an exchange), messages
-    delivered more than DELIVERY_LIMIT times go there with the dead-letter routing key.
+    delivered more than ``delivery_limit`` times (the topology's ``quorum_delivery_limit``,
+    default DELIVERY_LIMIT) go there with the dead-letter routing key.
 
     At-most-once dead-lettering (the default strategy) on purpose: at-least-once needs
     ``x-overflow: reject-publish``, and with it RabbitMQ 3.10 left a channel that began to publish
@@ -77,13 +79,13 @@ def queue_arguments(queue_type: str, *, dead_letter_to: str | None = None) -> di
     args: dict[str, object] = {"x-queue-type": "quorum"}
     if dead_letter_to is not None:
         args.update({
-            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": dead_letter_to,
             "x-dead-letter-routing-key": DEAD_KEY,
         })
     return args
 
 
-def inbox_arguments(queue_type: str, lab: str) -> dict[str, object]:
+def inbox_arguments(queue_type: str, lab: str, delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
     """A site's envelope inbox and its control queue: dead-lettered to the lab's dead queue."""
-    return queue_arguments(queue_type, dead_letter_to=exchange(lab))
+    return queue_arguments(queue_type, dead_letter_to=exchange(lab), delivery_limit=delivery_limit)

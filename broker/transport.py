@@ -46,12 +46,14 @@ class PikaTransport:
         queue_type: str = "classic",
         heartbeat: int = 10,
         neighbours: list[str] | None = None,
+        delivery_limit: int = names.DELIVERY_LIMIT,
     ) -> None:
         self.lab = lab
         self.site = site
         self.neighbours = list(neighbours or [])  # whose link keys bind to our inbox
         self.prefetch = prefetch
         self.queue_type = queue_type
+        self.delivery_limit = delivery_limit  # quorum inboxes: declared with the lab's limit
         # One URL, or the nodes of a cluster: each run() connects to one of them; a failed
         # attempt or a lost connection moves to the next (the caller's backoff grows with
         # ``failures``, the attempts in a row that did not get a working connection).
@@ -196,7 +198,7 @@ class PikaTransport:
         assert self._channel is not None
         ch = self._channel
         lab, site = self.lab, self.site
-        args = dict(names.inbox_arguments(self.queue_type, lab))
+        args = dict(names.inbox_arguments(self.queue_type, lab, self.delivery_limit))
         steps: list[Callable[[Callable[[Any], None]], None]] = [
             lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True,
                                         arguments=declare_args(self.queue_type), callback=cb),
@@ -264,7 +266,7 @@ class PikaTransport:
             ch.queue_bind(queue, names.exchange(self.lab), routing_key=keys[index],
                           callback=lambda _f: bind(index + 1))
 
-        ch.queue_declare(queue, durable=True, arguments=dict(names.inbox_arguments(self.queue_type, self.lab)),
+        ch.queue_declare(queue, durable=True, arguments=dict(names.inbox_arguments(self.queue_type, self.lab, self.delivery_limit)),
                          callback=lambda _f: bind(0))
 
     def _guard(self, fn: Callable[[], None]) -> None:

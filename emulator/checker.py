@@ -547,7 +547,7 @@ def receiver_order(state: LabState) -> list[Violation]:
     return out
 
 
-_SITE_FAULTS = frozenset({"disconnect", "pause"})
+_SITE_FAULTS = frozenset({"disconnect", "pause", "isolate"})
 _TRAFFIC = frozenset({"sent", "applied", "resend", "duplicate", "gap", "stale"})
 
 
@@ -578,7 +578,7 @@ def vacuous_faults(state: LabState) -> list[Violation]:
         if kind in _SITE_FAULTS:
             site = str(detail.get("site") or on.link)
             struck = {f"{a}->{b}" for a, b in state.topology.links() for a, b in ((a, b), (b, a)) if site in (a, b)}
-        elif kind in ("alarm", "broker-node-kill"):
+        elif kind in ("alarm", "broker-node-kill", "broker-partition"):
             struck = None  # every link
         else:
             struck = set(detail.get("links") or [])

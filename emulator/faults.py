@@ -21,6 +21,11 @@ leaves a link cut that ``smslab faults`` does not show, and ``heal`` (or ``down`
 - ``broker-node-kill`` (a lab on a local cluster, ``smslab up --cluster DIR``): SIGKILL of one
   node's process; the sites on it fail over, the quorum queues it led elect new leaders.
   Healing starts the node again and waits until the cluster lists it running.
+- ``isolate`` (a site on a host of its own, ``smslab up --netns``): the site's network namespace
+  loses its link; healing sets it up again (``emulator.hostnet``).
+- ``broker-partition`` (a lab on a local cluster): iptables rules cut one node's Erlang
+  distribution traffic from the other nodes; with ``pause_minority`` the node pauses and its
+  sites fail over. Healing deletes the rules and waits until the node runs in the cluster again.
 
 Each fault reports that it took effect, checked on traffic (a link fault: the relay has seen
 the link's messages; disconnect: the site has no connection; alarm: the broker reports it;
@@ -45,14 +50,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import admin, names, urls
 from broker.control import BrokerControl, ManagementApi, Rabbitmqctl
-from emulator import history
-from emulator.errors import ConfigError, LabError
+from emulator import history, hostnet
+from emulator.errors import ConfigError, LabError, SmslabError
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.shaping import LINK_FAULTS, Shaper
 
 FaultKind = Literal["partition", "drop", "duplicate", "reorder", "delay", "disconnect", "alarm", "pause",
-                    "broker-node-kill"]
-FAULT_KINDS: tuple[str, ...] = (*LINK_FAULTS, "disconnect", "alarm", "pause", "broker-restart", "broker-node-kill")
+                    "broker-node-kill", "isolate", "broker-partition"]
+FAULT_KINDS: tuple[str, ...] = (*LINK_FAULTS, "disconnect", "alarm", "pause", "broker-restart", "broker-node-kill",
+                                "isolate", "broker-partition")
 Progress = Callable[[str], None]
 
 
@@ -425,11 +431,11 @@ def broker_restart(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quie
     progress(f"broker restarted; {len(running)} site(s) reconnected")
 
 
-def _local_cluster(info: LabInfo) -> Any:
+def _local_cluster(info: LabInfo, kind: str = "broker-node-kill") -> Any:
     from broker.local import LocalCluster
 
     if info.broker.kind != "cluster" or not info.broker.node_dir:
-        raise LabError("broker-node-kill needs a lab on a local cluster",
+        raise LabError(f"{kind} needs a lab on a local cluster",
                        hint="smslab broker cluster up --dir DIR, then smslab up --cluster DIR TOPOLOGY")
     return LocalCluster.load(Path(info.broker.node_dir))
 
@@ -453,7 +459,9 @@ def apply_broker_node_kill(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: 
         raise LabError(f"node {victim.node_name} is not running", hint="smslab broker cluster status --dir "
                        f"{cluster.base_dir}")
     where = urls.where(victim.amqp_url)
-    on_it = [c for c in info.topology.depth_order() if lab_dir.pid(c) and lab_dir.broker_node(c) == where]
+    # By port: a site in a network namespace names the node by the host end of its veth.
+    on_it = [c for c in info.topology.depth_order()
+             if lab_dir.pid(c) and (lab_dir.broker_node(c) or "").rsplit(":", 1)[-1] == str(victim.amqp_port)]
     if for_s:
         from emulator import orchestrator
 
@@ -479,6 +487,103 @@ def apply_broker_node_kill(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: 
     progress(f"fault {spec.id}: node {victim.node_name} ({where}, pid {pid}) killed"
              + (f"; the sites on it ({', '.join(on_it)}) fail over" if on_it else "")
              + (f"; started again in {for_s:g}s" if for_s else ""))
+    return spec
+
+
+def apply_isolate(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | None = None,
+                  progress: Progress = _quiet) -> FaultSpec:
+    """The site's host (its network namespace) loses the network; the process runs on."""
+    site = site.upper()
+    info.topology.site(site)
+    host = hostnet.host_of(lab_dir, site)
+    if host is None:
+        raise LabError(f"site {site} is not on a host of its own (it runs in this host's network), so it "
+                       f"cannot be isolated", hint=f"bring the lab up with its sites in network namespaces: "
+                                                  f"smslab up TOPOLOGY --netns {site} (or --netns all)")
+    if not hostnet.exists(host):
+        raise LabError(f"site {site}'s network namespace {host.netns} is gone", hint="smslab down, then up again")
+    if for_s:
+        from emulator import orchestrator
+
+        orchestrator.ensure_daemon(lab_dir, info)
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind == "isolate" and f.site == site:
+                raise LabError(f"{site} is already isolated by fault {f.id}", hint=f"smslab heal {f.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="isolate", target=site, site=site, seed=_seed(None), since=now,
+                         until=now + for_s if for_s else None)
+        save(lab_dir, spec)
+        hostnet.isolate(host)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site,
+                       detail={"kind": "isolate", "netns": host.netns, "address": host.ns_address, "for": for_s})
+    # Taken effect: the link is down and no broker node answers from inside the namespace.
+    reached = [urls.where(u) for u in hostnet.urls_from(host, info.amqp_urls)[:1] if hostnet.reachable(host, u, 1.0)]
+    if hostnet.link_up(host) or reached:
+        heal(lab_dir, info, spec.id, verified=False)
+        raise LabError(f"fault {spec.id}: {site}'s namespace {host.netns} still reaches "
+                       f"{', '.join(reached) or 'the network'}; it was healed")
+    progress(f"fault {spec.id}: {site}'s host ({host.netns}, {host.ns_address}) is cut off the network"
+             + (f" for {for_s:g}s" if for_s else "; smslab heal brings it back"))
+    return spec
+
+
+def apply_broker_partition(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: float | None = None,
+                           verify: float = 90.0, progress: Progress = _quiet) -> FaultSpec:
+    """One node of the lab's local cluster cut off from the others (its distribution traffic);
+    taken effect once the other nodes no longer list it running."""
+    why = hostnet.missing(("iptables",))
+    if why:
+        raise LabError(f"broker-partition cannot cut a node off here: {why}",
+                       hint="run as root with iptables installed")
+    cluster = _local_cluster(info, "broker-partition")
+    index = _cluster_node(cluster, node)
+    victim = cluster.node(index)
+    others = [n for n in cluster.nodes if n is not victim]
+    if victim.dist_source is None or any(n.dist_source is None for n in others):
+        raise LabError(f"the cluster in {cluster.base_dir} was started before its nodes had distribution addresses "
+                       "of their own", hint="smslab broker cluster down, then up again")
+    if not victim.is_running():
+        raise LabError(f"node {victim.node_name} is not running", hint="smslab broker cluster status --dir "
+                       f"{cluster.base_dir}")
+    if for_s:
+        from emulator import orchestrator
+
+        orchestrator.ensure_daemon(lab_dir, info)
+    with locked(lab_dir):
+        for f in active(lab_dir):
+            if f.kind in ("broker-partition", "broker-node-kill"):
+                raise LabError(f"fault {f.id} ({f.describe()}) is on a node already: one node at a time keeps "
+                               "the majority", hint=f"smslab heal {f.id}")
+        now = time.time()
+        spec = FaultSpec(id=_new_id(lab_dir), kind="broker-partition", target=victim.node_name, seed=_seed(None),
+                         since=now, until=now + for_s if for_s else None, params={"node": float(index)})
+        save(lab_dir, spec)
+        rules = hostnet.partition_rules((victim.dist_source, victim.dist_port),
+                                        [(str(n.dist_source), n.dist_port) for n in others])
+        hostnet.add_chain(hostnet.chain_name(info.lab_id, spec.id), rules)
+        spec.state = "on"
+        save(lab_dir, spec)
+        history.record(lab_dir, "fault_on", link="broker", fault=spec.id,
+                       detail={"kind": "broker-partition", "node": victim.node_name,
+                               "where": urls.where(victim.amqp_url), "for": for_s})
+    deadline = time.monotonic() + verify
+    while True:
+        try:
+            seen = set(cluster.running_nodes_seen_by(others[0]))
+        except SmslabError:
+            seen = {victim.node_name}
+        if victim.node_name not in seen:
+            break
+        if time.monotonic() > deadline:
+            heal(lab_dir, info, spec.id, verified=False)
+            raise LabError(f"fault {spec.id}: {others[0].node_name} still lists {victim.node_name} running "
+                           f"{verify:.0f}s after its distribution traffic was cut; it was healed")
+        time.sleep(0.3)
+    progress(f"fault {spec.id}: node {victim.node_name} cut off from {', '.join(n.node_name for n in others)}"
+             + (f" for {for_s:g}s" if for_s else "; smslab heal joins it again"))
     return spec
 
 
@@ -531,6 +636,15 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
             index = int(spec.params["node"])
             if not cluster.node(index).is_running():
                 cluster.restart_node(index, timeout=120)
+        elif spec.kind == "isolate" and spec.site:
+            host = hostnet.host_of(lab_dir, spec.site)
+            if host is not None:
+                hostnet.reconnect(host)
+        elif spec.kind == "broker-partition":
+            # The rules go; the paused node sees the majority again and starts serving.
+            hostnet.delete_chain(hostnet.chain_name(info.lab_id, spec.id))
+            cluster = _local_cluster(info, spec.kind)
+            cluster.await_running(timeout=180)
     if spec.is_link_fault:
         _drain(lab_dir, info, spec, wait_drain)
     with locked(lab_dir):

@@ -14,11 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import admin, urls
-from emulator import backup, history
+from emulator import backup, history, hostnet
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id, write_atomically
 from emulator.topology import load_topology
@@ -31,7 +31,7 @@ def _quiet(_msg: str) -> None:
 
 
 def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 60.0,
-       progress: Progress = _quiet, broker: BrokerRef | None = None) -> LabInfo:
+       progress: Progress = _quiet, broker: BrokerRef | None = None, netns: Sequence[str] = ()) -> LabInfo:
     topology = load_topology(topology_path)  # refused here, before anything starts
     if lab_dir.exists():
         refuse_existing(lab_dir)
@@ -41,6 +41,8 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     lab_dir.save(info)
     (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     codes = topology.depth_order()
+    if netns:
+        place_in_namespaces(lab_dir, info, hostnet.check_codes(netns, codes), progress)
     ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
     ensure_zygote(lab_dir)  # sites are forked from it: a fork each, not an interpreter start
@@ -49,6 +51,23 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     ensure_daemon(lab_dir, info)
     wait_attached(lab_dir, info, codes, timeout=timeout, progress=progress)
     return info
+
+
+def place_in_namespaces(lab_dir: LabDir, info: LabInfo, codes: list[str], progress: Progress = _quiet) -> None:
+    """Each site of ``codes`` gets a network namespace of its own (a host of its own) and must
+    reach every broker node from there; else the namespaces are deleted and ``up`` refused."""
+    made = hostnet.create_hosts(lab_dir, info.lab_id, codes, info.topology.depth_order())
+    for host in made:
+        unreachable = [urls.where(u) for u in hostnet.urls_from(host, info.amqp_urls)
+                       if not hostnet.reachable(host, u)]
+        if unreachable:
+            hostnet.delete_hosts(lab_dir)
+            raise LabError(f"from {host.site}'s network namespace {host.netns} ({host.ns_address}) no broker "
+                           f"answers at {', '.join(unreachable)}: the brokers listen on loopback only",
+                           hint="start the cluster with smslab broker cluster up --listen 0.0.0.0, or give "
+                                "--amqp URLs of brokers the namespaces reach")
+        progress(f"  {host.site} on its own host: network namespace {host.netns}, {host.ns_address} "
+                 f"(brokers at {host.host_address})")
 
 
 def refuse_existing(lab_dir: LabDir) -> None:
@@ -72,14 +91,24 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
                        hint=f"smslab stop {code} first")
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["--lab", str(lab_dir.path), "--site", code, *(extra or [])]
-    pid = _fork_from_zygote(lab_dir, code, argv)
-    if pid is not None:
-        lab_dir.write_pid(code, pid)
-        return pid
+    site_argv = ["--lab", str(lab_dir.path), "--site", code, *(extra or [])]
+    argv = [sys.executable, "-m", "sites", *site_argv]
+    host = hostnet.host_of(lab_dir, code)
+    if host is not None:
+        # On a host of its own: inside its namespace, with the brokers where it reaches them
+        # (not from the forkserver: a fork stays in the forkserver's network namespace).
+        if not hostnet.exists(host):
+            raise LabError(f"site {code}'s network namespace {host.netns} is gone",
+                           hint="smslab down and up the lab again")
+        argv = [*hostnet.exec_prefix(host), *argv, "--amqp", urls.join(hostnet.urls_from(host, lab_dir.load().amqp_urls))]
+    else:
+        pid = _fork_from_zygote(lab_dir, code, site_argv)
+        if pid is not None:
+            lab_dir.write_pid(code, pid)
+            return pid
     with open(lab_dir.log_file(code), "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
+            argv,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -195,7 +224,7 @@ def ensure_broker_objects(lab_dir: LabDir, info: LabInfo) -> None:
 
     topo = info.topology
     admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type, topo.links(),
-                      diverted=faults.diverted_links(lab_dir))
+                      diverted=faults.diverted_links(lab_dir), delivery_limit=topo.settings.quorum_delivery_limit)
 
 
 def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:
@@ -376,6 +405,8 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
     finally:
         from emulator import brokers
 
+        if hostnet.delete_hosts(lab_dir):
+            progress("deleted the sites' network namespaces")
         released = brokers.release(info.broker)
         if released:
             progress(released)

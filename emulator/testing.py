@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,10 +74,11 @@ class Lab:
         self.info: LabInfo | None = None
 
     # lifetime
-    def up(self, topology_text: str, timeout: float = 60.0, broker: BrokerRef | None = None) -> LabInfo:
+    def up(self, topology_text: str, timeout: float = 60.0, broker: BrokerRef | None = None,
+           netns: Sequence[str] = ()) -> LabInfo:
         path = self.root / "topology.yaml"
         path.write_text(topology_text)
-        self.info = orchestrator.up(path, self.dir, self.url, timeout=timeout, broker=broker)
+        self.info = orchestrator.up(path, self.dir, self.url, timeout=timeout, broker=broker, netns=netns)
         return self.info
 
     def down(self) -> None:

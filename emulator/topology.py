@@ -153,6 +153,9 @@ class Settings(BaseModel):
     """Broker prefetch per site."""
     queue_type: QueueType = "classic"
     """``classic`` or ``quorum`` (for a clustered broker)."""
+    quorum_delivery_limit: int = Field(default=50, ge=1, le=1_000_000)
+    """Quorum queues: deliveries of one message past which the broker dead-letters it (a message
+    that ends every consumer that takes it); a dead-lettered envelope is resent by its sender."""
     history_retention: float = Field(default=3600.0, ge=0)
     """Seconds a site keeps its history events (0: forever); the lab's history.jsonl keeps what
     was merged into it before."""

@@ -60,6 +60,7 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
     transport = PikaTransport(
         amqp or info.amqp_url, lab=info.lab_id, site=site,
         prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
+        delivery_limit=topology.settings.quorum_delivery_limit,
         neighbours=[p for p in [topology.parent(site), *topology.children(site)] if p],
     )
     runtime = SiteRuntime(lab=info.lab_id, topology=topology, site=site, store=store, clients=clients,

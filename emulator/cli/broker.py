@@ -42,7 +42,7 @@ def cmd_up(args: argparse.Namespace, _lab_dir: LabDir) -> int:
         if base.exists() and any(base.iterdir()):
             raise ConfigError(f"{base} exists and is not a cluster's folder",
                               hint="choose an empty or new --dir")
-        cluster = LocalCluster(base, args.nodes, name=_cluster_name(base))
+        cluster = LocalCluster(base, args.nodes, name=_cluster_name(base), listen=args.listen)
         tell(f"starting {args.nodes} RabbitMQ nodes in {base} and clustering them")
     cluster.start(timeout=args.timeout)
     if args.json:
@@ -127,5 +127,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         add_json(v)
         if verb == "up":
             v.add_argument("--nodes", type=_positive, default=3, help="how many nodes (default 3)")
+            v.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS",
+                           help="where AMQP listens (default 127.0.0.1); 0.0.0.0 lets sites in network "
+                                "namespaces of this host reach the nodes, with a user of the cluster's own")
         if verb != "status":
             v.add_argument("--timeout", type=float, default=180.0, help="seconds to wait (default 180)")

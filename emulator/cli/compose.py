@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import urls
-from emulator import orchestrator
+from emulator import brokers, orchestrator
 from emulator.cli.common import emit_json, say
 from emulator.compose import compose_file, relative_topology
 from emulator.errors import BrokerUnavailable, ConfigError
@@ -48,6 +48,13 @@ def cmd_compose_init(args: argparse.Namespace, lab_dir: LabDir) -> int:
         lab_dir.save(info)
         (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     deadline = time.monotonic() + args.timeout
+    # On a cluster every node first: a quorum queue's members are the nodes there when it is declared.
+    for node_url in info.amqp_urls if len(info.amqp_urls) > 1 else []:
+        while (why := brokers.answers(node_url)) is not None:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"broker node {urls.where(node_url)} did not answer within "
+                                        f"{args.timeout:.0f}s: {why}", hint="docker compose logs rabbitmq-2 rabbitmq-3")
+            time.sleep(1)
     while True:
         try:
             orchestrator.ensure_broker_objects(lab_dir, info)

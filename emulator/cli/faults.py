@@ -35,6 +35,10 @@ def cmd_fault(args: argparse.Namespace, lab_dir: LabDir) -> int:
         spec = None
     elif kind == "broker-node-kill":
         spec = faults.apply_broker_node_kill(lab_dir, info, args.node, for_s=args.for_s, progress=tell)
+    elif kind == "isolate":
+        spec = faults.apply_isolate(lab_dir, info, known_site(lab_dir, args.site), for_s=args.for_s, progress=tell)
+    elif kind == "broker-partition":
+        spec = faults.apply_broker_partition(lab_dir, info, args.node, for_s=args.for_s, progress=tell)
     else:  # pragma: no cover - argparse allows only the kinds above
         raise ConfigError(f"unknown fault {kind!r}")
     if args.json:
@@ -175,6 +179,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
             "healing starts it again", kinds)
     s.add_argument("node", metavar="NODE", help="its number (1, 2, 3), node name or HOST:PORT")
     s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="start it again after S seconds")
+    add_json(s)
+    s = add("isolate", cmd_fault, "cut a site's host off the network (a site of smslab up --netns: its namespace's "
+            "link goes down); healing brings it back", kinds)
+    s.add_argument("site")
+    s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="bring it back after S seconds")
+    add_json(s)
+    s = add("broker-partition", cmd_fault, "cut one node of the lab's local cluster off from the others (iptables "
+            "on their distribution traffic); healing joins it again", kinds)
+    s.add_argument("node", metavar="NODE", help="its number (1, 2, 3), node name or HOST:PORT")
+    s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="heal it after S seconds")
     add_json(s)
 
     add_json(add("faults", cmd_faults, "the faults that are on, and what each has done so far"))

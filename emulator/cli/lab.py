@@ -36,7 +36,8 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
     else:
         url, ref = brokers.broker_for_lab(lab_dir, given, progress=tell)
     try:
-        info = orchestrator.up(Path(args.topology), lab_dir, url, timeout=args.timeout, progress=tell, broker=ref)
+        info = orchestrator.up(Path(args.topology), lab_dir, url, timeout=args.timeout, progress=tell, broker=ref,
+                               netns=[c for v in args.netns or [] for c in v.split(",") if c.strip()])
     except BaseException:
         if ref.kind != "external" and not lab_dir.exists():
             brokers.release(ref)
@@ -251,6 +252,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--cluster", metavar="DIR",
                    help="use the local RabbitMQ cluster in DIR (smslab broker cluster up --dir DIR): its "
                         "nodes' URLs, and node faults (fault broker-node-kill) on it")
+    s.add_argument("--netns", action="append", metavar="SITES",
+                   help="run these sites (comma-separated, or all) each on a host of its own: a network "
+                        "namespace with its own interface to this host (root; the brokers must listen "
+                        "beyond loopback); fault isolate cuts one off; down deletes them")
     s.add_argument("--timeout", type=positive, default=60.0, help="seconds to wait for every site")
     add_json(s)
     s = add("down", cmd_down, "heal every fault, stop every site, delete the lab's broker objects")
