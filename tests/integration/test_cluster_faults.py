@@ -30,7 +30,7 @@ from emulator import history, hostnet
 from emulator.testing import Lab, topology_yaml, wait_for
 from tests.integration.test_cluster import queue_types
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # minutes each: .ci/run runs them after the default run
 
 SITES: list[dict[str, Any]] = [
     {"code": "CEN", "type": "central", "clients": 0},
