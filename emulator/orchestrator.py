@@ -69,9 +69,11 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
                        hint=f"smslab stop {code} first")
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
-    with open(lab_dir.log_file(code), "ab") as log:
+    # The site writes (and rotates) its own site.log; what escapes its logging goes to site.out.
+    with open(lab_dir.out_file(code), "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code, *(extra or [])],
+            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code,
+             "--log", str(lab_dir.log_file(code)), *(extra or [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
@@ -101,7 +103,7 @@ def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: 
             if lab_dir.pid(code) is None:
                 raise LabError(
                     f"site {code} exited during start-up",
-                    hint=f"see its log: {lab_dir.log_file(code)}",
+                    hint=f"see its log: {lab_dir.log_file(code)} (and {lab_dir.out_file(code).name} beside it)",
                 )
             try:
                 answer = admin.control_request(info.amqp_url, info.lab_id, code, {"cmd": "ping"}, timeout=2)
@@ -130,7 +132,7 @@ def ensure_broker_objects(lab_dir: LabDir, info: LabInfo) -> None:
 
     topo = info.topology
     admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type, topo.links(),
-                      diverted=faults.diverted_links(lab_dir))
+                      diverted=faults.diverted_links(lab_dir), dead_letter_max=topo.settings.dead_letter_max)
 
 
 def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:
