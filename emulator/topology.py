@@ -102,6 +102,9 @@ class Workload(BaseModel):
     """Between admin actions (packages, advertisements, collections); not at secondaries."""
     scf_interval: float = Field(default=15.0, ge=0)
     """Between site control changes of one site."""
+    max_objects: int = Field(default=200, ge=0)
+    """Live objects a site's administrator keeps: with this many, an admin action deletes one
+    instead of creating another (0: no limit), so a long run holds a bounded set of objects."""
 
 
 class WorkloadOverride(BaseModel):
@@ -114,6 +117,7 @@ class WorkloadOverride(BaseModel):
     status_interval: float | None = Field(default=None, ge=0)
     object_interval: float | None = Field(default=None, ge=0)
     scf_interval: float | None = Field(default=None, ge=0)
+    max_objects: int | None = Field(default=None, ge=0)
 
     def apply(self, base: Workload) -> Workload:
         """Return ``base`` with the keys set here replaced."""

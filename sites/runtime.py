@@ -858,9 +858,10 @@ class SiteRuntime:
     def _random_admin_action(self, now: float) -> None:
         own = self.store.objects(origin=self.site, include_deleted=False)
         roll = self._rng.random()
+        most = self.topology.workload_of(self.site).max_objects
         if own and roll < 0.25:
             self.update_object(self._rng.choice(own)["id"], None, False, now)
-        elif own and roll < 0.32:
+        elif own and (roll < 0.32 or 0 < most <= len(own)):
             self.update_object(self._rng.choice(own)["id"], None, True, now)
         else:
             self.create_object(self._rng.choice(OBJECT_KINDS), None, now)
