@@ -187,6 +187,22 @@ class LabDir:
             return pid
         return pid if b"emulator.labd" in argv else None
 
+    def zygote_socket(self) -> Path:
+        return self.path / "zygote.sock"
+
+    def zygote_log(self) -> Path:
+        return self.path / "zygote.log"
+
+    def zygote_pid(self) -> int | None:
+        """The pid of the lab's site forkserver (``sites.zygote``) if it is alive, else None."""
+        try:
+            pid = int((self.path / "zygote.pid").read_text().split()[0])
+            os.kill(pid, 0)
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if b"sites.zygote" in argv and not _is_zombie(pid) else None
+
     def alive_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.alive"
 
@@ -249,7 +265,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 def _is_site_process(pid: int, code: str) -> bool:
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        # a site forked by the lab's forkserver has its command line set as one string
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
     except OSError:
         return True  # no /proc to ask: trust the pid file
     return b"sites" in argv and code.encode() in argv

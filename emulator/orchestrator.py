@@ -6,9 +6,11 @@ requests) and the lab directory; it never imports the site runtime.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     codes = topology.depth_order()
     ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
+    ensure_zygote(lab_dir)  # sites are forked from it: a fork each, not an interpreter start
     for code in codes:
         spawn(lab_dir, code)
     ensure_daemon(lab_dir, info)
@@ -70,15 +73,76 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
     # The site writes (and rotates) its own site.log; what escapes its logging goes to site.out.
+    argv = ["--lab", str(lab_dir.path), "--site", code, "--log", str(lab_dir.log_file(code)), *(extra or [])]
+    pid = _fork_from_zygote(lab_dir, code, argv)
+    if pid is not None:
+        lab_dir.write_pid(code, pid)
+        return pid
     with open(lab_dir.out_file(code), "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sites", "--lab", str(lab_dir.path), "--site", code,
-             "--log", str(lab_dir.log_file(code)), *(extra or [])],
+            [sys.executable, "-m", "sites", *argv],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
     lab_dir.write_pid(code, proc.pid)
     return proc.pid
+
+
+def _fork_from_zygote(lab_dir: LabDir, code: str, argv: list[str]) -> int | None:
+    """A site process forked by the lab's forkserver (``sites.zygote``), or None when there is
+    none to ask or it did not answer (the caller then starts ``python -m sites`` itself)."""
+    if lab_dir.zygote_pid() is None:
+        return None
+    request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "log": str(lab_dir.out_file(code))}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(lab_dir.zygote_socket()))
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        pid = json.loads(answer).get("pid")
+    except (OSError, ValueError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def ensure_zygote(lab_dir: LabDir, timeout: float = 20.0) -> int | None:
+    """The lab's site forkserver, started if it is not running; None if it did not come up
+    (sites are then started as plain ``python -m sites`` processes)."""
+    if os.environ.get("SMSLAB_NO_FORKSERVER"):
+        return None  # every site a `python -m sites` of its own (slower to start, nothing shared)
+    pid = lab_dir.zygote_pid()
+    if pid is not None:
+        return pid
+    with open(lab_dir.zygote_log(), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sites.zygote", "--lab", str(lab_dir.path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not (lab_dir.zygote_pid() == proc.pid and lab_dir.zygote_socket().exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            return None
+        time.sleep(0.05)
+    return proc.pid
+
+
+def stop_zygote(lab_dir: LabDir) -> None:
+    pid = lab_dir.zygote_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_pid(pid, 10):
+        os.kill(pid, signal.SIGKILL)
+        _wait_pid(pid, 5)
 
 
 def attached(info: LabInfo, code: str, answer: dict[str, object]) -> bool:
@@ -302,6 +366,7 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
             wait_exit(lab_dir, code, pid, 5)
     progress(f"stopped {len(pids)} site process(es)")
     stop_daemon(lab_dir)
+    stop_zygote(lab_dir)
     try:
         history.merge(lab_dir, info)
     except SmslabError:

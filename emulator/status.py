@@ -8,6 +8,7 @@ from typing import Any
 from broker import urls
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.sequencing import LinkState, health
+from emulator.protocol.signing import fingerprint
 from sites.store import SiteStore, read_only
 
 
@@ -190,6 +191,8 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             "recent_status": recent,
             "tables": tables,
             "store_bytes": sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file()),
+            # hardened mode: the keys pinned here per origin (emulator.protocol.signing)
+            "keys": {site: {"inc": inc, "fingerprint": fingerprint(pub)} for site, (inc, pub) in store.site_keys().items()},
         }
     finally:
         store.close()
@@ -219,6 +222,9 @@ def render_diag(d: dict[str, Any]) -> str:
         lines.append("drops recorded: " + "; ".join(
             f"from {src}: " + ", ".join(f"{r} {n}" for r, n in sorted(rs.items()))
             for src, rs in sorted(d["drops"].items())))
+    if d.get("keys"):
+        lines.append("keys pinned (hardened): " + ", ".join(
+            f"{site} {k['fingerprint']} (incarnation {k['inc']})" for site, k in sorted(d["keys"].items())))
     if d["recent_status"]:
         lines.append("recent status messages (newest first, heartbeats left out)")
         for m in d["recent_status"]:

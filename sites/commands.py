@@ -102,4 +102,27 @@ def preinst(rt: SiteRuntime, command: ctl.Command, now: float) -> dict[str, Any]
         rt.status(sid.SITE_DELETED, "info",
                   f"delsite: deleted {removed} record(s) of site {target} and {jobs} job(s)", now)
         return {"deleted": removed, "jobs": jobs}
+    if isinstance(command, ctl.Key | ctl.TrustKey):
+        return keys(rt, command, now)
     raise SmslabError(f"unknown control command {command.cmd!r}")
+
+
+def keys(rt: SiteRuntime, command: ctl.Key | ctl.TrustKey, now: float) -> dict[str, Any]:
+    """Hardened mode's keys: show this site's, or pin another site's by hand."""
+    from emulator.protocol import signing
+
+    if not rt.signing:
+        raise SmslabError(f"{rt.site} signs nothing: keys are hardened mode's (this lab runs {rt.mode})",
+                          hint="mode: hardened in the topology's settings")
+    if isinstance(command, ctl.TrustKey):
+        if command.site == rt.site:
+            raise SmslabError(f"{rt.site} does not pin its own key")
+        try:
+            signing.verify_key(command.pub)
+        except ValueError as exc:
+            raise SmslabError(f"not an Ed25519 public key: {exc}") from exc
+        rt.pin(command.site, signing.Pin(command.inc, command.pub), now, why="pinned by hand (keyforparent/keyforchild)")
+        return {"site": command.site, "inc": command.inc, "fingerprint": signing.fingerprint(command.pub)}
+    me = rt.signer()
+    return {"site": rt.site, "inc": me.inc, "pub": me.pub, "fingerprint": signing.fingerprint(me.pub),
+            "pins": {site: {"inc": pin.inc, "fingerprint": pin.fingerprint} for site, pin in sorted(rt.pins().items())}}

@@ -75,6 +75,7 @@ class RecoveryHost(Protocol):
     status_serial: int
     alloc: dict[str, int]
     state: str
+    signing: bool
     clock: Callable[[], float]
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
@@ -87,6 +88,8 @@ class RecoveryHost(Protocol):
              op: Literal["upsert", "delete"] = ..., hash_: str | None = ...) -> None: ...
 
     def status(self, message_id: int, severity: str, text: str, now: float) -> None: ...
+
+    def rekey(self) -> Any: ...
 
     def send_scf(self, now: float) -> None: ...
 
@@ -246,6 +249,8 @@ class Recovery:
         rt = self.rt
         rt.txn_id = plan.txn_id
         rt.incarnation = plan.incarnation
+        if rt.signing:
+            rt.rekey()  # a new key for the new incarnation: the restored one's is retired with it
         rt.alloc["object"] = plan.object_next
         rt.scf_serial = plan.scf_serial
         rt.status_serial = plan.status_serial

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from broker import names
 from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
-from emulator.protocol import admission, codec, retention
+from emulator.protocol import admission, codec, retention, signing
 from emulator.protocol import control as ctl
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
@@ -63,7 +63,11 @@ WORKLOAD_TICK_MAX = 0.5  # the longest: a stop (SIGTERM), a pause or new rates a
 # Protocol bugs planted on purpose, to show that a seed sweep of the simulator finds them
 # (``SMSLAB_PLANTED_BUG=purge-past-ack``: an ack purges one envelope more than it acknowledges).
 # Never set outside those tests.
-PLANTED_BUGS = frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
+def planted_bugs() -> frozenset[str]:
+    return frozenset(b for b in os.environ.get("SMSLAB_PLANTED_BUG", "").split(",") if b)
+
+
+PLANTED_BUGS = planted_bugs()
 
 _COUNTERS = ("txn_id", "incarnation", "scf_serial", "status_serial", "state")
 
@@ -178,9 +182,17 @@ class SiteRuntime:
         self._last_prune = 0.0
         self.on_tick_hooks: list[Callable[[], None]] = []
         self._rng = random.Random(f"{site}-objects")
+        # hardened mode signs what this site originates and verifies what it receives
+        # (emulator.protocol.signing): its key of this incarnation, the keys pinned per origin
+        self.signing = self.mode == "hardened"
+        self._signer: signing.Signer | None = None
+        self._pins: dict[str, signing.Pin] | None = None
+        self._sig_checks: dict[int, signing.Check] = {}  # this packet's envelopes, by id()
         self._load_counters()
         with store.transaction():
             store.begin_run(self.run_id, self.clock())
+            if self.signing:
+                self.rekey()
         self.recovery = Recovery(self)
         self.on_tick_hooks.append(self.recovery.tick)
         self.on_tick_hooks.append(self.recovery.peer_tick)
@@ -255,6 +267,8 @@ class SiteRuntime:
         self.state = saved.state
         self.workload_paused = saved.workload_paused
         self.recovery.restore_agent(saved.agent)
+        self._signer = None  # read back from the store, like the rest
+        self._pins = None
 
     def _send_mark(self) -> SendMark:
         return SendMark(self.txn_id, self.scf_serial, self.status_serial, self.alloc["object"],
@@ -527,6 +541,8 @@ class SiteRuntime:
                                         descendants=self._descendants)
                 if why:
                     raise RefusedInput(f"refused: {why}", peer)
+        if self.signing:
+            self._check_signatures(link, packet)
         data = [(m.data_class.value, m.key, m.data_class.upward) for m in packet.messages if isinstance(m, Envelope)]
         if len(data) > 1:  # what the envelopes will look up, read at once
             self.store.prefetch(peer, [(c, k) for c, k, _ in data], [(c, k) for c, k, up in data if up])
@@ -552,12 +568,22 @@ class SiteRuntime:
         receipt = seq.receive(link, env, mode=self.mode,
                               watermark=self.store.watermark(peer, env.data_class.value, env.key),
                               applied_hash=applied_hash, now=now, sync_interval=self.settings.sync_interval)
-        if receipt.apply:
+        check = self._sig_checks.get(id(env)) if self.signing else None
+        if receipt.apply and check is not None and check.outcome is signing.Outcome.RETIRED:
+            # signed with a key its origin's recovery retired: consumed, refused with the reason
+            receipt = seq.unappliable(link, env, drop="retired_key")
+            out.dead.append((wire.encode_message(env), f"refused: {check.reason}"))
+            self._envelope_event("unappliable", name, env, now, {"reason": check.reason[:300]})
+            self._told_retired(env, check.reason, now)
+        elif receipt.apply:
             self.store.savepoint("envelope")
             mark = self._send_mark()
             try:
                 self.store.set_watermark(peer, env.data_class.value, env.key, env.txn_id)
                 version = self._apply(env, now)
+                if check is not None and check.pin is not None:
+                    self.pin(env.origin, check.pin, now,
+                             why=f"{env.origin} was recovered" if check.rotated else f"first heard of {env.origin}")
             except Exception as exc:  # noqa: BLE001 - well-formed but unappliable: consume, record, keep
                 self.store.rollback_to("envelope")
                 self.store.release("envelope")
@@ -696,12 +722,78 @@ class SiteRuntime:
         self.status(sid.SCM_DONE, "info", f"processed delta site control file {serial}", now)
         self.send_scf(now)
 
+    # -- signatures (hardened mode) ---------------------------------------------------------
+
+    def rekey(self) -> signing.Signer:
+        """This incarnation's signing key, made (and kept in the store) when the incarnation
+        has none yet: at the first start, and when a recovery moved the incarnation on."""
+        seed = self.store.signing_seed(self.incarnation)
+        if seed is None:
+            seed = self.rng.randbytes(32)
+            self.store.set_signing_seed(self.incarnation, seed)
+        self._signer = signing.Signer(seed, self.incarnation)
+        return self._signer
+
+    def signer(self) -> signing.Signer:
+        if self._signer is None or self._signer.inc != self.incarnation:
+            return self.rekey()
+        return self._signer
+
+    def sign(self, cls: DataClass, key: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.signer().sign(self.site, cls.value, key, op, payload)
+
+    def pins(self) -> dict[str, signing.Pin]:
+        if self._pins is None:
+            self._pins = {site: signing.Pin(inc, pub) for site, (inc, pub) in self.store.site_keys().items()}
+        return self._pins
+
+    def pin(self, origin: str, pin: signing.Pin, now: float, *, why: str) -> None:
+        """Pin ``origin``'s key (in this transaction)."""
+        before = self.pins().get(origin)
+        self.store.pin_key(origin, pin.inc, pin.pub, now)
+        self.pins()[origin] = pin
+        self.event("key", now, inc=pin.inc, detail={"site": origin, "key": pin.fingerprint, "why": why})
+        if before is not None:
+            self.status(sid.KEY_CHANGED, "info" if pin.inc > before.inc else "warning",
+                        f"the key of {origin} is now {pin.fingerprint} (incarnation {pin.inc}; was"
+                        f" {before.fingerprint}, incarnation {before.inc}): {why}", now)
+
+    def _told_retired(self, env: Envelope, reason: str, now: float) -> None:
+        sig = env.payload.get(signing.SIG) or {}
+        told = self.store.get_meta(f"retired_told:{env.origin}")
+        if told != str(sig.get("inc")):
+            self.store.set_meta(f"retired_told:{env.origin}", sig.get("inc"))
+            self.status(sid.KEY_RETIRED, "warning", f"refused {env.data_class.value} {env.key!r}"
+                        f" from {env.source}: {reason}", now)
+
+    def _check_signatures(self, link: seq.LinkState, packet: wire.Packet) -> None:
+        """Every envelope of the packet against the pins (and what earlier envelopes of the
+        packet would pin): a forgery refuses the packet; the rest is kept for the receive."""
+        self._sig_checks.clear()
+        pins = dict(self.pins())
+        for m in packet.messages:
+            if not isinstance(m, Envelope) or link.quarantined or m.incarnation != link.their_incarnation \
+                    or m.link_seq < link.next_expected:
+                continue  # fenced, quarantined or a repeat: sequencing applies none of them
+            result = signing.check(m.origin, m.data_class.value, m.key, m.op, m.payload,
+                                   pinned=pins.get(m.origin),
+                                   neighbour_incarnation=link.their_incarnation if m.origin == m.source else None)
+            if result.outcome is signing.Outcome.FORGED:
+                raise RefusedInput(f"refused: {m.data_class.value} {m.key!r} from {m.source} (origin"
+                                   f" {m.origin}): {result.reason}", link.peer)
+            if result.pin is not None:
+                pins[m.origin] = result.pin
+            self._sig_checks[id(m)] = result
+
     # -- originating ----------------------------------------------------------------------
 
     def emit(self, peer: str, cls: DataClass, key: str, origin: str, payload: dict[str, Any],
              op: Literal["upsert", "delete"] = "upsert", hash_: str | None = None) -> None:
         """Queue one envelope for a peer; ``hash_`` is the payload's hash when already known."""
         link = self.links[peer]
+        if self.signing and origin == self.site and not self.signer().signed_by_me(payload):
+            payload = self.sign(cls, key, op, payload)  # a record of ours from before a recovery
+            hash_ = None
         self.txn_id += 1
         seq_no = link.next_send_seq
         digest = hash_ or content_hash(payload)
@@ -717,6 +809,8 @@ class SiteRuntime:
     def originate_site_data(self, cls: DataClass, key: str, version: int, payload: dict[str, Any],
                             now: float) -> None:
         """Data made at this site: store it here and send it up."""
+        if self.signing:
+            payload = self.sign(cls, key, "upsert", payload)
         self.store.upsert_site_data(cls.value, key, self.site, version, payload, now)
         if self.parent and self.state != "quarantined":
             self.emit(self.parent, cls, key, self.site, payload)
@@ -774,6 +868,8 @@ class SiteRuntime:
         return obj
 
     def _publish_object(self, obj: dict[str, Any], now: float) -> None:
+        if self.signing:
+            obj = self.sign(DataClass(obj["kind"]), obj["id"], "delete" if obj["deleted"] else "upsert", obj)
         self.store.upsert_object(obj, via=self.site, now=now)
         if self.state == "quarantined":
             return

@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS events (
     idx INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
     link TEXT, seq INTEGER, txn INTEGER, data_class TEXT, key TEXT, hash TEXT, inc INTEGER,
     detail TEXT);
+CREATE TABLE IF NOT EXISTS site_keys (
+    site TEXT PRIMARY KEY, inc INTEGER NOT NULL, pub TEXT NOT NULL, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signing_key (inc INTEGER PRIMARY KEY, seed TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (run TEXT PRIMARY KEY, first_idx INTEGER NOT NULL, started REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS watermark_floor (
     source TEXT NOT NULL, data_class TEXT NOT NULL, txn INTEGER NOT NULL,
@@ -308,6 +311,28 @@ class SiteStore:
     def get_int(self, key: str, default: int = 0) -> int:
         value = self.get_meta(key)
         return int(value) if value is not None else default
+
+    # -- hardened mode's keys (emulator.protocol.signing) ----------------------------------
+
+    def signing_seed(self, inc: int) -> bytes | None:
+        """This site's signing key seed for an incarnation (kept out of ``meta``, which the
+        status commands show)."""
+        row = self.db.execute("SELECT seed FROM signing_key WHERE inc=?", (inc,)).fetchone()
+        return bytes.fromhex(row[0]) if row else None
+
+    def set_signing_seed(self, inc: int, seed: bytes) -> None:
+        self._direct()
+        self.db.execute("DELETE FROM signing_key WHERE inc<>?", (inc,))  # a retired key signs nothing
+        self.db.execute("INSERT OR REPLACE INTO signing_key(inc, seed) VALUES(?, ?)", (inc, seed.hex()))
+
+    def site_keys(self) -> dict[str, tuple[int, str]]:
+        """The key pinned per origin: incarnation and public key."""
+        return {site: (inc, pub) for site, inc, pub in self.db.execute("SELECT site, inc, pub FROM site_keys")}
+
+    def pin_key(self, site: str, inc: int, pub: str, now: float) -> None:
+        self._direct()
+        self.db.execute("INSERT OR REPLACE INTO site_keys(site, inc, pub, since) VALUES(?, ?, ?, ?)",
+                        (site, inc, pub, now))
 
     def allocators(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT kind, next FROM alloc").fetchall())

@@ -98,6 +98,40 @@ def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
     return 0
 
 
+def _hand_key(lab_dir: LabDir, code: str, to: list[str]) -> dict[str, Any]:
+    """Read ``code``'s key and pin it at each site of ``to`` (the Preinst key verbs)."""
+    key = control(lab_dir, code, {"cmd": "key"})
+    for site in to:
+        control(lab_dir, site, {"cmd": "trustkey", "site": code, "inc": key["inc"], "pub": key["pub"]})
+    return {"site": code, "inc": key["inc"], "fingerprint": key["fingerprint"], "pinned_at": to}
+
+
+def cmd_keyforparent(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    above = lab_dir.load().topology.ancestors(code)
+    if not above:
+        raise LabError(f"{code} is the central site: it has no parent", hint=f"smslab keyforchild {code}")
+    done = _hand_key(lab_dir, code, above)
+    if args.json:
+        emit_json(done)
+    else:
+        say(f"{code}'s key {done['fingerprint']} (incarnation {done['inc']}) pinned at {', '.join(above)}")
+    return 0
+
+
+def cmd_keyforchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    below = [s for s in lab_dir.load().topology.subtree(code) if s != code]
+    if not below:
+        raise LabError(f"{code} has no child sites", hint=f"smslab keyforparent {code}")
+    done = _hand_key(lab_dir, code, below)
+    if args.json:
+        emit_json(done)
+    else:
+        say(f"{code}'s key {done['fingerprint']} (incarnation {done['inc']}) pinned at {', '.join(below)}")
+    return 0
+
+
 def cmd_dump(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     emit_json(status.dump(lab_dir, code))
@@ -153,6 +187,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("site")
     s.add_argument("--parent", required=True, help="SITE's parent: nothing is deleted if it moved")
     s.add_argument("--at", help="where to run it (default: the parent)")
+    s = add("keyforparent", cmd_keyforparent,
+            "Preinst /keyforparent (hardened): SITE's signing key pinned by hand at its parent and every site above")
+    s.add_argument("site")
+    add_json(s)
+    s = add("keyforchild", cmd_keyforchild,
+            "Preinst /keyforchild (hardened): SITE's signing key pinned by hand at every site below it")
+    s.add_argument("site")
+    add_json(s)
     add("dump", cmd_dump, "Preinst /dump: the SCFs a site holds, for itself and its children (JSON)").add_argument(
         "site")
     add("stopsite", cmd_stop, "Preinst /stopsite: stop a site gracefully").add_argument("site")

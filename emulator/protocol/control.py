@@ -112,9 +112,24 @@ class DelSite(_Cmd):
     parent: SiteCode
 
 
+class Key(_Cmd):
+    """Hardened mode: this site's signing key (public part) and the keys it has pinned."""
+
+    cmd: Literal["key"]
+
+
+class TrustKey(_Cmd):
+    """Preinst ``/keyforparent`` and ``/keyforchild``: pin a site's key by hand."""
+
+    cmd: Literal["trustkey"]
+    site: SiteCode
+    inc: Annotated[int, Field(ge=0, le=2**31)]
+    pub: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]  # 32 bytes, base64
+
+
 Command = Annotated[
     Ping | PauseWorkload | ResumeWorkload | SetWorkload | Create | Update | Delete | Report | Burst | Stop
-    | SyncChild | SyncParent | DelJob | DelSite,
+    | SyncChild | SyncParent | DelJob | DelSite | Key | TrustKey,
     Field(discriminator="cmd"),
 ]
 
@@ -122,7 +137,7 @@ _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 MAX_COMMAND_BYTES = 64 * 2**10  # the largest command (a set-workload) is a few hundred bytes
 
 # Commands that change nothing: answered afresh every time, never from the record of a first run.
-READ_ONLY = frozenset({"ping"})
+READ_ONLY = frozenset({"ping", "key"})
 # Administrative actions: refused while the site is recovering or quarantined.
 ADMINISTRATIVE = frozenset({"create", "update", "delete", "burst", "syncchild", "syncparent"})
 

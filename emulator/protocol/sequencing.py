@@ -358,12 +358,13 @@ def receive(
     )
 
 
-def unappliable(link: LinkState, env: Envelope) -> Receipt:
-    """A well-formed envelope whose data cannot be applied is consumed all the same, so one
-    bad envelope never blocks its link; it is recorded and dead-lettered."""
+def unappliable(link: LinkState, env: Envelope, drop: str = "unappliable") -> Receipt:
+    """A well-formed envelope whose data cannot be applied (or, hardened, is signed with a
+    retired key: ``drop="retired_key"``) is consumed all the same, so one bad envelope never
+    blocks its link; it is recorded and dead-lettered."""
     link.next_expected = env.link_seq + 1
-    link.extra["unappliable"] = link.extra.get("unappliable", 0) + 1
-    return Receipt(Verdict.APPLY, ack=True, drop="unappliable")
+    link.extra[drop] = link.extra.get(drop, 0) + 1
+    return Receipt(Verdict.APPLY, ack=True, drop=drop)
 
 
 class AckEffect(str, Enum):
