@@ -73,7 +73,7 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
     # The site writes (and rotates) its own site.log; what escapes its logging goes to site.out.
-    argv = ["--lab", str(lab_dir.path), "--site", code, "--log", str(lab_dir.log_file(code)), *(extra or [])]
+    argv = ["--log", str(lab_dir.log_file(code)), "--lab", str(lab_dir.path), "--site", code, *(extra or [])]
     pid = _fork_from_zygote(lab_dir, code, argv)
     if pid is not None:
         lab_dir.write_pid(code, pid)
