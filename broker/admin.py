@@ -86,7 +86,8 @@ def check(url: str) -> None:
 def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic",
                 links: list[tuple[str, str]] | None = None, *,
                 diverted: frozenset[tuple[str, str]] = frozenset(),
-                delivery_limit: int = names.DELIVERY_LIMIT) -> None:
+                delivery_limit: int = names.DELIVERY_LIMIT,
+                dead_letter_max: int = names.DEAD_LETTER_MAX) -> None:
     """Declare a lab's exchange, queues and bindings (idempotent). Each directed link's key is
     bound to its receiver's inbox, except the ``diverted`` ones (a link fault holds them)."""
     with blocking(url) as conn:
@@ -94,7 +95,8 @@ def declare_lab(url: str, lab: str, sites: list[str], queue_type: str = "classic
         ch.exchange_declare(names.exchange(lab), "direct", durable=True)
         args = names.inbox_arguments(queue_type, lab, delivery_limit)
         # The dead-letter queue first: the inboxes dead-letter into it.
-        ch.queue_declare(names.dead_queue(lab), durable=True, arguments=names.queue_arguments(queue_type))
+        ch.queue_declare(names.dead_queue(lab), durable=True,
+                         arguments=names.dead_queue_arguments(queue_type, dead_letter_max))
         ch.queue_bind(names.dead_queue(lab), names.exchange(lab), routing_key=names.DEAD_KEY)
         for site in sites:
             for queue, key in (

@@ -86,6 +86,19 @@ def queue_arguments(queue_type: str, *, dead_letter_to: str | None = None,
     return args
 
 
+DEAD_LETTER_MAX = 10_000  # the topology's dead_letter_max by default
+
+
+def dead_queue_arguments(queue_type: str, max_length: int = DEAD_LETTER_MAX) -> dict[str, object]:
+    """The lab's dead-letter queue: capped at ``max_length`` messages, the oldest dropped past it
+    (``x-max-length``, the default ``drop-head`` overflow; classic and quorum queues alike). A
+    queue argument rather than a policy: it needs no management plugin or CLI on the broker's
+    host, and a lab's queue is declared once, by ``up``, with it. (A policy set by hand with
+    ``rabbitmqctl set_policy`` on ``^smslab\\..*\\.dead$`` would override it.) Every declarer of
+    the queue must pass the same arguments: RabbitMQ refuses a redeclaration that differs."""
+    return {**queue_arguments(queue_type), "x-max-length": max_length}
+
+
 def inbox_arguments(queue_type: str, lab: str, delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
     """A site's envelope inbox and its control queue: dead-lettered to the lab's dead queue."""
     return queue_arguments(queue_type, dead_letter_to=exchange(lab), delivery_limit=delivery_limit)

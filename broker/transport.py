@@ -47,7 +47,9 @@ class PikaTransport:
         heartbeat: int = 10,
         neighbours: list[str] | None = None,
         delivery_limit: int = names.DELIVERY_LIMIT,
+        dead_letter_max: int = names.DEAD_LETTER_MAX,
     ) -> None:
+        self.dead_letter_max = dead_letter_max
         self.lab = lab
         self.site = site
         self.neighbours = list(neighbours or [])  # whose link keys bind to our inbox
@@ -201,7 +203,8 @@ class PikaTransport:
         args = dict(names.inbox_arguments(self.queue_type, lab, self.delivery_limit))
         steps: list[Callable[[Callable[[Any], None]], None]] = [
             lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True,
-                                        arguments=declare_args(self.queue_type), callback=cb),
+                                        arguments=names.dead_queue_arguments(self.queue_type, self.dead_letter_max),
+                                        callback=cb),
             lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
                                      routing_key=names.DEAD_KEY, callback=cb),
             lambda cb: ch.queue_declare(names.site_queue(lab, site), durable=True,

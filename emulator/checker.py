@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from emulator import history
 from emulator.lab import LabDir, LabInfo
+from emulator.protocol import retention
 from emulator.protocol.objects import parse_object_id
 from emulator.protocol.sequencing import health
 from emulator.topology import Topology
@@ -145,6 +146,11 @@ class LabState:
     clients: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # site -> client -> versions
     counters: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> meta, read after the stores
     history: HistoryView | None = None
+    now: float = field(default_factory=time.time)  # when the stores were read (the retention rules' clock)
+
+    @property
+    def retention(self) -> retention.Retention:
+        return retention.Retention.of(self.topology.settings)
 
     def counter(self, site: str, name: str) -> int | None:
         meta = self.counters.get(site)
@@ -160,7 +166,7 @@ class LabState:
 
 
 def read_state(lab_dir: LabDir, info: LabInfo, *, with_history: bool = True,
-               running: set[str] | None = None) -> LabState:
+               running: set[str] | None = None, now: float | None = None) -> LabState:
     """What the invariants judge; ``running`` names the sites that run (default: those with a
     live process; the simulator gives its own)."""
     topo = info.topology
@@ -178,7 +184,7 @@ def read_state(lab_dir: LabDir, info: LabInfo, *, with_history: bool = True,
     if with_history:
         events = history.load(lab_dir, info)
         view = HistoryView(events, history.load_state(lab_dir).gaps)
-    return LabState(topo, stores, running, clients, counters, view)
+    return LabState(topo, stores, running, clients, counters, view, time.time() if now is None else now)
 
 
 # -- the invariants ----------------------------------------------------------------------------
@@ -274,6 +280,7 @@ def site_data_lost(state: LabState) -> list[Violation]:
     """Every record a site holds is at its parent with at least that version (and so, step by
     step, at every ancestor): its own data, its status messages and SCF, its subtree's."""
     topo = state.topology
+    rules = state.retention
     out: list[Violation] = []
     for code, store in state.stores.items():
         parent = topo.parent(code)
@@ -282,6 +289,9 @@ def site_data_lost(state: LabState) -> list[Violation]:
             continue
         for (cls, key), (version, origin) in sorted(store.site_data.items()):
             have = above.site_data.get((cls, key), (0, ""))[0]
+            if have < version and cls == "status" and retention.status_expired(
+                    store.status_at.get(key), state.now, rules):
+                continue  # past status_retention: its parent may have let it go
             if have < version:
                 what = f"{cls} {key}" + (f" (from {origin})" if origin != code else "")
                 out.append(Violation(
@@ -331,6 +341,11 @@ def invented(state: LabState) -> list[Violation]:
 def global_objects(state: LabState) -> list[Violation]:
     """Every site holds exactly the global objects of each of its ancestors."""
     topo = state.topology
+    rules = state.retention
+
+    def kept(obj: dict[str, Any]) -> bool:  # a tombstone past its lifetime may be gone anywhere
+        return not retention.tombstone_expired(obj, state.now, rules)
+
     out: list[Violation] = []
     for code, site in state.stores.items():
         for anc in topo.ancestors(code):
@@ -339,6 +354,8 @@ def global_objects(state: LabState) -> list[Violation]:
                 continue
             theirs = {k: o for k, o in owner.objects.items() if o["origin"] == anc}
             ours = {k: o for k, o in site.objects.items() if o["origin"] == anc}
+            theirs = {k: o for k, o in theirs.items() if kept(o) or k in ours}
+            ours = {k: o for k, o in ours.items() if kept(o) or k in theirs}
             for oid, obj in theirs.items():
                 mine = ours.get(oid)
                 if mine is None:
@@ -644,16 +661,16 @@ def judge(state: LabState) -> Report:
 
 
 def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5,
-          with_history: bool = True, running: set[str] | None = None) -> Report:
+          with_history: bool = True, running: set[str] | None = None, now: float | None = None) -> Report:
     """Judge the lab. Stores are read one after the other while sites run, so one snapshot
     can catch two ends of a link at different moments; a violation makes the lab invalid
     only if it stands, the same, in a second snapshot ``confirm`` seconds later."""
     info = info or lab_dir.load()
-    first = judge(read_state(lab_dir, info, with_history=with_history, running=running))
+    first = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
     if first.verdict != "invalid" or confirm <= 0:
         return first
     time.sleep(confirm)
-    second = judge(read_state(lab_dir, info, with_history=with_history, running=running))
+    second = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
     if second.verdict != "invalid":
         return second
     seen = {v.key for v in first.violations if v.hard}

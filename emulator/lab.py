@@ -141,6 +141,11 @@ class LabDir:
     def log_file(self, code: str) -> Path:
         return self.site_dir(code) / "site.log"
 
+    def out_file(self, code: str) -> Path:
+        """What a site process writes outside its (rotated) log: a crash before its logging
+        started, an interpreter's last words."""
+        return self.site_dir(code) / "site.out"
+
     def backups_dir(self, code: str) -> Path:
         """A site's backups: beside its store, so one volume holds both (compose)."""
         return self.site_dir(code) / "backups"

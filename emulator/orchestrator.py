@@ -91,7 +91,8 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
                        hint=f"smslab stop {code} first")
     site_dir = lab_dir.site_dir(code)
     site_dir.mkdir(parents=True, exist_ok=True)
-    site_argv = ["--lab", str(lab_dir.path), "--site", code, *(extra or [])]
+    # The site writes (and rotates) its own site.log; what escapes its logging goes to site.out.
+    site_argv = ["--log", str(lab_dir.log_file(code)), "--lab", str(lab_dir.path), "--site", code, *(extra or [])]
     argv = [sys.executable, "-m", "sites", *site_argv]
     host = hostnet.host_of(lab_dir, code)
     if host is not None:
@@ -106,7 +107,7 @@ def spawn(lab_dir: LabDir, code: str, extra: list[str] | None = None) -> int:
         if pid is not None:
             lab_dir.write_pid(code, pid)
             return pid
-    with open(lab_dir.log_file(code), "ab") as log:
+    with open(lab_dir.out_file(code), "ab") as log:
         proc = subprocess.Popen(
             argv,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -121,7 +122,7 @@ def _fork_from_zygote(lab_dir: LabDir, code: str, argv: list[str]) -> int | None
     none to ask or it did not answer (the caller then starts ``python -m sites`` itself)."""
     if lab_dir.zygote_pid() is None:
         return None
-    request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "log": str(lab_dir.log_file(code))}
+    request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "log": str(lab_dir.out_file(code))}
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
@@ -195,7 +196,7 @@ def wait_attached(lab_dir: LabDir, info: LabInfo, codes: list[str], *, timeout: 
             if lab_dir.pid(code) is None:
                 raise LabError(
                     f"site {code} exited during start-up",
-                    hint=f"see its log: {lab_dir.log_file(code)}",
+                    hint=f"see its log: {lab_dir.log_file(code)} (and {lab_dir.out_file(code).name} beside it)",
                 )
             try:
                 answer = admin.control_request(info.amqp_url, info.lab_id, code, {"cmd": "ping"}, timeout=2)
@@ -224,7 +225,8 @@ def ensure_broker_objects(lab_dir: LabDir, info: LabInfo) -> None:
 
     topo = info.topology
     admin.declare_lab(info.amqp_url, info.lab_id, topo.depth_order(), topo.settings.queue_type, topo.links(),
-                      diverted=faults.diverted_links(lab_dir), delivery_limit=topo.settings.quorum_delivery_limit)
+                      diverted=faults.diverted_links(lab_dir), delivery_limit=topo.settings.quorum_delivery_limit,
+                      dead_letter_max=topo.settings.dead_letter_max)
 
 
 def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:

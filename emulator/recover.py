@@ -104,7 +104,12 @@ def recover(
         progress(f"resuming recovery {record['recovery_id']} of {site}")
     else:
         if backup_id:
-            backup.verify(lab_dir, info, backup_id, site)  # refuse a bad backup before stopping anything
+            made = backup.verify(lab_dir, info, backup_id, site)  # refuse a bad backup before stopping anything
+            lifetime = info.topology.settings.tombstone_lifetime
+            if 0 < lifetime < time.time() - made.created:
+                progress(f"warning: backup {backup_id} is {time.time() - made.created:.0f}s old, older than the"
+                         f" tombstone lifetime ({lifetime:.0f}s): objects deleted since it was taken can come"
+                         " back (AD's lingering objects; smslab check names them as orphans)")
         if not backup_id and not wipe:
             progress(f"no recovery of {site} in progress: a new one, from {site}'s current store")
         record = {"recovery_id": uuid.uuid4().hex[:12], "site": site, "backup": backup_id,

@@ -603,7 +603,7 @@ class SimLab:
 
     def check(self, *, with_history: bool = True) -> checker.Report:
         return checker.check(self.dir, self.info, confirm=0, with_history=with_history,
-                             running=self.running_codes())
+                             running=self.running_codes(), now=self.loop.time())
 
     def applied(self) -> int:
         """Envelopes applied on every link of every running site (from the runtimes)."""

@@ -174,6 +174,7 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             row["outbox"] = outbox.get(peer, 0)
             links[peer] = row
         recent = store.recent_status(10, skip=(5000,))
+        tables = store.table_sizes()
         pid = lab_dir.pid(code)
         return {
             "site": code,
@@ -188,6 +189,8 @@ def diag(lab_dir: LabDir, info: LabInfo, code: str) -> dict[str, Any]:
             "links": links,
             "drops": drops,
             "recent_status": recent,
+            "tables": tables,
+            "store_bytes": sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file()),
             # hardened mode: the keys pinned here per origin (emulator.protocol.signing)
             "keys": {site: {"inc": inc, "fingerprint": fingerprint(pub)} for site, (inc, pub) in store.site_keys().items()},
         }
@@ -226,6 +229,12 @@ def render_diag(d: dict[str, Any]) -> str:
         lines.append("recent status messages (newest first, heartbeats left out)")
         for m in d["recent_status"]:
             lines.append(f"  {m['id']} {m['severity']:<7} {m['component']}: {m['text']}")
+    if d.get("tables"):
+        lines.append(f"store: {d['store_bytes']:,} bytes on disk (with its WAL); per table: rows, bytes (tables and"
+                     " their indexes, from dbstat)")
+        for name, t in sorted(d["tables"].items(), key=lambda kv: (-kv[1]["bytes"], kv[0])):
+            size = f"{t['bytes']:,}" if t["bytes"] >= 0 else "?"
+            lines.append(f"  {name:<16} {t['rows']:>10,} {size:>14}")
     return "\n".join(lines)
 
 

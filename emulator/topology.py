@@ -102,6 +102,9 @@ class Workload(BaseModel):
     """Between admin actions (packages, advertisements, collections); not at secondaries."""
     scf_interval: float = Field(default=15.0, ge=0)
     """Between site control changes of one site."""
+    max_objects: int = Field(default=200, ge=0)
+    """Live objects a site's administrator keeps: with this many, an admin action deletes one
+    instead of creating another (0: no limit), so a long run holds a bounded set of objects."""
 
 
 class WorkloadOverride(BaseModel):
@@ -114,6 +117,7 @@ class WorkloadOverride(BaseModel):
     status_interval: float | None = Field(default=None, ge=0)
     object_interval: float | None = Field(default=None, ge=0)
     scf_interval: float | None = Field(default=None, ge=0)
+    max_objects: int | None = Field(default=None, ge=0)
 
     def apply(self, base: Workload) -> Workload:
         """Return ``base`` with the keys set here replaced."""
@@ -159,6 +163,27 @@ class Settings(BaseModel):
     history_retention: float = Field(default=3600.0, ge=0)
     """Seconds a site keeps its history events (0: forever); the lab's history.jsonl keeps what
     was merged into it before."""
+    applied_retention: float = Field(default=3600.0, ge=0)
+    """Seconds a receiver keeps the record of each envelope it applied (its hash tells a
+    conflict, a reused number with other content, from a duplicate), of each drop and of each
+    control command's answer (0: forever). A site restored from a backup older than this has
+    its reused numbers dropped as duplicates rather than counted as conflicts."""
+    status_retention: float = Field(default=3600.0, ge=0)
+    """Seconds status messages are kept (by the time they were made), at their site and as site
+    data at every ancestor, with their ``.trs`` watermarks (0: forever). The newest of each site
+    is always kept."""
+    tombstone_lifetime: float = Field(default=86400.0, ge=0)
+    """Seconds a deleted object is kept as a tombstone at every site before it is purged (AD's
+    tombstone lifetime; 0: forever). Recover from backups younger than this: an older one can
+    bring back objects deleted since (AD's lingering objects)."""
+    retention_interval: float = Field(default=60.0, gt=0)
+    """Seconds between two prunings by the retention settings above and ``history_retention``."""
+    log_max_bytes: int = Field(default=10_000_000, ge=0)
+    """A site's ``site.log`` is rotated past this size (0: never)."""
+    log_backups: int = Field(default=3, ge=1)
+    """Rotated logs kept beside it (``site.log.1`` ...)."""
+    dead_letter_max: int = Field(default=10_000, ge=1)
+    """Messages the lab's dead-letter queue keeps (``x-max-length``); past it the oldest go."""
 
     @field_validator("failed_after")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import random
 import signal
@@ -35,18 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recover", metavar="RECOVERY_ID", default=None,
                         help="start as the recovery agent of this site (resumes a recovery with the same ID)")
     parser.add_argument("--reference", default=None, help="recovery: the child whose copy of our objects we take back")
+    parser.add_argument("--log", default=None, metavar="FILE",
+                        help="write the log to FILE, rotated by the topology's log_max_bytes and log_backups"
+                             " (default: stderr)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("SMSLAB_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {args.site} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = f"%(asctime)s {args.site} %(levelname)s %(name)s: %(message)s"
+    level = os.environ.get("SMSLAB_LOG_LEVEL", "INFO")
+    if args.log:
+        logging.basicConfig(level=level, format=fmt, handlers=[_log_file(args.log, LabDir(args.lab))])
+    else:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     logging.getLogger("pika").setLevel(logging.WARNING)  # its connection steps are not the site's news
     try:
         return run(LabDir(args.lab), args.site, args.amqp, args.recover, args.reference)
     except SmslabError as exc:
         log.error("%s%s", exc, f" ({exc.hint})" if exc.hint else "")
         return 2
+
+
+def _log_file(path: str, lab_dir: LabDir) -> logging.Handler:
+    """The site's own log file, rotated past the topology's ``log_max_bytes`` (``site.log`` is
+    always the current one; ``site.log.1`` ... the ones before)."""
+    try:
+        settings = lab_dir.load().topology.settings
+        max_bytes, backups = settings.log_max_bytes, settings.log_backups
+    except Exception:  # noqa: BLE001 - the lab's own error is reported by run(), in this log
+        max_bytes, backups = 10_000_000, 3
+    return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
 
 
 def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None,
@@ -62,6 +78,7 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
         prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
         delivery_limit=topology.settings.quorum_delivery_limit,
         neighbours=[p for p in [topology.parent(site), *topology.children(site)] if p],
+        dead_letter_max=topology.settings.dead_letter_max,
     )
     runtime = SiteRuntime(lab=info.lab_id, topology=topology, site=site, store=store, clients=clients,
                           transport=transport)

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from broker import names
 from broker.base import Delivery, Transport
 from emulator.errors import BrokerUnavailable, MalformedEnvelope, SmslabError
-from emulator.protocol import admission, codec, signing
+from emulator.protocol import admission, codec, retention, signing
 from emulator.protocol import control as ctl
 from emulator.protocol import envelope as wire
 from emulator.protocol import sequencing as seq
@@ -58,7 +58,6 @@ from sites.store import SiteStore
 log = logging.getLogger("sites.runtime")
 
 PACKET_SIZE = 200  # envelopes per AMQP message at most (Replication Manager bundles too)
-PRUNE_EVERY = 60.0  # seconds between two prunings of the history by its retention
 WORKLOAD_TICK = 0.1  # seconds: the shortest wait between two looks at the workload
 WORKLOAD_TICK_MAX = 0.5  # the longest: a stop (SIGTERM), a pause or new rates are seen within it
 # Protocol bugs planted on purpose, to show that a seed sweep of the simulator finds them
@@ -306,13 +305,18 @@ class SiteRuntime:
                    key=env.key, hash_=env.hash, inc=env.incarnation, detail=detail)
 
     def _prune_history(self, now: float) -> None:
-        retention = self.settings.history_retention
-        if retention <= 0 or now - self._last_prune < PRUNE_EVERY:
+        """Every ``retention_interval``: prune what the retention settings let go (the rules:
+        ``emulator.protocol.retention``), in the tick's transaction."""
+        if now - self._last_prune < self.settings.retention_interval:
             return
         self._last_prune = now
-        gone = self.store.prune_events(now - retention)
-        if gone:
-            log.info("%s: pruned %d history event(s) older than %.0f s", self.site, gone, retention)
+        cut = retention.cutoffs(retention.Retention.of(self.settings), now)
+        gone = self.store.prune(cut)
+        if cut.events_before is not None:
+            gone["events"] = self.store.prune_events(cut.events_before)
+        if any(gone.values()):
+            log.info("%s: retention pruned %s", self.site,
+                     ", ".join(f"{n} {table}" for table, n in sorted(gone.items()) if n))
 
     # -- first start ----------------------------------------------------------------------
 
@@ -859,6 +863,7 @@ class SiteRuntime:
             obj["name"] = name
         if delete:
             obj["deleted"] = True
+            obj["deleted_at"] = now  # the tombstone lifetime runs from here, at every site
         self._publish_object(obj, now)
         return obj
 
@@ -949,9 +954,10 @@ class SiteRuntime:
     def _random_admin_action(self, now: float) -> None:
         own = self.store.objects(origin=self.site, include_deleted=False)
         roll = self._rng.random()
+        most = self.topology.workload_of(self.site).max_objects
         if own and roll < 0.25:
             self.update_object(self._rng.choice(own)["id"], None, False, now)
-        elif own and roll < 0.32:
+        elif own and (roll < 0.32 or 0 < most <= len(own)):
             self.update_object(self._rng.choice(own)["id"], None, True, now)
         else:
             self.create_object(self._rng.choice(OBJECT_KINDS), None, now)

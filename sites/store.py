@@ -14,12 +14,13 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from emulator.errors import CorruptBackup, StoreError
 from emulator.protocol import codec
+from emulator.protocol import retention as rules
 from emulator.protocol.sequencing import LinkState
 
 SCHEMA = """
@@ -64,6 +65,9 @@ CREATE TABLE IF NOT EXISTS site_keys (
     site TEXT PRIMARY KEY, inc INTEGER NOT NULL, pub TEXT NOT NULL, since REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS signing_key (inc INTEGER PRIMARY KEY, seed TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (run TEXT PRIMARY KEY, first_idx INTEGER NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS watermark_floor (
+    source TEXT NOT NULL, data_class TEXT NOT NULL, txn INTEGER NOT NULL,
+    PRIMARY KEY (source, data_class)) WITHOUT ROWID;
 """
 
 EVENT_COLUMNS = ("idx", "run", "at", "kind", "link", "seq", "txn", "data_class", "key", "hash", "inc", "detail")
@@ -118,6 +122,15 @@ class SiteStore:
         # Open savepoints: [name, pending writes before it, made in SQLite yet]. One is made in
         # SQLite only when something must be written while it is open.
         self._savepoints: list[list[Any]] = []
+        # (source, data class) -> the highest transaction ID of the watermark rows retention
+        # folded: the watermark of every key of that class without a row of its own.
+        self._floors: dict[tuple[str, str], int] = self._load_floors()
+
+    def _load_floors(self) -> dict[tuple[str, str], int]:
+        try:
+            return {(s, c): int(t) for s, c, t in self.db.execute("SELECT source, data_class, txn FROM watermark_floor")}
+        except sqlite3.OperationalError:  # a read-only store from before retention: no floors
+            return {}
 
     def close(self) -> None:
         self.db.close()
@@ -401,13 +414,14 @@ class SiteStore:
         pending = self._wm.get((source, data_class, key))
         if pending is not None:
             return pending
+        floor = self._floors.get((source, data_class), 0)
         if (source, data_class, key) in self._known_wm:
-            return self._known_wm[(source, data_class, key)] or 0
+            return rules.watermark_after_prune(self._known_wm[(source, data_class, key)], floor)
         row = self.db.execute(
             "SELECT txn FROM watermark WHERE source=? AND data_class=? AND key=?",
             (source, data_class, key),
         ).fetchone()
-        return row[0] if row else 0
+        return rules.watermark_after_prune(row[0] if row else None, floor)
 
     def set_watermark(self, source: str, data_class: str, key: str, txn: int) -> None:
         self._defer("wm", (source, data_class, key, txn))
@@ -415,7 +429,8 @@ class SiteStore:
     def max_watermark(self, source: str) -> int:
         self.flush_pending()
         row = self.db.execute("SELECT MAX(txn) FROM watermark WHERE source=?", (source,)).fetchone()
-        return row[0] or 0
+        floors = [t for (s, _), t in self._floors.items() if s == source]
+        return max([row[0] or 0, *floors])
 
     def applied_hash(self, source: str, seq: int) -> str | None:
         pending = self._ap.get((source, seq))
@@ -599,6 +614,98 @@ class SiteStore:
             self.set_meta("events_pruned_before", cut)
         return int(gone)
 
+    # -- retention (the rules: emulator/protocol/retention.py) -------------------------------
+
+    def floors(self) -> dict[tuple[str, str], int]:
+        return dict(self._floors)
+
+    def _fold(self, rows: list[tuple[str, str, int]]) -> None:
+        """Raise the floors of (source, data class) to these folded rows' transaction IDs."""
+        top: dict[tuple[str, str], list[int]] = {}
+        for source, cls, txn in rows:
+            top.setdefault((source, cls), []).append(int(txn))
+        for key, txns in top.items():
+            floor = rules.fold(self._floors.get(key, 0), txns)
+            self.db.execute("INSERT OR REPLACE INTO watermark_floor(source, data_class, txn) VALUES(?, ?, ?)",
+                            (*key, floor))
+            self._floors[key] = floor
+
+    def _fold_watermarks(self, where: str, args: tuple[Any, ...] = ()) -> int:
+        rows = self.db.execute(f"SELECT source, data_class, txn FROM watermark WHERE {where}", args).fetchall()
+        if not rows:
+            return 0
+        self._fold(rows)
+        return int(self.db.execute(f"DELETE FROM watermark WHERE {where}", args).rowcount)
+
+    def prune(self, cut: rules.Cutoffs) -> dict[str, int]:
+        """Delete what the retention rules let go at ``cut``, in the open transaction; returns
+        rows deleted per table (events: ``prune_events``)."""
+        self.flush_pending()
+        self._begin()
+        gone: dict[str, int] = {}
+        if cut.applied_before is not None:
+            before = cut.applied_before
+            # The site control changes applied before the cutoff: their watermark rows fold.
+            tops = self.db.execute("SELECT source, MAX(txn) FROM applied WHERE at<? GROUP BY source",
+                                   (before,)).fetchall()
+            gone["applied"] = self.db.execute("DELETE FROM applied WHERE at<?", (before,)).rowcount
+            for source, top in tops:
+                for cls in rules.FOLDED_BY_AGE:
+                    gone["watermark"] = gone.get("watermark", 0) + self._fold_watermarks(
+                        "source=? AND data_class=? AND txn<=?", (source, cls, top))
+            gone["drops"] = self.db.execute("DELETE FROM drops WHERE at<?", (before,)).rowcount
+            gone["commands"] = self.db.execute("DELETE FROM commands WHERE at<?", (before,)).rowcount
+        if cut.status_before is not None:
+            newest = dict(self.db.execute("SELECT origin, MAX(version) FROM site_data WHERE data_class=?"
+                                          " GROUP BY origin", (rules.STATUS,)).fetchall())
+            old = [(key,) for key, origin, version, at in self.db.execute(
+                       "SELECT key, origin, version, json_extract(payload, '$.at') FROM site_data"
+                       " WHERE data_class=? AND json_extract(payload, '$.at') < ?", (rules.STATUS, cut.status_before))
+                   if rules.status_prunable(float(at), int(version), int(newest.get(origin, 0)), cut.status_before)]
+            if old:
+                self.db.executemany(f"DELETE FROM site_data WHERE data_class='{rules.STATUS}' AND key=?", old)
+                gone["site_data"] = len(old)
+            # the watermarks of status messages no longer held fold into their sender's floor
+            gone["watermark"] = gone.get("watermark", 0) + self._fold_watermarks(
+                "data_class=? AND NOT EXISTS (SELECT 1 FROM site_data s WHERE s.data_class=watermark.data_class"
+                " AND s.key=watermark.key)", (rules.STATUS,))
+            gone["status_messages"] = self.db.execute(
+                "DELETE FROM status_messages WHERE at<? AND id < (SELECT MAX(id) FROM status_messages)",
+                (cut.status_before,)).rowcount
+        if cut.tombstones_before is not None:
+            dead = [oid for oid, payload in self.db.execute(
+                        "SELECT id, payload FROM objects WHERE deleted=1 AND json_extract(payload, '$.deleted_at') < ?",
+                        (cut.tombstones_before,))
+                    if rules.tombstone_prunable(dict(json.loads(payload), deleted=True), cut.tombstones_before)]
+            for start in range(0, len(dead), 400):
+                chunk = dead[start:start + 400]
+                marks = ",".join("?" * len(chunk))
+                gone["objects"] = gone.get("objects", 0) + self.db.execute(
+                    f"DELETE FROM objects WHERE id IN ({marks})", chunk).rowcount
+                gone["object_history"] = gone.get("object_history", 0) + self.db.execute(
+                    f"DELETE FROM object_history WHERE id IN ({marks})", chunk).rowcount
+                gone["watermark"] = gone.get("watermark", 0) + self._fold_watermarks(
+                    f"data_class IN ({','.join('?' * len(rules.OBJECT_CLASSES))}) AND key IN ({marks})",
+                    (*rules.OBJECT_CLASSES, *chunk))
+        return {k: int(v) for k, v in gone.items() if v}
+
+    def table_sizes(self) -> dict[str, dict[str, int]]:
+        """table -> {rows, bytes}: bytes from SQLite's dbstat (pages of the table and its
+        indexes), else the table's page count is unknown (-1)."""
+        self.flush_pending()
+        tables = [t for (t,) in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        size: dict[str, int] = {}
+        try:
+            for name, n in self.db.execute(
+                    "SELECT m.tbl_name, SUM(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name=d.name"
+                    " GROUP BY m.tbl_name"):
+                size[name] = int(n)
+        except sqlite3.DatabaseError:  # a SQLite built without dbstat
+            pass
+        return {t: {"rows": int(self.db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0]),
+                    "bytes": size.get(t, -1)} for t in tables}
+
     # -- reading for diagnostics --------------------------------------------------------------
 
     def drop_counts(self) -> dict[str, dict[str, int]]:
@@ -671,7 +778,9 @@ class StoreSnapshot:
     objects: dict[str, dict[str, Any]]
     object_history: dict[str, dict[str, float]]  # object ID -> definition -> first seen
     drops: dict[tuple[str, str], int]  # (data class, key) -> envelopes dropped as seen/stale
-    max_txn: dict[str, int]  # sender -> highest transaction ID accepted from it (.trs)
+    max_txn: dict[str, int]  # sender -> highest transaction ID accepted from it (.trs, floors included)
+    status_at: dict[str, float] = field(default_factory=dict)  # status message key -> when it was made
+
 
     def counter(self, name: str) -> int:
         return int(self.meta.get(name) or 0)
@@ -695,10 +804,23 @@ def snapshot(store: SiteStore) -> StoreSnapshot:
             drops={(c, k): n for c, k, n in db.execute(
                 "SELECT data_class, key, COUNT(*) FROM drops WHERE reason IN ('conflict','stale')"
                 " GROUP BY data_class, key")},
-            max_txn=dict(db.execute("SELECT source, MAX(txn) FROM watermark GROUP BY source").fetchall()),
+            max_txn=_max_txn(db),
+            status_at={k: float(a) for k, a in db.execute(
+                "SELECT key, json_extract(payload, '$.at') FROM site_data WHERE data_class='status'") if a is not None},
         )
     finally:
         db.execute("COMMIT")
+
+
+def _max_txn(db: sqlite3.Connection) -> dict[str, int]:
+    top = {s: int(t) for s, t in db.execute("SELECT source, MAX(txn) FROM watermark GROUP BY source")}
+    try:
+        floors = db.execute("SELECT source, MAX(txn) FROM watermark_floor GROUP BY source").fetchall()
+    except sqlite3.OperationalError:  # a store from before retention
+        floors = []
+    for source, floor in floors:
+        top[source] = max(top.get(source, 0), int(floor))
+    return top
 
 
 def read_snapshot(path: Path) -> StoreSnapshot | None:

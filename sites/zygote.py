@@ -8,8 +8,8 @@ pika and the protocol models on two cores).
 ``emulator.orchestrator`` starts it with the lab and asks it over a UNIX socket in the lab
 directory (``zygote.sock``): one JSON line ``{"argv": [...], "env": {...}, "cwd": ..., "log":
 ...}`` in, ``{"pid": N}`` back. The child is a real site process like one ``python -m sites``
-starts: a session of its own, its log as stdout and stderr, the requester's environment and
-working directory, its command line set to ``python -m sites --lab DIR --site CODE`` (what
+starts: a session of its own, ``log`` (its site.out) as stdout and stderr, the requester's environment and
+working directory, its command line set to ``python -m sites --log ... --lab DIR --site CODE`` (what
 ``ps`` and the lab's pid checks read). The forkserver only forks: the children are reaped by
 the kernel (SIGCHLD ignored) and outlive it. It holds no broker connection, no store and no
 thread, so a fork copies nothing a site must not share. It exits when its lab directory goes

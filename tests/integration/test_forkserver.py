@@ -31,7 +31,8 @@ def test_sites_are_forked_from_the_labs_forkserver_and_nothing_outlives_the_lab(
     for code in ("CEN", "P01", "S01"):
         pid = lab.dir.pid(code)
         assert pid and parent_of(pid) == zygote
-        assert cmdline(pid).endswith(f"-m sites --lab {lab.dir.path} --site {code}")
+        line = cmdline(pid)  # python -m sites --log DIR/sites/CODE/site.log --lab DIR --site CODE
+        assert "-m sites --log " in line and line.endswith(f" --lab {lab.dir.path} --site {code}"), line
         assert os.getsid(pid) == pid, "a session of its own, like a spawned site"
     # a site killed and started again is forked again (that its environment is the caller's,
     # test_recovery's SMSLAB_HOLD_PHASE tests show: the agent holds in the phase the CLI names)
@@ -45,7 +46,7 @@ def test_sites_are_forked_from_the_labs_forkserver_and_nothing_outlives_the_lab(
     wait_for("the forkserver to die", lambda: lab.dir.zygote_pid() is None, timeout=10)
     lab.cli("restart", "S01")
     pid = lab.dir.pid("S01")
-    assert pid and parent_of(pid) != zygote and "-m sites --lab" in cmdline(pid)
+    assert pid and parent_of(pid) != zygote and "-m sites --log " in cmdline(pid)
     assert lab.cli("wait-converged", "--timeout", "90", check=False).returncode == 0
     lab.down()
     assert lab.dir.zygote_pid() is None and not any(

@@ -93,7 +93,8 @@ def test_twenty_site_lab_shape() -> None:
     assert topo.workload_of("P01").inventory_interval == 5.0
     demo = load_topology(EXAMPLES / "lab.yaml")
     for field in Workload.model_fields:
-        assert getattr(topo.defaults.workload, field) > getattr(demo.defaults.workload, field)
+        if field.endswith("_interval"):  # slower: longer intervals (max_objects is no rate)
+            assert getattr(topo.defaults.workload, field) > getattr(demo.defaults.workload, field)
 
 
 @pytest.mark.parametrize("name", ["lab.yaml", "lab-20.yaml", "lab-quorum.yaml"])
