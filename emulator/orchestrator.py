@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker import admin, urls
-from emulator import backup, history
+from emulator import backup, history, identities
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id, write_atomically
 from emulator.topology import load_topology
@@ -39,6 +39,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     lab_dir.save(info)
     (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     codes = topology.depth_order()
+    identities.setup(lab_dir, info, progress=progress)
     ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
     for code in codes:
@@ -271,6 +272,7 @@ def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progre
     done = backup.replace_store(lab_dir, info, code, backup_id=restore, wipe=wipe)
     if done:
         progress(f"  {done}, no recovery")
+    identities.ensure(lab_dir, info)
     ensure_broker_objects(lab_dir, info)
     pid = spawn(lab_dir, code)
     history.record(lab_dir, "process", link=code, site=code,
@@ -305,8 +307,14 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
     except SmslabError:
         pass  # the history is kept with the lab directory; a damaged one is not a reason to stay up
     try:
-        admin.delete_lab(info.amqp_url, info.lab_id, codes, info.topology.links())
-        progress(f"deleted broker objects of lab {info.lab_id}")
+        try:
+            # with the URL's own user: the controller may be gone already (an ``up`` that died half way)
+            admin.delete_lab(info.admin_url, info.lab_id, codes, info.topology.links())
+            progress(f"deleted broker objects of lab {info.lab_id}")
+        finally:
+            deleted = identities.teardown(info)  # the users go even if their lab's objects would not
+            if deleted:
+                progress(deleted)
     finally:
         from emulator import brokers
 
