@@ -457,7 +457,8 @@ class SiteRuntime:
                 self.store.savepoint("delivery")
                 try:
                     if delivery.queue == "control":
-                        why = admission.sender_refusal(self.identities, user_id=delivery.user_id, sender=None)
+                        why = admission.command_refusal(self.identities, user_id=delivery.user_id,
+                                                        parent=self.parent, cmd=None)
                         if why:
                             raise RefusedIdentity(f"refused: {why}", None)
                         self._handle_control(delivery, out, now)
@@ -1009,6 +1010,9 @@ class SiteRuntime:
                 raise  # dead-lettered with its reason
             raise ControlFailed(delivery, {"ok": False, "error": exc.message,
                                            "hint": "see emulator/protocol/control.py for the commands"}) from None
+        why = admission.command_refusal(self.identities, user_id=delivery.user_id, parent=self.parent, cmd=command.cmd)
+        if why:
+            raise RefusedIdentity(f"refused: {why}", None)
         # A command redelivered after a crash or a reconnect (committed, not yet acked) is
         # answered from the record of its first run, never run twice.
         cid = delivery.correlation_id if command.cmd not in ctl.READ_ONLY else None

@@ -155,3 +155,24 @@ def sender_refusal(identities: Identities | None, *, user_id: str | None, sender
         return None
     return (f"identity: {who} published by broker user {user_id!r}, not by"
             f" {'the controller' if sender is None else sender} ({expected})")
+
+
+# Preinst's /syncparent runs "at the current site and all its child sites": a site passes it down
+# to its children, so a child takes that command (and only it) from its parent's broker user too.
+PARENT_COMMANDS = frozenset({"syncparent"})
+
+
+def command_refusal(identities: Identities | None, *, user_id: str | None, parent: str | None,
+                    cmd: str | None) -> str | None:
+    """Why a control command published by ``user_id`` cannot be taken by a site whose parent is
+    ``parent``, or None when it can: the controller's always; the parent's only for the commands
+    a parent passes down (``cmd`` None: not parsed yet, only who sent it is judged)."""
+    if identities is None or user_id == identities.controller:
+        return None
+    parent_user = identities.sites.get(parent) if parent else None
+    if parent_user is not None and user_id == parent_user:
+        if cmd is None or cmd in PARENT_COMMANDS:
+            return None
+        return (f"identity: a {cmd!r} command published by {parent} ({user_id}): a parent passes down only"
+                f" {', '.join(sorted(PARENT_COMMANDS))}")
+    return sender_refusal(identities, user_id=user_id, sender=None)

@@ -41,6 +41,21 @@ def test_the_sender_rule(user: str | None, sender: str | None, refused: str | No
         assert why is not None and refused in why and why.startswith("identity: ")
 
 
+@pytest.mark.parametrize(("user", "cmd", "refused"), [
+    ("u-ctl", "create", None),
+    ("u-CEN", None, None),  # P01's parent: judged again once parsed
+    ("u-CEN", "syncparent", None),  # Preinst /syncparent, passed down by the parent
+    ("u-CEN", "create", "a 'create' command published by CEN (u-CEN): a parent passes down only syncparent"),
+    ("u-P01", "syncparent", "not by the controller"),  # not its own parent
+    (None, None, "not by the controller"),
+])
+def test_the_command_rule(user: str | None, cmd: str | None, refused: str | None) -> None:
+    from emulator.protocol.admission import command_refusal
+
+    why = command_refusal(IDS, user_id=user, parent="CEN", cmd=cmd)
+    assert (why is None) if refused is None else (why is not None and refused in why)
+
+
 def test_without_identities_nothing_is_refused_by_the_rule() -> None:
     assert sender_refusal(None, user_id=None, sender="P01") is None
     assert sender_refusal(None, user_id="anyone", sender=None) is None
@@ -125,7 +140,8 @@ def test_a_control_command_is_taken_only_from_the_controller(lab: SimLab) -> Non
                                   json.dumps({"cmd": "create", "kind": "package", "name": "forged"}).encode(),
                                   correlation_id=f"forged-{user}", user_id=user)
     lab.run_until("three refusals", lambda: len(_dead(lab)) == 3)
-    assert all("identity: a control command published by broker user" in r for r in _dead(lab))
+    assert sum("identity: a control command published by broker user" in r for r in _dead(lab)) == 2
+    assert sum("a parent passes down only syncparent" in r for r in _dead(lab)) == 1  # CEN, P01's parent
     assert not lab.query("P01", "SELECT 1 FROM objects WHERE name='forged'")
     assert lab.control("P01", {"cmd": "ping"})["ok"], "the site goes on"
     lab.settle()
