@@ -145,3 +145,14 @@ def test_a_control_command_is_taken_only_from_the_controller(lab: SimLab) -> Non
     assert not lab.query("P01", "SELECT 1 FROM objects WHERE name='forged'")
     assert lab.control("P01", {"cmd": "ping"})["ok"], "the site goes on"
     lab.settle()
+
+
+def test_a_parent_passes_syncparent_down_to_its_children(lab: SimLab) -> None:
+    """Preinst /syncparent at P01 runs at S01 too: P01 publishes it to S01's control queue as
+    itself, and S01 takes it from its parent (and nothing else but from the controller)."""
+    s01 = lab.sites["S01"].runtime
+    before = s01.links["P01"].sent_through
+    assert lab.control("P01", {"cmd": "syncparent"})["children"] == ["S01"]
+    lab.run_until("S01 to resend its site data up", lambda: s01.links["P01"].sent_through > before + 5)
+    assert _dead(lab) == []
+    lab.settle()
