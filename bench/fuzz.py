@@ -1,6 +1,6 @@
 """Fuzzed and forged messages into a running lab: nothing crashes, nothing stalls, nothing is lost.
 
-    python bench/fuzz.py [--count 10000] [--seed 1] [--amqp URL] [--json]
+    python bench/fuzz.py [--count 10000] [--seed 1] [--as-site P01] [--amqp URL] [--json]
 
 A benchmark, not a test: it prints figures and asserts nothing about them.
 
@@ -22,8 +22,16 @@ does not answer a ping, or whose parent link stopped moving; goal 0), messages r
 reason (the dead-letter queue's depth, and the sites' own counters: refused envelopes, acks
 ahead, resend requests refused, recovery messages refused), data lost (records CEN held before
 the fuzz that it no longer holds at that version or newer, and the checker's ``lost``; goal
-0), and the checker's verdict. Forgeries from a client holding a real site's credentials need
-per-site broker identities (issue 10, item 1), which the lab does not have yet.
+0), and the checker's verdict.
+
+``--as-site P01``: the client holds P01's real credentials (the lab's per-site broker
+identities, issue 10 item 1) instead of being a foreign client: everything it publishes carries
+P01's validated ``user_id``, so a forgery in P01's own name meets only the strict-input rules
+and one in any other site's name is refused for its identity. It also tries, every
+``PROBE_EVERY`` messages, what P01's broker user may not do (publish with another site's
+user_id, read another site's inbox, publish to a queue by name through the default exchange),
+and prints what the broker refused, with its reply code. The refusals of the sites are
+printed by reason (the dead-letter queue's reasons, numbers and names blanked).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,14 +54,15 @@ import pika
 import pika.exceptions
 from _common import add_amqp_option, add_json_option, busy_before_run, log, machine_facts, temp_lab
 
-from broker import admin, names
-from emulator import checker, orchestrator
+from broker import admin, names, urls
+from emulator import checker, identities, orchestrator
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol import envelope as wire
 from sites.store import read_only
 
 ROOT = BENCH.parent
 BIG = 2**62
+PROBE_EVERY = 250  # --as-site: messages between two tries of what the site's user may not do
 
 
 def _junk(rng: random.Random, depth: int = 0) -> Any:
@@ -161,14 +171,15 @@ def snapshot_cen(lab_dir: LabDir) -> dict[tuple[str, str], int]:
 
 
 def counters(lab_dir: LabDir, codes: list[str]) -> dict[str, int]:
-    out = {"refused_input": 0, "ack_ahead": 0, "resend_refused": 0, "recovery_refused": 0, "refused": 0}
+    out = {"refused_input": 0, "refused_identity": 0, "ack_ahead": 0, "resend_refused": 0, "recovery_refused": 0,
+           "refused": 0}
     for code in codes:
         with read_only(lab_dir.site_db(code)) as store:
             if store is None:
                 continue
             for link in store.load_links().values():
                 out["refused"] += link.refused
-                for k in ("refused_input", "ack_ahead", "resend_refused", "recovery_refused"):
+                for k in ("refused_input", "refused_identity", "ack_ahead", "resend_refused", "recovery_refused"):
                     out[k] += int(link.extra.get(k, 0))
     return out
 
@@ -208,12 +219,79 @@ def converge(lab_dir: LabDir, info: LabInfo, deadline: float) -> checker.Report:
         time.sleep(0.5)
 
 
-def run(url: str, count: int, seed: int) -> dict[str, Any]:
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason with what varies blanked: quoted text, numbers, site codes."""
+    text = re.sub(r"smslab-[\w-]+-(\w+)", r"USER-\1", reason)
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    text = re.sub(r"\b(?!USER)[A-Z0-9]{3}\b|\d+", "#", text)
+    return text[:110]
+
+
+def dead_reasons(url: str, lab: str) -> dict[str, int]:
+    """Every dead letter's reason, by kind (read and put back: nothing is consumed)."""
+    kinds: dict[str, int] = {}
+    with admin.blocking(url, name="smslab-fuzz-dead") as conn:
+        ch = conn.channel()
+        while True:
+            method, _props, body = ch.basic_get(names.dead_queue(lab), auto_ack=False)
+            if method is None:
+                break
+            try:
+                reason = str(json.loads(body).get("reason", "?"))
+            except (ValueError, AttributeError):
+                reason = "(not a site's dead letter)"
+            kind = reason_kind(reason)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        ch.close()
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def probes(url: str, info: LabInfo, site: str, rng: random.Random) -> list[tuple[str, str]]:
+    """What ``site``'s broker user may not do, each tried once: (what, how the broker answered)."""
+    others = [c for c in info.topology.codes if c != site]
+    other = rng.choice(others)
+    tries: list[tuple[str, Any]] = [
+        (f"publish with {other}'s user_id", lambda ch: ch.basic_publish(
+            names.exchange(info.lab_id), names.link_key(other, info.topology.codes[0]), b"{}",
+            pika.BasicProperties(user_id=names.broker_user(info.lab_id, other)), mandatory=True)),
+        ("publish with the controller's user_id", lambda ch: ch.basic_publish(
+            names.exchange(info.lab_id), names.control_key(other), b'{"cmd": "ping"}',
+            pika.BasicProperties(user_id=names.broker_user(info.lab_id, names.CONTROLLER)), mandatory=True)),
+        (f"read {other}'s inbox", lambda ch: ch.basic_get(names.site_queue(info.lab_id, other))),
+        (f"delete {other}'s control queue", lambda ch: ch.queue_delete(names.control_queue(info.lab_id, other))),
+        ("publish to a queue by name (default exchange)", lambda ch: ch.basic_publish(
+            "", names.site_queue(info.lab_id, other), b"{}",
+            pika.BasicProperties(user_id=names.broker_user(info.lab_id, site)))),
+    ]
+    out = []
+    with admin.blocking(url, name="smslab-fuzz-probe") as conn:
+        for what, action in tries:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            try:
+                action(ch)
+                out.append((what, "ALLOWED"))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                out.append((what, f"{exc.reply_code} {exc.reply_text.split(' - ')[0]}"))
+    return out
+
+
+def run(url: str, count: int, seed: int, as_site: str | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
     topology = (ROOT / "examples" / "lab.yaml").read_text()
     with temp_lab("smslab-fuzz-", topology, "fuzz: ") as (topo, lab_dir):
         info = orchestrator.up(topo, lab_dir, url, progress=lambda m: log(f"fuzz: {m.strip()}"))
         codes = info.topology.codes
+        controller = info.amqp_url  # the lab's controller with identities: pings and pauses are its
+        fuzz_url = url
+        if as_site is not None:
+            login = identities.site_login(lab_dir, info, as_site)
+            if login is None:
+                raise SystemExit(f"fuzz: --as-site needs per-site broker identities, and the lab is"
+                                 f" {identities.describe(info)}")
+            fuzz_url = urls.with_login(info.admin_url, *login)
+        user_id = admin.login_user(fuzz_url)
+        refused_by_broker: dict[str, int] = {}
         pids = {c: lab_dir.pid(c) for c in codes}
         wait_envelopes(lab_dir, info, 50, deadline=60)
         before = snapshot_cen(lab_dir)
@@ -222,7 +300,7 @@ def run(url: str, count: int, seed: int) -> dict[str, Any]:
         forger = Forger(info, lab_dir)
         kinds: dict[str, int] = {}
         unroutable = 0
-        params = admin.parameters(url)
+        params = admin.parameters(fuzz_url)
         params.client_properties = {"connection_name": "smslab-fuzz"}
         conn = pika.BlockingConnection(params)
         ch = conn.channel()
@@ -240,11 +318,14 @@ def run(url: str, count: int, seed: int) -> dict[str, Any]:
                 what, body = bad_command(rng)
                 key = names.control_key(rng.choice(codes))
             kinds[what] = kinds.get(what, 0) + 1
-            props = pika.BasicProperties(delivery_mode=2)
+            props = pika.BasicProperties(delivery_mode=2, user_id=user_id)
             try:
                 ch.basic_publish(names.exchange(info.lab_id), key, body, props, mandatory=True)
             except pika.exceptions.UnroutableError:
                 unroutable += 1
+            if as_site is not None and (i + 1) % PROBE_EVERY == 0:
+                for what, answer in probes(fuzz_url, info, as_site, rng):
+                    refused_by_broker[f"{what}: {answer}"] = refused_by_broker.get(f"{what}: {answer}", 0) + 1
             if (i + 1) % 1000 == 0:
                 log(f"fuzz: {i + 1}/{count} sent ({time.monotonic() - t0:.1f} s)")
         sent_s = time.monotonic() - t0
@@ -254,7 +335,7 @@ def run(url: str, count: int, seed: int) -> dict[str, Any]:
         stalled = []
         for code in codes:
             try:
-                admin.control_request(url, info.lab_id, code, {"cmd": "ping"}, timeout=10)
+                admin.control_request(controller, info.lab_id, code, {"cmd": "ping"}, timeout=10)
             except Exception:  # noqa: BLE001 - any failure to answer is a stall
                 stalled.append(code)
         deadline = time.monotonic() + 60
@@ -268,7 +349,7 @@ def run(url: str, count: int, seed: int) -> dict[str, Any]:
         log("fuzz: workload paused; waiting for the lab to converge")
         for code in codes:
             try:
-                admin.control_request(url, info.lab_id, code, {"cmd": "pause-workload"}, timeout=10)
+                admin.control_request(controller, info.lab_id, code, {"cmd": "pause-workload"}, timeout=10)
             except Exception as exc:  # noqa: BLE001 - counted as a stall above already
                 log(f"fuzz: {code} did not pause its workload: {exc}")
         started = time.monotonic()
@@ -280,8 +361,11 @@ def run(url: str, count: int, seed: int) -> dict[str, Any]:
         counts = counters(lab_dir, codes)
         refused = {k: counts[k] - counters_before[k] for k in counts}
         dead = admin.queue_depth(url, names.dead_queue(info.lab_id))
+        by_reason = dead_reasons(url, info.lab_id)
         return {
-            "count": count, "seed": seed, "sent_s": round(sent_s, 2), "by_kind": dict(sorted(kinds.items())),
+            "count": count, "seed": seed, "as": as_site or "a foreign client", "identities": identities.describe(info),
+            "sent_s": round(sent_s, 2), "by_kind": dict(sorted(kinds.items())),
+            "refused_by_broker": refused_by_broker, "dead_by_reason": by_reason,
             "unroutable": unroutable, "crashed": crashed, "stalled": stalled, "dead_lettered": dead,
             "refused_by_sites": refused, "records_before": len(before), "lost_records": len(lost),
             "lost_examples": lost[:5], "verdict": report.verdict,
@@ -293,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--as-site", default=None, metavar="CODE",
+                        help="fuzz with this site's real broker credentials (a lab with per-site identities)")
     add_amqp_option(parser)
     add_json_option(parser)
     args = parser.parse_args(argv)
     load = busy_before_run(args.amqp)
-    result = run(args.amqp, args.count, args.seed)
+    result = run(args.amqp, args.count, args.seed, args.as_site)
     result["machine"] = machine_facts(args.amqp, load)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -305,12 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     r = result
     print(f"smslab fuzz: {r['count']:,} fuzzed and forged messages into the 5-site demo lab, seed {r['seed']}"
           f" (sent in {r['sent_s']} s)")
+    print(f"  from {r['as']}; the lab: {r['identities']}")
     for what, n in r["by_kind"].items():
         print(f"  {what:28s} {n:6,}")
+    if r["refused_by_broker"]:
+        print("  what the site's broker user tried and the broker answered:")
+        for what, n in r["refused_by_broker"].items():
+            print(f"    {n:5,} x {what}")
     print(f"  site crashes                 {len(r['crashed']):6}  (goal 0) {' '.join(r['crashed'])}")
     print(f"  stalls                       {len(r['stalled']):6}  (goal 0) {' '.join(r['stalled'])}")
     print(f"  dead-lettered with a reason  {r['dead_lettered']!s:>6}")
     print(f"  refused, the sites' counters {r['refused_by_sites']}")
+    print("  dead letters by reason:")
+    for what, n in r["dead_by_reason"].items():
+        print(f"    {n:6,}  {what}")
     print(f"  data lost                    {r['lost_records']:6}  (goal 0) of {r['records_before']:,} records CEN held"
           f" before {r['lost_examples'] or ''}")
     print(f"  verdict after                {r['verdict']} {' '.join(r['violations'])} (converged in"

@@ -78,6 +78,11 @@ def _safe(url: str) -> str:
     return ",".join(shown)
 
 
+def login_user(url: str) -> str:
+    """The broker user ``url`` logs in as: the validated ``user_id`` of what it publishes."""
+    return str(parameters(url).credentials.username)
+
+
 def check(url: str) -> None:
     with blocking(url):
         pass
@@ -218,7 +223,7 @@ def publish_raw(url: str, lab: str, site: str, body: bytes) -> None:
         ch = conn.channel()
         ch.confirm_delivery()
         ch.basic_publish(names.exchange(lab), names.site_key(site), body,
-                         pika.BasicProperties(delivery_mode=2), mandatory=True)
+                         pika.BasicProperties(delivery_mode=2, user_id=login_user(url)), mandatory=True)
 
 
 def control_request(
@@ -232,13 +237,22 @@ def control_request(
     """
     with blocking(url) as conn:
         ch = conn.channel()
-        reply = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        # The answer comes back through the lab's exchange, to a key of our own: a site with its
+        # own broker identity may publish to the lab's exchange only.
+        token = uuid.uuid4().hex
+        reply = ch.queue_declare(names.reply_queue(lab, token), exclusive=True, auto_delete=True).method.queue
+        try:
+            ch.queue_bind(reply, names.exchange(lab), routing_key=names.reply_key(token))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise LabError(f"lab {lab} has no exchange on the broker ({exc.reply_text})",
+                           hint="is the lab up? (smslab status)") from exc
         corr = request_id or uuid.uuid4().hex
         ch.confirm_delivery()
         try:
             ch.basic_publish(
                 names.exchange(lab), names.control_key(site), json.dumps(command).encode(),
-                pika.BasicProperties(reply_to=reply, correlation_id=corr, expiration=str(int(timeout * 1000))),
+                pika.BasicProperties(reply_to=names.reply_key(token), correlation_id=corr,
+                                     expiration=str(int(timeout * 1000)), user_id=login_user(url)),
                 mandatory=True,
             )
         except pika.exceptions.UnroutableError as exc:

@@ -19,6 +19,9 @@ class Delivery:
     redelivered: bool
     reply_to: str | None
     correlation_id: str | None
+    # The broker user that published it (AMQP ``user_id``), which RabbitMQ validates against
+    # the publisher's login; None when the publisher set none (a lab without identities).
+    user_id: str | None = None
 
 
 class TransportHandler(Protocol):

@@ -823,14 +823,15 @@ class LocalNode:
         raise BrokerUnavailable(f"RabbitMQ node {self.node_name}: AMQP did not answer within {timeout:.0f}s "
                                 f"of start_app ({why})", hint=f"read {self.log_file}")
 
-    def ctl(self, *args: str, timeout: float = 60.0) -> str:
-        """Run ``rabbitmqctl -n NODE ARGS`` with this node's HOME (cookie) and settings; its stdout."""
+    def ctl(self, *args: str, timeout: float = 60.0, input: str | None = None) -> str:
+        """Run ``rabbitmqctl -n NODE ARGS`` with this node's HOME (cookie) and settings; its stdout.
+        ``input`` goes to its stdin (``eval`` reads its expression there)."""
         argv = [str(self._ctl_path()), "-n", self.node_name, *args]
         shown = "rabbitmqctl " + " ".join(args)
         try:
             done = subprocess.run(argv, env=self._env(), cwd=self.base_dir if self.base_dir.exists() else None,
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+                                  stdin=subprocess.DEVNULL if input is None else None, input=input,
+                                  capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise BrokerUnavailable(f"{shown} against {self.node_name} did not finish within {timeout:.0f}s",
                                     hint=f"is the node up? read {self.log_file}") from None

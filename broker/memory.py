@@ -171,6 +171,7 @@ class Message:
     reply_to: str | None = None
     correlation_id: str | None = None
     message_id: str | None = None
+    user_id: str | None = None  # the publisher's broker user (validated, as RabbitMQ does)
     redelivered: bool = False
     id: int = 0  # broker-wide serial, in routing order
     position: int = 0  # place in its queue; a requeued message goes back to it
@@ -403,7 +404,7 @@ class Connection:
         broker.stats["redelivered" if msg.redelivered else "delivered"] += 1
         broker._trace("deliver", self.name, consumer.queue.name, msg.id, tag, msg.redelivered)
         delivery = Delivery(queue=consumer.label, tag=tag, body=msg.body, redelivered=msg.redelivered,
-                            reply_to=msg.reply_to, correlation_id=msg.correlation_id)
+                            reply_to=msg.reply_to, correlation_id=msg.correlation_id, user_id=msg.user_id)
         self.send_to_client(lambda: self.client._delivered(delivery))
 
     def _ack(self, tag: int, multiple: bool) -> None:
@@ -546,10 +547,12 @@ class MemoryBroker:
     # -- outside clients (the CLI's short-lived connections) -----------------------------
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *, reply_to: str | None = None,
-                correlation_id: str | None = None, mandatory: bool = False) -> bool:
-        """Publish at once, as a client whose frame has arrived; True if routed."""
+                correlation_id: str | None = None, mandatory: bool = False, user_id: str | None = None) -> bool:
+        """Publish at once, as a client whose frame has arrived; True if routed. ``user_id`` is
+        the broker user the client logged in as (RabbitMQ refuses any other but an
+        impersonator's): a forger with a site's credentials passes that site's."""
         msg = Message(body=body, exchange=exchange, routing_key=routing_key, reply_to=reply_to,
-                      correlation_id=correlation_id)
+                      correlation_id=correlation_id, user_id=user_id)
         try:
             status = self._route(exchange, routing_key, msg)
         except _ChannelError as exc:
@@ -807,8 +810,9 @@ class MemoryTransport:
     def __init__(self, broker: MemoryBroker, *, lab: str, site: str, prefetch: int = 500,
                  queue_type: str = "classic", reconnect_delay: float = 0.2,
                  max_reconnect_delay: float = 5.0, neighbours: list[str] | None = None,
-                 heartbeat: float = 10.0) -> None:
+                 heartbeat: float = 10.0, user: str | None = None) -> None:
         self.broker = broker
+        self.user = user  # the broker user it logs in as: the user_id of everything it publishes
         self.lab = lab
         self.site = site
         self.neighbours = list(neighbours or [])
@@ -1033,7 +1037,7 @@ class MemoryTransport:
         seq = self._publish_seq
         self._pending[seq] = token
         msg = Message(body=body, exchange=names.exchange(self.lab), routing_key=routing_key,
-                      correlation_id=correlation_id, message_id=str(seq))
+                      correlation_id=correlation_id, message_id=str(seq), user_id=self.user)
         conn.send_to_broker(lambda: self.broker._frame(
             conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=True)), publish=True)
 
@@ -1046,7 +1050,7 @@ class MemoryTransport:
         seq = self._publish_seq
         self._pending[seq] = None
         msg = Message(body=body, exchange="", routing_key=reply_to, correlation_id=correlation_id,
-                      message_id=str(seq))
+                      message_id=str(seq), user_id=self.user)
         conn.send_to_broker(lambda: self.broker._frame(
             conn, lambda: self.broker._publish_frame(conn, seq, msg, mandatory=False)), publish=True)
 

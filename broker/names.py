@@ -3,6 +3,8 @@ labs (and test runs) share one broker without seeing each other's traffic."""
 
 from __future__ import annotations
 
+import re
+
 
 def exchange(lab: str) -> str:
     return f"smslab.{lab}"
@@ -102,3 +104,50 @@ def dead_queue_arguments(queue_type: str, max_length: int = DEAD_LETTER_MAX) -> 
 def inbox_arguments(queue_type: str, lab: str, delivery_limit: int = DELIVERY_LIMIT) -> dict[str, object]:
     """A site's envelope inbox and its control queue: dead-lettered to the lab's dead queue."""
     return queue_arguments(queue_type, dead_letter_to=exchange(lab), delivery_limit=delivery_limit)
+
+
+# -- per-site broker identities (issue 10) ----------------------------------------------------
+
+CONTROLLER = "controller"  # the lab's own identity: the CLI, the fault daemon, the recovery agent
+
+
+def broker_user(lab: str, who: str) -> str:
+    """The broker user of a site (``who`` its code) or of the lab's controller
+    (``who`` = CONTROLLER). Named after the lab id, so labs sharing a broker never share users
+    and ``down`` deletes exactly its own."""
+    return f"smslab-{lab}-{who}"
+
+
+def reply_key(token: str) -> str:
+    """The routing key a control request's answer comes back on (``reply_to``): the reply queue
+    is bound to the lab's exchange with it, so a site answers through the lab's exchange and
+    needs no write permission on the default exchange (which routes to any queue by name)."""
+    return f"reply.{token}"
+
+
+def reply_queue(lab: str, token: str) -> str:
+    return f"smslab.{lab}.reply.{token}"
+
+
+def _re(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def site_permissions(lab: str, site: str) -> tuple[str, str, str]:
+    """(configure, write, read) of a site's broker user, as RabbitMQ regexes.
+
+    configure: its own two queues (declared again when deleted under it, status 5400), nothing
+    else (the exchange is only checked, passively; the dead-letter queue is the lab's).
+    write: the lab's exchange (to publish) and its own queues (to bind them). Not ``amq.default``:
+    that would let it put a message straight into any queue by name.
+    read: its own queues (to consume) and the lab's exchange (to bind its queues to it)."""
+    own = f"^({re.escape(site_queue(lab, site))}|{re.escape(control_queue(lab, site))})$"
+    ex = _re(exchange(lab))
+    return own, f"{ex}|{own}", f"{ex}|{own}"
+
+
+def controller_permissions(lab: str) -> tuple[str, str, str]:
+    """The controller's: every object of the lab (declare, bind, publish, consume, delete), and
+    nothing of another lab."""
+    everything = "^" + re.escape(exchange(lab)) + r"(\..*)?$"
+    return everything, everything, everything

@@ -8,6 +8,9 @@ dropped, when the fault says so), so a daemon killed at any moment loses nothing
 goes back to the relay queue and is taken again.
 
 Republished messages use the receiver's own key (``site.<CODE>``), which no fault diverts.
+In a lab with per-site identities the relay logs in as the lab's controller, an
+``impersonator``: it keeps each message's ``user_id`` (the sender's), so the receiver still
+knows who published it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ PREFETCH = 20_000  # messages a relay may hold (delayed, reordered, partitioned)
 class Held:
     tag: int
     body: bytes
+    user_id: str | None = None
 
 
 @dataclass
@@ -70,8 +74,9 @@ class LinkRelay:
 
 class RelayHub:
     def __init__(self, url: str, lab: str, *, on_event: Callable[[RelayEvent], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, keep_user_id: bool = False) -> None:
         self.url = url
+        self.keep_user_id = keep_user_id  # identities: republish with the sender's user_id
         self.lab = lab
         self.clock = clock
         self.on_event = on_event
@@ -134,16 +139,16 @@ class RelayHub:
     def _consume(self, relay: LinkRelay) -> None:
         assert self._ch is not None
 
-        def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:
-            self._arrived(relay, method.delivery_tag, body)
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self._arrived(relay, method.delivery_tag, body, props.user_id if self.keep_user_id else None)
 
         relay.consumer = self._ch.basic_consume(names.relay_queue(self.lab, relay.sender, relay.receiver),
                                                 on_message)
 
-    def _arrived(self, relay: LinkRelay, tag: int, body: bytes) -> None:
+    def _arrived(self, relay: LinkRelay, tag: int, body: bytes, user_id: str | None = None) -> None:
         relay.next_mid += 1
         mid = relay.next_mid
-        relay.held[mid] = Held(tag, body)
+        relay.held[mid] = Held(tag, body, user_id)
         relay.counters.seen += 1
         relay.counters.envelopes_seen += envelopes_in(body)[0]
         self._release(relay, relay.shaper.arrive(mid, self.clock()))
@@ -166,7 +171,7 @@ class RelayHub:
                 continue
             count, first, last = envelopes_in(held.body) if release.copies != 1 else (0, None, None)
             for _ in range(release.copies):
-                self._forward(relay, held.body)
+                self._forward(relay, held.body, held.user_id)
             self._ch.basic_ack(held.tag)
             c = relay.counters
             if release.copies == 0:
@@ -178,12 +183,12 @@ class RelayHub:
                 c.envelopes_duplicated += count * (release.copies - 1)
                 self._event(relay, "duplicated", count, first, last)
 
-    def _forward(self, relay: LinkRelay, body: bytes) -> None:
+    def _forward(self, relay: LinkRelay, body: bytes, user_id: str | None) -> None:
         assert self._ch is not None
         while True:
             try:
                 self._ch.basic_publish(names.exchange(self.lab), names.site_key(relay.receiver), body,
-                                       pika.BasicProperties(delivery_mode=2), mandatory=True)
+                                       pika.BasicProperties(delivery_mode=2, user_id=user_id), mandatory=True)
                 relay.counters.forwarded += 1
                 return
             except pika.exceptions.UnroutableError:
@@ -211,28 +216,30 @@ class RelayHub:
         for release in leftover:
             held = relay.held.pop(release.mid, None)
             if held is not None:
-                self._forward(relay, held.body)
+                self._forward(relay, held.body, held.user_id)
                 self._ch.basic_ack(held.tag)
         for held in list(relay.held.values()):  # delivered after the shaper stopped
-            self._forward(relay, held.body)
+            self._forward(relay, held.body, held.user_id)
             self._ch.basic_ack(held.tag)
         relay.held.clear()
-        _drain_channel(self._ch, self.lab, sender, receiver, relay.counters)
+        _drain_channel(self._ch, self.lab, sender, receiver, relay.counters, keep_user_id=self.keep_user_id)
         return relay.counters
 
 
-def _drain_channel(ch: BlockingChannel, lab: str, sender: str, receiver: str, counters: Counters | None) -> int:
+def _drain_channel(ch: BlockingChannel, lab: str, sender: str, receiver: str, counters: Counters | None, *,
+                   keep_user_id: bool = False) -> int:
     queue = names.relay_queue(lab, sender, receiver)
     moved = 0
     while True:
         try:
-            method, _props, body = ch.basic_get(queue, auto_ack=False)
+            method, props, body = ch.basic_get(queue, auto_ack=False)
         except pika.exceptions.ChannelClosedByBroker:
             return moved  # no such queue
         if method is None:
             break
         ch.basic_publish(names.exchange(lab), names.site_key(receiver), body,
-                         pika.BasicProperties(delivery_mode=2), mandatory=True)
+                         pika.BasicProperties(delivery_mode=2, user_id=props.user_id if keep_user_id else None),
+                         mandatory=True)
         ch.basic_ack(method.delivery_tag)
         moved += 1
         if counters is not None:
@@ -244,13 +251,13 @@ def _drain_channel(ch: BlockingChannel, lab: str, sender: str, receiver: str, co
     return moved
 
 
-def drain(url: str, lab: str, sender: str, receiver: str) -> int:
+def drain(url: str, lab: str, sender: str, receiver: str, *, keep_user_id: bool = False) -> int:
     """Forward everything a relay queue holds to the receiver, in order, and delete it (when
     no fault daemon is there to do it)."""
     with admin.blocking(url, name=f"smslab:{lab}:drain") as conn:
         ch = conn.channel()
         ch.confirm_delivery()
         try:
-            return _drain_channel(ch, lab, sender, receiver, None)
+            return _drain_channel(ch, lab, sender, receiver, None, keep_user_id=keep_user_id)
         except pika.exceptions.ChannelClosedByBroker:
             return 0

@@ -48,9 +48,16 @@ class PikaTransport:
         neighbours: list[str] | None = None,
         delivery_limit: int = names.DELIVERY_LIMIT,
         dead_letter_max: int = names.DEAD_LETTER_MAX,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.dead_letter_max = dead_letter_max
         self.lab = lab
+        # Per-site identity: the site logs in as its own broker user and stamps it as the
+        # ``user_id`` of everything it publishes (RabbitMQ refuses any other). Its permissions
+        # cover its own queues and the lab's exchange only, so the lab's objects are declared by
+        # ``up`` and only checked here (its own queues are declared again if deleted).
+        self.user = user
         self.site = site
         self.neighbours = list(neighbours or [])  # whose link keys bind to our inbox
         self.prefetch = prefetch
@@ -70,6 +77,8 @@ class PikaTransport:
             params.connection_attempts = 1
             params.socket_timeout = 5
             params.client_properties = {"connection_name": names.connection_name(lab, site)}
+            if user is not None:
+                params.credentials = pika.PlainCredentials(user, password or "")
             self.params_list.append(params)
         self._index = urls.first_choice(site, len(self.urls))
         self.failures = 0
@@ -183,7 +192,7 @@ class PikaTransport:
         channel.add_on_return_callback(self._on_return)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.exchange_declare(
-            names.exchange(self.lab), "direct", durable=True,
+            names.exchange(self.lab), "direct", durable=True, passive=self.user is not None,
             callback=lambda _f: self._declare_queues(),
         )
 
@@ -201,12 +210,15 @@ class PikaTransport:
         ch = self._channel
         lab, site = self.lab, self.site
         args = dict(names.inbox_arguments(self.queue_type, lab, self.delivery_limit))
-        steps: list[Callable[[Callable[[Any], None]], None]] = [
+        lab_objects: list[Callable[[Callable[[Any], None]], None]] = [] if self.user is not None else [
             lambda cb: ch.queue_declare(names.dead_queue(lab), durable=True,
                                         arguments=names.dead_queue_arguments(self.queue_type, self.dead_letter_max),
                                         callback=cb),
             lambda cb: ch.queue_bind(names.dead_queue(lab), names.exchange(lab),
                                      routing_key=names.DEAD_KEY, callback=cb),
+        ]
+        steps: list[Callable[[Callable[[Any], None]], None]] = [
+            *lab_objects,
             lambda cb: ch.queue_declare(names.site_queue(lab, site), durable=True,
                                         arguments=args, callback=cb),
             lambda cb: ch.queue_bind(names.site_queue(lab, site), names.exchange(lab),
@@ -294,6 +306,7 @@ class PikaTransport:
                 redelivered=bool(method.redelivered),
                 reply_to=props.reply_to,
                 correlation_id=props.correlation_id,
+                user_id=props.user_id,
             )
             self._guard(lambda: handler.on_delivery(delivery))
 
@@ -310,7 +323,7 @@ class PikaTransport:
         self._pending[self._publish_seq] = token
         self._keys[self._publish_seq] = routing_key
         props = BasicProperties(
-            delivery_mode=2, message_id=str(self._publish_seq), correlation_id=correlation_id,
+            delivery_mode=2, message_id=str(self._publish_seq), correlation_id=correlation_id, user_id=self.user,
         )
         try:
             self._channel.basic_publish(
@@ -320,18 +333,25 @@ class PikaTransport:
             raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        """Answer a control request (the default exchange routes to the reply queue).
+        """Answer a control request: through the lab's exchange to a ``reply.*`` key (what
+        ``broker.admin.control_request`` asks for), else through the default exchange to the
+        queue named ``reply_to``, which a site with its own identity may not publish to.
 
         A reply that cannot be sent is not an error of the site: the asker times out and
         asks again (the command's request id makes the second answer the first one)."""
         if self._channel is None or not self._ready:
             return
+        via_lab = reply_to.startswith(names.reply_key(""))
+        if not via_lab and self.user is not None:
+            log.warning("%s: not answering to %r: a reply goes to a reply.* key of the lab's exchange", self.site,
+                        reply_to[:80])
+            return
         self._publish_seq += 1
         self._pending[self._publish_seq] = None
         try:
             self._channel.basic_publish(
-                "", reply_to, body, BasicProperties(correlation_id=correlation_id,
-                                                    message_id=str(self._publish_seq)),
+                names.exchange(self.lab) if via_lab else "", reply_to, body,
+                BasicProperties(correlation_id=correlation_id, message_id=str(self._publish_seq), user_id=self.user),
             )
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.warning("%s: cannot answer a control request: %r", self.site, exc)

@@ -6,6 +6,7 @@ turns either into the list and back. Pika-free, so the lab file and the CLI use 
 
 from __future__ import annotations
 
+import urllib.parse
 import zlib
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -50,3 +51,15 @@ def where(url: str) -> str:
 def first_choice(site: str, count: int) -> int:
     """The node a site tries first: spread over the nodes, stable for one site."""
     return zlib.crc32(site.encode()) % count if count else 0
+
+
+def with_login(url: str, user: str, password: str) -> str:
+    """``url`` logging in as ``user``: its host, port and vhost with another user and password
+    (kept in memory only: lab.json holds the URL as given)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

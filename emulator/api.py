@@ -215,7 +215,7 @@ class Lab:
         loaded = load_scenario(scenario)
         chosen = loaded.seed if seed is None else seed
         out = run_dir or (self.dir.path.parent / f"run-{loaded.scenario}-seed{chosen}")
-        return run_scenario(loaded, seed=chosen, run_dir=out, amqp_url=self.info.amqp_url, lab_dir=self.dir,
+        return run_scenario(loaded, seed=chosen, run_dir=out, amqp_url=self.info.admin_url, lab_dir=self.dir,
                             scenario_path=Path(scenario), keep_up=True, progress=_quiet, existing_lab=True)
 
     def _site(self, code: str) -> str:

@@ -670,7 +670,7 @@ def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float) -> None
             return
         time.sleep(0.1)
     for sender, receiver in spec.links:
-        relay.drain(info.amqp_url, info.lab_id, sender, receiver)
+        relay.drain(info.amqp_url, info.lab_id, sender, receiver, keep_user_id=info.identities == "per-site")
 
 
 def heal_all(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet) -> list[FaultSpec]:

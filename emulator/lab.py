@@ -1,6 +1,8 @@
 """The lab directory: everything of one lab (topology, site stores, backups, logs, history).
 
     <lab dir>/lab.json                 LabInfo: lab id, broker URLs (one per cluster node), topology
+    <lab dir>/broker-secrets.json      mode 0600: the passwords of the lab's broker users (per-site
+                                       identities); no other file holds one
     <lab dir>/sites/<CODE>/site.db     the site's store (SQLite, WAL)
     <lab dir>/sites/<CODE>/clients.db  its simulated clients (not part of the site: never restored)
     <lab dir>/sites/<CODE>/site.pid    pid of the running site process
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from broker import urls
 from emulator.errors import ConfigError, LabError
@@ -73,6 +75,12 @@ class LabInfo(BaseModel):
     created: float
     topology: Topology
     broker: BrokerRef = Field(default_factory=BrokerRef)
+    identities: Literal["per-site", "unauthenticated"] = "unauthenticated"
+    """per-site: every site publishes as its own broker user (validated ``user_id``), the CLI and
+    the fault daemon as the lab's controller; the passwords are in ``broker-secrets.json``."""
+    identities_note: str | None = None  # how the users are managed, or why the lab is unauthenticated
+    # The controller's login (from the secrets file, never from lab.json): what amqp_url logs in as.
+    _login: tuple[str, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,8 +95,19 @@ class LabInfo(BaseModel):
 
     @property
     def amqp_url(self) -> str:
-        """The URLs comma-separated: what broker.admin and the transport take."""
+        """The URLs comma-separated: what broker.admin and the transport take. With per-site
+        identities, logged in as the lab's controller (the harness's identity)."""
+        if self._login is not None:
+            return urls.join(urls.with_login(u, *self._login) for u in self.amqp_urls)
+        return self.admin_url
+
+    @property
+    def admin_url(self) -> str:
+        """The URLs as given to ``up``, with their own user (which manages the lab's users)."""
         return urls.join(self.amqp_urls)
+
+    def login_as(self, user: str, password: str) -> None:
+        self._login = (user, password)
 
 
 def new_lab_id(name: str) -> str:
@@ -113,9 +132,42 @@ class LabDir:
                 hint="bring one up with: smslab up TOPOLOGY (or pass --lab DIR)",
             )
         try:
-            return LabInfo.model_validate_json(self.info_path.read_bytes())
+            info = LabInfo.model_validate_json(self.info_path.read_bytes())
         except ValidationError as exc:
             raise ConfigError(f"{self.info_path} is not a valid lab file: {exc}") from exc
+        if info.identities == "per-site":
+            from broker import names
+
+            controller = names.broker_user(info.lab_id, names.CONTROLLER)
+            password = self.secrets().get(controller)
+            if password is None:
+                raise LabError(f"lab {info.lab_id} has per-site broker identities but {self.secrets_path} holds"
+                               " no password of its controller",
+                               hint="run as the user that brought the lab up (the file is mode 0600)")
+            info.login_as(controller, password)
+        return info
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.path / "broker-secrets.json"
+
+    def secrets(self) -> dict[str, str]:
+        """broker user -> password ({} when there is no secrets file, or it is not ours to read)."""
+        try:
+            data = json.loads(self.secrets_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def save_secrets(self, secrets: dict[str, str]) -> None:
+        """Written mode 0600 from the first byte (created so, then renamed over the old one)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".broker-secrets.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secrets, f)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.secrets_path)
 
     def save(self, info: LabInfo) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ class Daemon:
         self.lab_dir = lab_dir
         self.info = info
         self.stopping = threading.Event()
-        self.hub = RelayHub(info.amqp_url, info.lab_id, on_event=self._relay_event)
+        self.hub = RelayHub(info.amqp_url, info.lab_id, on_event=self._relay_event,
+                            keep_user_id=info.identities == "per-site")
         self._keepers: dict[str, threading.Thread] = {}
         self._last_reassert = 0.0
 

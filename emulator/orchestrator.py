@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import admin, urls
-from emulator import backup, history, hostnet
+from emulator import backup, history, hostnet, identities
 from emulator.errors import BrokerUnavailable, LabError, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo, new_lab_id, write_atomically
 from emulator.topology import load_topology
@@ -43,6 +43,7 @@ def up(topology_path: Path, lab_dir: LabDir, amqp_url: str, *, timeout: float = 
     codes = topology.depth_order()
     if netns:
         place_in_namespaces(lab_dir, info, hostnet.check_codes(netns, codes), progress)
+    identities.setup(lab_dir, info, progress=progress)
     ensure_broker_objects(lab_dir, info)
     progress(f"lab {info.lab_id}: {len(codes)} sites, mode {topology.mode}, broker objects declared")
     ensure_zygote(lab_dir)  # sites are forked from it: a fork each, not an interpreter start
@@ -367,6 +368,7 @@ def start(lab_dir: LabDir, code: str, *, timeout: float = 30.0, progress: Progre
     done = backup.replace_store(lab_dir, info, code, backup_id=restore, wipe=wipe)
     if done:
         progress(f"  {done}, no recovery")
+    identities.ensure(lab_dir, info)
     ensure_broker_objects(lab_dir, info)
     pid = spawn(lab_dir, code)
     history.record(lab_dir, "process", link=code, site=code,
@@ -402,8 +404,14 @@ def down(lab_dir: LabDir, *, keep: bool = False, progress: Progress = _quiet) ->
     except SmslabError:
         pass  # the history is kept with the lab directory; a damaged one is not a reason to stay up
     try:
-        admin.delete_lab(info.amqp_url, info.lab_id, codes, info.topology.links())
-        progress(f"deleted broker objects of lab {info.lab_id}")
+        try:
+            # with the URL's own user: the controller may be gone already (an ``up`` that died half way)
+            admin.delete_lab(info.admin_url, info.lab_id, codes, info.topology.links())
+            progress(f"deleted broker objects of lab {info.lab_id}")
+        finally:
+            deleted = identities.teardown(info)  # the users go even if their lab's objects would not
+            if deleted:
+                progress(deleted)
     finally:
         from emulator import brokers
 

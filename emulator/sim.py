@@ -49,6 +49,7 @@ from broker.memory import Loop, MemoryBroker, MemoryTransport, Message
 from emulator import backup, checker, faults, history, recover
 from emulator.errors import ConfigError, LabError
 from emulator.lab import BrokerRef, LabDir, LabInfo
+from emulator.protocol import admission
 from emulator.protocol.shaping import LINK_FAULTS, Release, Shaper, envelopes_in
 from emulator.runner import RunResult, run_scenario
 from emulator.scenario import Scenario
@@ -112,9 +113,9 @@ class Relay:
         self.shaper = shaper
         self.name = f"{sender}->{receiver}"
         self.stats = fault.stats.links.setdefault(self.name, faults.LinkStats())
-        self.held: dict[int, bytes] = {}
+        self.held: dict[int, Message] = {}  # with its publisher's user_id, which the relay keeps
         self.next_mid = 0
-        self._out: deque[bytes] = deque()
+        self._out: deque[Message] = deque()
         self._out_last = 0.0
         self._due_at: float | None = None
         self.queue = lab.broker.divert_link(lab.lab_id, sender, receiver)
@@ -122,7 +123,7 @@ class Relay:
 
     def _arrived(self, msg: Message) -> None:
         self.next_mid += 1
-        self.held[self.next_mid] = msg.body
+        self.held[self.next_mid] = msg
         self.stats.seen += 1
         self.stats.envelopes_seen += envelopes_in(msg.body)[0]
         self._release(self.shaper.arrive(self.next_mid, self.lab.loop.now))
@@ -144,12 +145,12 @@ class Relay:
 
     def _release(self, releases: list[Release]) -> None:
         for release in releases:
-            body = self.held.pop(release.mid, None)
-            if body is None:
+            held = self.held.pop(release.mid, None)
+            if held is None:
                 continue
-            count, first, last = envelopes_in(body) if release.copies != 1 else (0, None, None)
+            count, first, last = envelopes_in(held.body) if release.copies != 1 else (0, None, None)
             for _ in range(release.copies):
-                self._forward(body)
+                self._forward(held)
             if release.copies == 0:
                 self.stats.dropped += 1
                 self.stats.envelopes_dropped += count
@@ -160,10 +161,10 @@ class Relay:
                 self._event("duplicated", count, first, last)
         self.stats.held = len(self.held)
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, msg: Message) -> None:
         """Republish on the relay's own connection: one latency later, in order."""
         loop, broker = self.lab.loop, self.lab.broker
-        self._out.append(body)
+        self._out.append(msg)
         self._out_last = max(loop.now + broker.latency, self._out_last)
         loop.call_at(self._out_last, self._publish_head)
 
@@ -171,7 +172,9 @@ class Relay:
         if not self._out:
             return
         broker = self.lab.broker
-        if not broker.publish(names.exchange(self.lab.lab_id), names.site_key(self.receiver), self._out[0]):
+        head = self._out[0]
+        if not broker.publish(names.exchange(self.lab.lab_id), names.site_key(self.receiver), head.body,
+                              user_id=head.user_id):
             # the receiver's inbox is gone for a moment (deleted, not yet declared again)
             self.lab.loop.call_later(0.5, self._publish_head)
             return
@@ -188,11 +191,11 @@ class Relay:
         self.lab.broker.restore_link(self.lab.lab_id, self.sender, self.receiver)
         self.queue.tap = None
         for release in self.shaper.release_all():
-            body = self.held.pop(release.mid, None)
-            if body is not None:
-                self._forward(body)
-        for body in list(self.held.values()):
-            self._forward(body)
+            held = self.held.pop(release.mid, None)
+            if held is not None:
+                self._forward(held)
+        for held in list(self.held.values()):
+            self._forward(held)
         self.held.clear()
         self.stats.held = 0
 
@@ -205,10 +208,16 @@ class SimLab:
     """A lab of real site runtimes on the in-memory broker; see the module's text."""
 
     def __init__(self, lab_dir: LabDir, topology: Topology, *, seed: int = 0, lab_id: str | None = None,
-                 latency: float = 0.002, jitter: float = 0.002) -> None:
+                 latency: float = 0.002, jitter: float = 0.002, identities: bool = False) -> None:
         self.topology = topology
         self.seed = seed
         self.lab_id = lab_id or f"{topology.lab}-sim{seed}"
+        # Per-site broker identities, as RabbitMQ's validated user_id gives them: each site's
+        # transport publishes as its own user, the harness as the controller.
+        self.identities = (admission.Identities(
+            sites={code: names.broker_user(self.lab_id, code) for code in topology.codes},
+            controller=names.broker_user(self.lab_id, names.CONTROLLER)) if identities else None)
+        self.controller = self.identities.controller if self.identities else None
         self.loop = Loop(seed)
         self.broker = MemoryBroker(self.loop, latency=latency, jitter=jitter)
         self.broker.declare_lab(self.lab_id, topology.codes, topology.settings.queue_type, topology.links())
@@ -279,10 +288,12 @@ class SimLab:
                    if spec.type != "central" or topo.clients_of(code) else None)
         transport = MemoryTransport(self.broker, lab=self.lab_id, site=code, prefetch=topo.settings.prefetch,
                                     queue_type=topo.settings.queue_type,
-                                    neighbours=[p for p in [topo.parent(code), *topo.children(code)] if p])
+                                    neighbours=[p for p in [topo.parent(code), *topo.children(code)] if p],
+                                    user=self.identities.sites[code] if self.identities else None)
         runtime = SiteRuntime(lab=self.lab_id, topology=topo, site=code, store=store, clients=clients,
                               transport=transport, clock=self.loop.time,
-                              rng=random.Random(f"{self.seed}:{code}:{n}"), process_id=self._pids)
+                              rng=random.Random(f"{self.seed}:{code}:{n}"), process_id=self._pids,
+                              identities=self.identities)
         if recover:
             runtime.recovery.begin(recover, reference)
         transport.connect(runtime)
@@ -417,7 +428,7 @@ class SimLab:
         self.broker.declare_queue(reply)
         corr = request_id or f"req-{self._requests}"
         if not self.broker.publish(names.exchange(self.lab_id), names.control_key(code), json.dumps(command).encode(),
-                                   reply_to=reply, correlation_id=corr, mandatory=True):
+                                   reply_to=reply, correlation_id=corr, mandatory=True, user_id=self.controller):
             self.broker.delete_queue(reply)
             raise LabError(f"no control queue for {code}")
         answer: dict[str, Any] = {}

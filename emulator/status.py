@@ -6,6 +6,7 @@ import sqlite3
 from typing import Any
 
 from broker import urls
+from emulator import identities
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.sequencing import LinkState, health
 from emulator.protocol.signing import fingerprint
@@ -72,6 +73,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
         })
     return {"lab": info.lab_id, "mode": topo.mode, "dir": str(lab_dir.path),
             "broker": info.broker.describe(info.amqp_url), "broker_kind": info.broker.kind,
+            "identities": info.identities, "identities_note": identities.describe(info),
             "broker_nodes": [urls.where(u) for u in info.amqp_urls] if info.broker.kind != "simulated" else [],
             "sites": list(sites.values()), "links": links}
 
@@ -114,6 +116,8 @@ def _worst(states: list[str]) -> str:
 
 def render(status: dict[str, Any]) -> str:
     lines = [f"lab {status['lab']} ({status['mode']}) in {status['dir']}, broker: {status.get('broker', '?')}"]
+    if status.get("identities_note"):
+        lines.append(f"broker identities: {status['identities_note']}")
     sites = {s["code"]: s for s in status["sites"]}
     nodes = status.get("broker_nodes") or []
     links = {(l["parent"], l["child"]): l for l in status["links"]}

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from broker import admin
-from emulator import checker, orchestrator
+from broker import admin, urls
+from emulator import checker, identities, orchestrator
 from emulator.lab import BrokerRef, LabDir, LabInfo
 from sites.store import read_only
 
@@ -104,7 +104,15 @@ class Lab:
 
     def control(self, site: str, cmd: dict[str, Any], timeout: float = 10.0,
                 request_id: str | None = None) -> dict[str, Any]:
-        return admin.control_request(self.url, self.lab_id, site, cmd, timeout=timeout, request_id=request_id)
+        url = self.info.amqp_url if self.info is not None else self.url  # the controller, with identities
+        return admin.control_request(url, self.lab_id, site, cmd, timeout=timeout, request_id=request_id)
+
+    def site_url(self, code: str) -> str:
+        """The broker URL logged in as site ``code`` (its own identity), or the lab's URL when
+        the lab is unauthenticated: a client holding that site's credentials."""
+        assert self.info is not None
+        login = identities.site_login(self.dir, self.info, code)
+        return urls.with_login(self.info.admin_url, *login) if login else self.url
 
     # reading site stores
     @contextmanager

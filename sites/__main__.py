@@ -17,6 +17,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from broker import urls
 from broker.transport import PikaTransport
+from emulator import identities
 from emulator.errors import BrokerUnavailable, SmslabError
 from emulator.lab import LabDir
 from sites.clients import ClientStore
@@ -73,15 +74,19 @@ def run(lab_dir: LabDir, site: str, amqp: str | None, recover: str | None = None
     store = SiteStore(lab_dir.site_db(site))
     SiteRuntime.initialize_store(store, lab=info.lab_id, topology=topology, site=site)
     clients = ClientStore(lab_dir.clients_db(site), site, topology.clients_of(site)) if spec.type != "central" or topology.clients_of(site) else None
+    # Per-site identity: the site's own broker user and password (from the lab's 0600 secrets
+    # file), never the controller's the lab file's URL would log in as.
+    login = identities.site_login(lab_dir, info, site)
     transport = PikaTransport(
-        amqp or info.amqp_url, lab=info.lab_id, site=site,
+        amqp or info.admin_url, lab=info.lab_id, site=site,
         prefetch=topology.settings.prefetch, queue_type=topology.settings.queue_type,
         delivery_limit=topology.settings.quorum_delivery_limit,
         neighbours=[p for p in [topology.parent(site), *topology.children(site)] if p],
         dead_letter_max=topology.settings.dead_letter_max,
+        user=login[0] if login else None, password=login[1] if login else None,
     )
     runtime = SiteRuntime(lab=info.lab_id, topology=topology, site=site, store=store, clients=clients,
-                          transport=transport)
+                          transport=transport, identities=identities.identities_of(info))
     if recover:
         runtime.recovery.begin(recover, reference)
     lab_dir.write_pid(site, os.getpid())

@@ -76,9 +76,15 @@ class RefusedInput(MalformedEnvelope):
     """A well-formed packet from a neighbour that its sender could not have sent (admission):
     refused whole, with the reason, and dead-lettered."""
 
-    def __init__(self, message: str, peer: str) -> None:
+    def __init__(self, message: str, peer: str | None) -> None:
         super().__init__(message)
         self.peer = peer
+
+
+class RefusedIdentity(RefusedInput):
+    """A message whose broker user is not the one its named sender publishes as (per-site
+    identities): refused whole, with the reason, and dead-lettered; ``peer`` is the site it
+    claimed to come from (None: a control command)."""
 
 
 class ControlFailed(Exception):
@@ -142,8 +148,11 @@ class SiteRuntime:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         process_id: int | None = None,
+        identities: admission.Identities | None = None,
     ) -> None:
         self.lab = lab
+        # Per-site broker identities: who may publish as whom (None: the lab is unauthenticated)
+        self.identities = identities
         self.topology = topology
         self.site = site
         self.spec = topology.site(site)
@@ -466,9 +475,17 @@ class SiteRuntime:
                 self.store.savepoint("delivery")
                 try:
                     if delivery.queue == "control":
+                        why = admission.command_refusal(self.identities, user_id=delivery.user_id,
+                                                        parent=self.parent, cmd=None)
+                        if why:
+                            raise RefusedIdentity(f"refused: {why}", None)
                         self._handle_control(delivery, out, now)
                     else:
                         packet = wire.decode(delivery.body, lab=self.lab, dest=self.site)
+                        why = admission.sender_refusal(self.identities, user_id=delivery.user_id,
+                                                       sender=packet.source)
+                        if why:
+                            raise RefusedIdentity(f"refused: {why}", packet.source)
                         self._handle_packet(packet, delivery.redelivered, out, now)
                     self.store.flush_pending()  # its writes, together, while its savepoint can undo them
                 except ControlFailed as failed:
@@ -494,7 +511,8 @@ class SiteRuntime:
         peer = exc.peer if isinstance(exc, RefusedInput) else None
         link = self.links.get(peer) if peer else None
         if link is not None:
-            link.extra["refused_input"] = link.extra.get("refused_input", 0) + 1
+            counter = "refused_identity" if isinstance(exc, RefusedIdentity) else "refused_input"
+            link.extra[counter] = link.extra.get(counter, 0) + 1
         self.event("refused", now, link=f"{peer}->{self.site}" if link else None,
                    detail={"queue": delivery.queue, "reason": str(exc)[:300]})
 
@@ -1094,6 +1112,9 @@ class SiteRuntime:
                 raise  # dead-lettered with its reason
             raise ControlFailed(delivery, {"ok": False, "error": exc.message,
                                            "hint": "see emulator/protocol/control.py for the commands"}) from None
+        why = admission.command_refusal(self.identities, user_id=delivery.user_id, parent=self.parent, cmd=command.cmd)
+        if why:
+            raise RefusedIdentity(f"refused: {why}", None)
         # A command redelivered after a crash or a reconnect (committed, not yet acked) is
         # answered from the record of its first run, never run twice.
         cid = delivery.correlation_id if command.cmd not in ctl.READ_ONLY else None

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     lab_dir = LabDir(args.lab or os.environ.get("SMSLAB_LAB") or DEFAULT_LAB_DIR)
     try:
         if args.amqp and args.command != "up" and lab_dir.exists():
-            used = lab_dir.load().amqp_url
+            used = lab_dir.load().admin_url
             if urls.split(used) != urls.split(args.amqp):
                 print(f"smslab: note: this lab's sites use the broker given at `up` ({admin._safe(used)});"
                       " --amqp is ignored", file=sys.stderr)

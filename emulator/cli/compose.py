@@ -44,7 +44,8 @@ def cmd_compose_init(args: argparse.Namespace, lab_dir: LabDir) -> int:
                               hint="docker compose down -v starts afresh")
     else:
         info = LabInfo(lab_id=lab_id, amqp_urls=urls.split(url), created=time.time(), topology=topology,
-                       broker=BrokerRef(kind="compose", management=os.environ.get("SMSLAB_MANAGEMENT_URL")))
+                       broker=BrokerRef(kind="compose", management=os.environ.get("SMSLAB_MANAGEMENT_URL")),
+                       identities_note="a compose lab: per-site broker identities are not set up there yet")
         lab_dir.save(info)
         (lab_dir.path / "topology.yaml").write_text(topology.to_yaml())
     deadline = time.monotonic() + args.timeout

@@ -13,6 +13,9 @@ checks that what it says is possible in the hierarchy, before sequencing looks a
                   its client, an SCF its site (the origin), a status message its site and
                   serial, an object its ID (numbered by its origin) and kind, a site control
                   change its target (in our subtree) and delta serial
+    sender        (``sender_refusal``, with per-site broker identities) the broker user that
+                  published the packet is the site it names as its sender; a control
+                  command's is the lab's controller
     counters      the versions, revisions and serials the receiver keeps are integers
                   (``true`` is not one) within ``MAX_VERSION``: a version of 2**62 would
                   freeze a client's record for good
@@ -25,7 +28,8 @@ comes). Pure: the caller passes in what it knows of the hierarchy.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from emulator.protocol.envelope import MAX_VERSION, DataClass, Envelope
@@ -119,3 +123,56 @@ def refusal(
             return f"{what}: its origin is not an ancestor of this site"
     problem = _identity(env, descendants)
     return f"{what}: {problem}" if problem else None
+
+
+# -- identity: who published it on the broker ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identities:
+    """The broker users of a lab with per-site identities: each site's, and the controller's
+    (the CLI, the fault daemon). RabbitMQ checks that a message's ``user_id`` is its
+    publisher's login (only the controller, an impersonator, may pass another's on: its fault
+    relays keep the sender's), so ``user_id`` says which site published it."""
+
+    sites: Mapping[str, str]  # site code -> broker user
+    controller: str
+
+
+def sender_refusal(identities: Identities | None, *, user_id: str | None, sender: str | None) -> str | None:
+    """Why a message that names ``sender`` (a site code; None: a control command, which only
+    the controller sends) cannot be taken from broker user ``user_id``, or None when it can.
+
+    Without identities (``None``: the broker's user could not manage users) nothing is known
+    of the publisher and nothing is refused here; the other admission rules still hold."""
+    if identities is None:
+        return None
+    expected = identities.controller if sender is None else identities.sites.get(sender)
+    who = "a control command" if sender is None else f"a packet from {sender}"
+    if expected is None:
+        return f"identity: {who}, which is not a site of this lab"
+    if user_id == expected:
+        return None
+    return (f"identity: {who} published by broker user {user_id!r}, not by"
+            f" {'the controller' if sender is None else sender} ({expected})")
+
+
+# Preinst's /syncparent runs "at the current site and all its child sites": a site passes it down
+# to its children, so a child takes that command (and only it) from its parent's broker user too.
+PARENT_COMMANDS = frozenset({"syncparent"})
+
+
+def command_refusal(identities: Identities | None, *, user_id: str | None, parent: str | None,
+                    cmd: str | None) -> str | None:
+    """Why a control command published by ``user_id`` cannot be taken by a site whose parent is
+    ``parent``, or None when it can: the controller's always; the parent's only for the commands
+    a parent passes down (``cmd`` None: not parsed yet, only who sent it is judged)."""
+    if identities is None or user_id == identities.controller:
+        return None
+    parent_user = identities.sites.get(parent) if parent else None
+    if parent_user is not None and user_id == parent_user:
+        if cmd is None or cmd in PARENT_COMMANDS:
+            return None
+        return (f"identity: a {cmd!r} command published by {parent} ({user_id}): a parent passes down only"
+                f" {', '.join(sorted(PARENT_COMMANDS))}")
+    return sender_refusal(identities, user_id=user_id, sender=None)

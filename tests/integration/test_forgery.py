@@ -2,6 +2,11 @@
 broker access publishes to a link's routing key, as the real neighbour does. Each forgery is
 refused or counted, and nothing is lost: asserted on the site stores, the checker's verdict
 and the lab's dead-letter queue, waiting on conditions with deadlines.
+
+On a lab with per-site identities (the default where the broker's users can be managed) the
+forger holds the real sender's credentials: its messages carry that site's validated
+``user_id``, so only the strict-input rules stand between them and the receiver's data. The
+``unauthenticated`` runs (``SMSLAB_IDENTITIES=off``) are a foreign client of the broker.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import pika
 import pytest
 
 from broker import admin, names
+from emulator import identities
 from emulator.protocol import envelope as wire
 from emulator.protocol.envelope import (
     DataClass,
@@ -33,14 +39,23 @@ SETTINGS = {"degraded_after": 4, "failed_after": 8, "recovery_pause_timeout": PA
 SUBTREE = [DEMO_SITES[0], DEMO_SITES[1], DEMO_SITES[3]]  # CEN, P01 and its secondary S01
 
 
+@pytest.fixture(params=["identities", "unauthenticated"])
+def lab(request: pytest.FixtureRequest, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Lab:
+    if request.param == "unauthenticated":
+        monkeypatch.setenv(identities.OFF_ENV, "off")
+    return lab
+
+
 def publish(lab: Lab, sender: str, receiver: str, *bodies: bytes) -> None:
-    """Publish as a foreign client, to the routing key of the link ``sender`` -> ``receiver``."""
-    with admin.blocking(lab.url, name="forger") as conn:
+    """Publish to the routing key of the link ``sender`` -> ``receiver``: with ``sender``'s own
+    credentials on a lab with identities, else as a foreign client."""
+    url = lab.site_url(sender)
+    with admin.blocking(url, name="forger") as conn:
         ch = conn.channel()
         ch.confirm_delivery()
         for body in bodies:
             ch.basic_publish(names.exchange(lab.lab_id), names.link_key(sender, receiver), body,
-                             pika.BasicProperties(delivery_mode=2), mandatory=True)
+                             pika.BasicProperties(delivery_mode=2, user_id=admin.login_user(url)), mandatory=True)
 
 
 def packet(lab: Lab, sender: str, receiver: str, *msgs: Any) -> bytes:

@@ -60,8 +60,9 @@ class SimLab(sim.SimLab):
     """``emulator.sim.SimLab`` with the shortcuts these tests use."""
 
     def __init__(self, root: Path, topology: Topology | None = None, *, seed: int = 0,
-                 lab_id: str = LAB_ID) -> None:
-        super().__init__(LabDir(root / "lab"), topology or three_sites(), seed=seed, lab_id=lab_id)
+                 lab_id: str = LAB_ID, identities: bool = False) -> None:
+        super().__init__(LabDir(root / "lab"), topology or three_sites(), seed=seed, lab_id=lab_id,
+                         identities=identities)
 
     def start_all(self, *, timeout: float = 30.0) -> None:
         for code in self.topology.depth_order():

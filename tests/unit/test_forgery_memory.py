@@ -3,7 +3,9 @@ in-memory broker and its virtual clock): each refused or counted as evidence, no
 the site never dies, the lab converges valid afterwards (issue 10, strict input).
 
 The forger is a client of the broker that publishes to a link's routing key, as the real
-neighbour does: without per-site identities nothing tells the two apart on the broker.
+neighbour does: without per-site identities nothing tells the two apart on the broker. With
+them (the ``identities`` runs) the forger holds the real sender's credentials, so its messages
+carry that site's validated ``user_id`` and only the strict-input rules stand in its way.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def topology(mode: str) -> Any:
     return parse_topology(text, "forgery-topology.yaml")
 
 
-@pytest.fixture(params=["sms20", "hardened"])
+@pytest.fixture(params=[("sms20", False), ("hardened", False), ("sms20", True), ("hardened", True)],
+                ids=["sms20", "hardened", "sms20-identities", "hardened-identities"])
 def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimLab]:
-    handle = SimLab(tmp_path, topology(request.param), seed=11)
+    mode, identities = request.param
+    handle = SimLab(tmp_path, topology(mode), seed=11, identities=identities)
     handle.start_all()
     try:
         handle.run(3)
@@ -56,7 +60,9 @@ def forge(lab: SimLab, sender: str, receiver: str, *msgs: wire._Msg) -> None:
 
 
 def forge_raw(lab: SimLab, sender: str, receiver: str, body: bytes) -> None:
-    assert lab.broker.publish(names.exchange(lab.lab_id), names.link_key(sender, receiver), body)
+    """As a foreign client, or (a lab with identities) as one holding ``sender``'s credentials."""
+    user = names.broker_user(lab.lab_id, sender) if lab.identities else None
+    assert lab.broker.publish(names.exchange(lab.lab_id), names.link_key(sender, receiver), body, user_id=user)
 
 
 def runtime(lab: SimLab, code: str) -> Any:
