@@ -141,6 +141,17 @@ def _fork_from_zygote(lab_dir: LabDir, code: str, argv: list[str]) -> int | None
     return pid if isinstance(pid, int) and pid > 0 else None
 
 
+def _start_lab_process(lab_dir: LabDir, module: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """One of the lab's own processes (``python -m MODULE --lab DIR``), in a session of its own,
+    writing to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, "--lab", str(lab_dir.path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True,
+        )
+
+
 def ensure_zygote(lab_dir: LabDir, timeout: float = 20.0) -> int | None:
     """The lab's site forkserver, started if it is not running; None if it did not come up
     (sites are then started as plain ``python -m sites`` processes)."""
@@ -149,12 +160,7 @@ def ensure_zygote(lab_dir: LabDir, timeout: float = 20.0) -> int | None:
     pid = lab_dir.zygote_pid()
     if pid is not None:
         return pid
-    with open(lab_dir.zygote_log(), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sites.zygote", "--lab", str(lab_dir.path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            close_fds=True,
-        )
+    proc = _start_lab_process(lab_dir, "sites.zygote", lab_dir.zygote_log())
     deadline = time.monotonic() + timeout
     while not (lab_dir.zygote_pid() == proc.pid and lab_dir.zygote_socket().exists()):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -235,12 +241,7 @@ def ensure_daemon(lab_dir: LabDir, info: LabInfo, timeout: float = 15.0) -> int:
     pid = lab_dir.daemon_pid()
     if pid is not None:
         return pid
-    with open(lab_dir.daemon_log(), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "emulator.labd", "--lab", str(lab_dir.path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            close_fds=True,
-        )
+    proc = _start_lab_process(lab_dir, "emulator.labd", lab_dir.daemon_log())
     write_atomically(lab_dir.daemon_pid_file(), f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while lab_dir.daemon_pid() is None:

@@ -98,38 +98,33 @@ def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
     return 0
 
 
-def _hand_key(lab_dir: LabDir, code: str, to: list[str]) -> dict[str, Any]:
-    """Read ``code``'s key and pin it at each site of ``to`` (the Preinst key verbs)."""
+def _hand_key(args: argparse.Namespace, lab_dir: LabDir, *, up: bool) -> int:
+    """The Preinst key verbs: SITE's key read from it and pinned at every site above it
+    (``keyforparent``) or below it (``keyforchild``)."""
+    code = known_site(lab_dir, args.site)
+    topology = lab_dir.load().topology
+    to = topology.ancestors(code) if up else [s for s in topology.subtree(code) if s != code]
+    if not to:
+        if up:
+            raise LabError(f"{code} is the central site: it has no parent", hint=f"smslab keyforchild {code}")
+        raise LabError(f"{code} has no child sites", hint=f"smslab keyforparent {code}")
     key = control(lab_dir, code, {"cmd": "key"})
     for site in to:
         control(lab_dir, site, {"cmd": "trustkey", "site": code, "inc": key["inc"], "pub": key["pub"]})
-    return {"site": code, "inc": key["inc"], "fingerprint": key["fingerprint"], "pinned_at": to}
+    done = {"site": code, "inc": key["inc"], "fingerprint": key["fingerprint"], "pinned_at": to}
+    if args.json:
+        emit_json(done)
+    else:
+        say(f"{code}'s key {done['fingerprint']} (incarnation {done['inc']}) pinned at {', '.join(to)}")
+    return 0
 
 
 def cmd_keyforparent(args: argparse.Namespace, lab_dir: LabDir) -> int:
-    code = known_site(lab_dir, args.site)
-    above = lab_dir.load().topology.ancestors(code)
-    if not above:
-        raise LabError(f"{code} is the central site: it has no parent", hint=f"smslab keyforchild {code}")
-    done = _hand_key(lab_dir, code, above)
-    if args.json:
-        emit_json(done)
-    else:
-        say(f"{code}'s key {done['fingerprint']} (incarnation {done['inc']}) pinned at {', '.join(above)}")
-    return 0
+    return _hand_key(args, lab_dir, up=True)
 
 
 def cmd_keyforchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
-    code = known_site(lab_dir, args.site)
-    below = [s for s in lab_dir.load().topology.subtree(code) if s != code]
-    if not below:
-        raise LabError(f"{code} has no child sites", hint=f"smslab keyforparent {code}")
-    done = _hand_key(lab_dir, code, below)
-    if args.json:
-        emit_json(done)
-    else:
-        say(f"{code}'s key {done['fingerprint']} (incarnation {done['inc']}) pinned at {', '.join(below)}")
-    return 0
+    return _hand_key(args, lab_dir, up=False)
 
 
 def cmd_dump(args: argparse.Namespace, lab_dir: LabDir) -> int:

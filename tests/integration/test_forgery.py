@@ -39,7 +39,10 @@ SETTINGS = {"degraded_after": 4, "failed_after": 8, "recovery_pause_timeout": PA
 SUBTREE = [DEMO_SITES[0], DEMO_SITES[1], DEMO_SITES[3]]  # CEN, P01 and its secondary S01
 
 
-@pytest.fixture(params=["identities", "unauthenticated"])
+# The default run forges into labs with identities; the same forgeries into unauthenticated labs
+# (the strict-input rules alone) are in the slow suite (.ci/run runs it), and on the simulator
+# both run in tests/unit/test_forgery_memory.py.
+@pytest.fixture(params=["identities", pytest.param("unauthenticated", marks=pytest.mark.slow)])
 def lab(request: pytest.FixtureRequest, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Lab:
     if request.param == "unauthenticated":
         monkeypatch.setenv(identities.OFF_ENV, "off")
