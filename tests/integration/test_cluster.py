@@ -25,7 +25,7 @@ from broker.local import LocalCluster, find_server
 from emulator import history
 from emulator.testing import Lab, topology_yaml, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a three-node cluster: in the slow suite (.ci/run runs it)
 
 # With three URLs, CEN tries node 3 first, P01 node 2, S01 node 1 (broker.urls.first_choice):
 # one site per node. The lab's queues are declared through node 1, which leads them all.

@@ -244,6 +244,7 @@ def test_ports_are_checked_before_anything_starts(tmp_path: Path, rabbitmq_serve
 # -- a cluster -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # three nodes started and one killed: in the slow suite with the other cluster tests
 def test_a_three_node_cluster_keeps_a_quorum_queue_message_through_a_kill_9(cluster: LocalCluster) -> None:
     began = time.monotonic()
     cluster.start()

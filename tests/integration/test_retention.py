@@ -32,6 +32,7 @@ def purged_tombstones(lab: Lab, site: str) -> int:
                           " ('package', 'advertisement', 'collection')")
 
 
+@pytest.mark.slow  # half a minute of pruning under load, then a recovery: in the slow suite (.ci/run runs it)
 def test_a_pruned_lab_is_valid_and_a_recovery_after_pruning_converges_valid(lab: Lab) -> None:
     lab.up(topology_yaml(DEMO_SITES, workload=WORKLOAD, settings=RETENTION))
     # pruned under the workload: old status messages (their .trs rows folded into a floor),
