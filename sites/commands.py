@@ -112,7 +112,7 @@ def keys(rt: SiteRuntime, command: ctl.Key | ctl.TrustKey, now: float) -> dict[s
     from emulator.protocol import signing
 
     if not rt.signing:
-        raise SmslabError(f"{rt.site} signs nothing: keys are hardened mode's (this lab runs {rt.mode})",
+        raise SmslabError(f"keys are hardened mode's and this lab runs {rt.mode}: nothing is signed",
                           hint="mode: hardened in the topology's settings")
     if isinstance(command, ctl.TrustKey):
         if command.site == rt.site:
