@@ -146,6 +146,10 @@ class Settings(BaseModel):
     """Seconds between sync attempts / heartbeats on a link."""
     resend_after: float = Field(default=3.0, gt=0)
     """Seconds without ack progress before unacknowledged envelopes are resent."""
+    idle_heartbeat: float = Field(default=5.0, gt=0)
+    """Seconds between heartbeats on a link whose two sides agree on every counter (each has
+    acknowledged all the other sent, and said so); while they disagree in anything, a heartbeat
+    goes every sync interval."""
     txn_margin: int = Field(default=20, ge=1)
     """Recovery moves the transaction ID to the peers' maximum plus this."""
     recovery_pause_timeout: float = Field(default=120.0, gt=0)

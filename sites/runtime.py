@@ -183,6 +183,8 @@ class SiteRuntime:
         self._started = False
         self._burst_step: Callable[[], None] | None = None
         self.heard_from: set[str] = set()  # peers that acknowledged us since this process started
+        self.beats: dict[str, seq.Beat] = {}  # what each peer was told and said last (memory only)
+        self._beats_incarnation: int | None = None
         self.connects = 0  # broker connections made ready since this process started
         self._failures_logged: set[str] = set()
         self._unconfirmed: dict[str, int] = {}
@@ -637,6 +639,7 @@ class SiteRuntime:
 
     def _receive_ack(self, link: seq.LinkState, ack: LinkAck, redelivered: bool, now: float) -> None:
         self.heard_from.add(link.peer)
+        seq.heard(self.beats.setdefault(link.peer, seq.Beat()), ack)
         decision = seq.take_ack(link, ack, mode=self.mode, now=now, redelivered=redelivered,
                                 suspect_for=3 * self.settings.sync_interval)
         effect = decision.effect
@@ -1028,7 +1031,10 @@ class SiteRuntime:
         try:
             self.transport.publish(names.link_key(self.site, peer), body, None)
         except BrokerUnavailable:
-            pass  # acks and requests are repeated every sync interval
+            return  # acks and requests are repeated every sync interval
+        for m in msgs:
+            if isinstance(m, LinkAck):
+                seq.told(self.beats.setdefault(peer, seq.Beat()), m, self.clock())
 
     def pump(self) -> None:
         """Publish outbox envelopes not yet published, up to the window, in packets."""
@@ -1063,10 +1069,14 @@ class SiteRuntime:
         now = self.clock()
         counts = self.store.outbox_counts()
         s = self.settings
+        if self._beats_incarnation != self.incarnation:  # a new incarnation: tell every peer
+            self.beats.clear()
+            self._beats_incarnation = self.incarnation
         decisions = {
             peer: seq.tick(link, now=now, unacked=counts.get(peer, 0), resend_after=s.resend_after,
                            sync_interval=s.sync_interval, degraded_after=s.degraded_after,
-                           failed_after=s.failed_after)
+                           failed_after=s.failed_after, beat=self.beats.get(peer),
+                           idle_heartbeat=s.idle_heartbeat)
             for peer, link in self.links.items()
         }
         for hook in self.on_tick_hooks:

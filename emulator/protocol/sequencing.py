@@ -429,6 +429,47 @@ def serve_resend(link: LinkState, req: ResendRequest, first_in_outbox: int | Non
     return max(req.from_seq, first_in_outbox)
 
 
+@dataclass
+class Beat:
+    """What a site last told a peer in an ack, and what the peer last told it: whether a
+    heartbeat would tell the peer anything. Kept in memory only: a process that starts has told
+    nobody anything, so it heartbeats at once."""
+
+    told: tuple[int, int] | None = None  # (through, sent_through) of our last ack sent
+    told_at: float = float("-inf")
+    heard: tuple[int, int] | None = None  # (through, sent_through) of the peer's last ack
+
+
+def told(beat: Beat, ack: LinkAck, now: float) -> None:
+    """An ack of ours was published to the peer."""
+    beat.told = (ack.through, ack.sent_through)
+    beat.told_at = now
+
+
+def heard(beat: Beat, ack: LinkAck) -> None:
+    """An ack of the peer's arrived."""
+    beat.heard = (ack.through, ack.sent_through)
+
+
+def agreed(link: LinkState, beat: Beat) -> bool:
+    """Both sides know everything the other knows: the peer's last ack echoes what we sent and
+    what we applied, and ours told it the same; no gap, no run of backward or ahead acks."""
+    return (beat.told == (link.applied_through, link.sent_through)
+            and beat.heard == (link.sent_through, link.applied_through)
+            and not link.gap_outstanding and link.backward_since is None and link.ahead_since is None)
+
+
+def heartbeat_due(link: LinkState, beat: Beat | None, *, now: float, idle_heartbeat: float) -> bool:
+    """Every sync interval while the two sides disagree in anything (a restored peer's counters
+    going backwards are seen heartbeat after heartbeat, which the rollback rule needs); every
+    ``idle_heartbeat`` seconds on a link where both agree, so that a quiet lab stays quiet."""
+    if link.paused:
+        return False
+    if beat is None or not agreed(link, beat):
+        return True
+    return now - beat.told_at >= idle_heartbeat
+
+
 @dataclass(frozen=True)
 class TickDecision:
     resend: bool  # republish unacknowledged envelopes from the last acknowledgement
@@ -443,7 +484,8 @@ class TickDecision:
 
 
 def tick(link: LinkState, *, now: float, unacked: int, resend_after: float, sync_interval: float,
-         degraded_after: int, failed_after: int) -> TickDecision:
+         degraded_after: int, failed_after: int, beat: Beat | None = None,
+         idle_heartbeat: float = 0.0) -> TickDecision:
     """Once per sync interval, per link: resends, gap accounting, heartbeats, health."""
     before = health(link, degraded_after=degraded_after, failed_after=failed_after)
     resend = resend_due(link, now=now, resend_after=resend_after, unacked=unacked)
@@ -452,4 +494,5 @@ def tick(link: LinkState, *, now: float, unacked: int, resend_after: float, sync
     if link.gap_outstanding and should_request_resend(link, now, sync_interval):
         request = link.next_expected
     after = health(link, degraded_after=degraded_after, failed_after=failed_after)
-    return TickDecision(resend, request, heartbeat=not link.paused, health_before=before, health_after=after)
+    beats = heartbeat_due(link, beat, now=now, idle_heartbeat=idle_heartbeat)
+    return TickDecision(resend, request, heartbeat=beats, health_before=before, health_after=after)

@@ -199,6 +199,31 @@ def test_a_tick_resends_counts_failed_syncs_and_reports_health_changes() -> None
     assert not calm.resend and calm.request_resend_from is None and not calm.health_changed
 
 
+def test_a_heartbeat_goes_every_tick_until_both_sides_agree_then_every_idle_heartbeat() -> None:
+    ours = link(next_send_seq=11, acked_through=10, next_expected=8)  # sent 10, applied 7
+    beat = seq.Beat()
+    due = lambda now: seq.heartbeat_due(ours, beat, now=now, idle_heartbeat=5.0)
+    assert seq.heartbeat_due(ours, None, now=0.0, idle_heartbeat=5.0)  # a new process tells at once
+    seq.told(beat, ack(through=7, sent_through=10), 0.0)
+    assert due(1.0)  # the peer has not echoed us yet
+    seq.heard(beat, ack(through=10, sent_through=7))
+    assert not due(1.0) and not due(4.9) and due(5.0)  # both agree: only a keepalive
+    for differs in (ack(through=9, sent_through=7), ack(through=10, sent_through=8)):
+        seq.heard(beat, differs)  # the peer lacks one of ours, or has sent one we lack
+        assert due(1.0)
+    seq.heard(beat, ack(through=10, sent_through=7))
+    ours.next_expected = 9  # we applied one more: the peer must hear it
+    assert due(1.0)
+    ours.next_expected, ours.backward_since = 8, 0.5  # a run of backward acks: the rollback rule
+    assert due(1.0)  # needs them heartbeat after heartbeat
+    ours.backward_since, ours.paused = None, True
+    assert not due(9.0)
+    ours.paused = False
+    d = seq.tick(ours, now=2.0, unacked=0, resend_after=3.0, sync_interval=1.0, degraded_after=2,
+                 failed_after=4, beat=beat, idle_heartbeat=5.0)
+    assert not d.heartbeat
+
+
 # -- the peers' side of the recovery handshake ----------------------------------------------------
 
 

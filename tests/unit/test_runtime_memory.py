@@ -7,11 +7,13 @@ Every test runs tens of virtual seconds in well under a second of real time.
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -322,3 +324,27 @@ def test_a_bad_control_command_is_refused_and_a_timer_error_never_ends_the_site(
     assert runtime.txn_id < before + 1000 and runtime.store.get_int("txn_id") < before + 1000
     lab.settle()
     assert_applied_once(lab)
+
+
+def test_a_quiet_lab_heartbeats_every_idle_heartbeat_and_a_busy_one_every_sync_interval(lab: SimLab) -> None:
+    """Heartbeats tell a peer what it does not know yet: every sync interval (0.3 s here)
+    while the two sides of a link disagree, every ``idle_heartbeat`` (5 s) once both have
+    acknowledged all the other sent. A quiet lab stays quiet, and no link goes silent."""
+    lab.settle()
+    beats: collections.Counter[str] = collections.Counter()
+    route = lab.broker._route
+
+    def counting(exchange: str, key: str, msg: Any) -> str:
+        if b'"kind":"ack"' in msg.body and b'"kind":"data"' not in msg.body:
+            beats[key] += 1
+        return route(exchange, key, msg)
+
+    lab.broker._route = counting  # type: ignore[method-assign]
+    lab.run(30.0)  # 100 sync intervals
+    directed = [names.link_key(a, b) for x, y in LINKS for a, b in ((x, y), (y, x))]
+    assert set(beats) == set(directed), beats
+    assert all(3 <= beats[k] <= 12 for k in directed), beats  # 30 s / 5 s, give or take the first
+    beats.clear()
+    assert lab.control("P01", {"cmd": "resume-workload"})["ok"]
+    lab.run(10.0)
+    assert beats[names.link_key("CEN", "P01")] >= 20, beats  # P01's data keeps CEN acking each tick

@@ -62,6 +62,27 @@ def test_the_same_seed_gives_the_same_history_and_the_same_stores_byte_for_byte(
     assert (tmp_path / "a" / "report.html").stat().st_size > 10_000
 
 
+def test_a_run_keeps_its_stores_on_tmpfs_while_it_goes_and_in_its_run_directory_after(tmp_path: Path) -> None:
+    lab_dir = LabDir(tmp_path / "lab")
+    lab = sim.SimLab(lab_dir, load_topology(DEMO), seed=1)
+    sites = lab_dir.path / "sites"
+    if not sites.is_symlink():
+        pytest.skip(f"{sim.SCRATCH} has not {sim.SCRATCH_FREE >> 30} GiB free or is not writable")
+    place = sites.resolve()
+    assert place.parent == sim.SCRATCH
+    lab.start_all()
+    lab.run(5.0)
+    applied = lab.applied()
+    lab.close()
+    assert not sites.is_symlink() and not place.exists()  # moved back, nothing left in RAM
+    assert (sites / "CEN" / "site.db").is_file() and applied > 0
+    lab_dir2 = LabDir(tmp_path / "kept")
+    (lab_dir2.path / "sites").mkdir(parents=True)  # a lab directory with sites already: left as it is
+    other = sim.SimLab(lab_dir2, load_topology(DEMO), seed=1)
+    assert not (lab_dir2.path / "sites").is_symlink()
+    other.close()
+
+
 def test_the_kb_failure_is_named_in_the_simulator_and_the_recovery_fixes_it(tmp_path: Path) -> None:
     result = kb_failure(tmp_path, 1, "kb")
     assert result.exit_code == 0, (result.error, result.failed)
