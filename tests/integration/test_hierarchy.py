@@ -253,12 +253,13 @@ def test_check_on_a_busy_healthy_lab_is_never_invalid(lab: Lab) -> None:
         "inventory_interval": 0.2, "discovery_interval": 1.0, "status_interval": 1.0,
         "object_interval": 0.5, "scf_interval": 1.0}))
     verdicts: dict[str, int] = {}
-    end = time.monotonic() + 8
-    while time.monotonic() < end:
+    # at least 8 s of traffic and 21 checks, however slow a loaded machine makes each check
+    start = time.monotonic()
+    while time.monotonic() < start + 8 or sum(verdicts.values()) < 21:
+        assert time.monotonic() < start + 120, f"only {verdicts} checks in 120 s"
         report = lab.check()
         verdicts[report.verdict] = verdicts.get(report.verdict, 0) + 1
         assert report.verdict != "invalid", report.render()
-    assert sum(verdicts.values()) > 20
 
 
 def test_start_waits_for_its_parent_and_names_it_when_it_is_down(lab: Lab) -> None:

@@ -148,19 +148,34 @@ def test_a_bad_control_command_is_refused_with_a_reason_and_the_site_goes_on(
 
 
 def test_deep_nesting_and_garbage_on_the_control_queue_are_dead_lettered_without_a_traceback(lab: Lab) -> None:
-    lab.up(topology_yaml(DEMO_SITES[:2], settings=SETTINGS))
-    deep = b'{"cmd": "ping", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    """Published as the lab's controller (the one broker user a site takes commands from), so
+    each body reaches the command parser and is refused for what it is, not for who sent it."""
     import pika
 
-    with admin.blocking(lab.url) as conn:
+    lab.up(topology_yaml(DEMO_SITES[:2], settings=SETTINGS))
+    assert lab.info is not None
+    controller = lab.info.amqp_url
+    deep = b'{"cmd": "ping", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"  # under the size limit
+    huge = b'{"cmd": "ping", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    bodies = {"recursion limit": deep, "more than 65536": huge, "malformed control command": b"\xff not json",
+              "should be an object": json.dumps([1, 2]).encode()}
+    assert len(deep) < 65536 < len(huge)
+    with admin.blocking(controller) as conn:
         ch = conn.channel()
         ch.confirm_delivery()
-        for body in (deep, b"\xff not json", json.dumps([1, 2]).encode()):
+        for body in bodies.values():
             ch.basic_publish(names.exchange(lab.lab_id), names.control_key("P01"), body,
-                             pika.BasicProperties(delivery_mode=2), mandatory=True)
-    letters = wait_for("three dead letters", lambda: (d := admin.dead_letters(lab.url, lab.lab_id)) and len(d) >= 3 and d)
+                             pika.BasicProperties(delivery_mode=2, user_id=admin.login_user(controller)),
+                             mandatory=True)
+    # and a deeply nested packet in P01's inbox
+    admin.publish_raw(lab.url, lab.lab_id, "P01", b'{"v": 1, "x": ' + b"[" * 20000 + b"]" * 20000 + b"}")
+    letters = wait_for("five dead letters",
+                       lambda: (d := admin.dead_letters(lab.url, lab.lab_id)) and len(d) >= 5 and d)
     reasons = [json.loads(letter["body"])["reason"] for letter in letters]
-    assert all("control command" in r for r in reasons), reasons
+    assert not [r for r in reasons if "identity" in r], reasons
+    for expected in bodies:
+        assert any(expected in r for r in reasons), (expected, reasons)
+    assert any(r.startswith("malformed packet") and "recursion limit" in r for r in reasons), reasons
     assert lab.dir.pid("P01") and lab.control("P01", {"cmd": "ping"})["state"] == "active"
     out = lab.dir.out_file("P01")  # what escapes the site's logging (site.log) goes there
     assert "Traceback" not in lab.dir.log_file("P01").read_text() + (out.read_text() if out.exists() else "")

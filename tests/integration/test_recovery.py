@@ -83,6 +83,9 @@ def test_restore_without_recovery_reproduces_the_kb_then_recover_converges(lab: 
 
     # The recovery agent, with the workload still running everywhere else.
     before = applied_from(lab, "CEN", "P02")
+    # the highest transaction ID of P01's that each peer has accepted, read from their stores
+    seen = {peer: int(lab.query(peer, "SELECT MAX(txn) FROM watermark WHERE source='P01'")[0][0] or 0)
+            for peer in ("CEN", "S01")}
     out = lab.cli("recover", "P01", "--backup", backup_id).stdout
     for phase in ("announce", "counters", "resync", "complete"):
         assert f"phase {phase}" in out
@@ -93,8 +96,12 @@ def test_restore_without_recovery_reproduces_the_kb_then_recover_converges(lab: 
     agent = json.loads(lab.query("P01", "SELECT v FROM control WHERE k='recovery_agent'")[0][0])
     peers_max = max(r["txn_watermark"] for r in agent["reports"].values())
     assert set(agent["reports"]) == {"CEN", "S01"} and peers_max > record.txn_id
+    assert all(agent["reports"][peer]["txn_watermark"] >= top for peer, top in seen.items()), (agent["reports"], seen)
     plan = json.loads(lab.meta("P01", "recovery_plan") or "{}")
-    assert plan["txn_id"] == peers_max + 20, (plan, peers_max)
+    assert lab.info is not None
+    margin = lab.info.topology.settings.txn_margin
+    assert margin > 0 and plan["txn_id"] == peers_max + margin, (plan, peers_max, margin)
+    assert int(lab.meta("P01", "txn_id") or 0) >= plan["txn_id"], "P01 numbers on from the plan"
     done = lab.cli("wait-converged", "--timeout", "90", check=False)
     assert done.returncode == 0, done.stdout
     assert lab.cli("check").returncode == 0

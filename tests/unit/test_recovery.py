@@ -27,6 +27,7 @@ from emulator.protocol.recovery import (
     Phase,
     RecoveryAgent,
     accept_resync,
+    left_to_children,
     peer_report,
     plan_counters,
     reset_link_to_plan,
@@ -258,6 +259,19 @@ def test_plan_for_a_site_alone_moves_its_own_counters() -> None:
     wiped = OwnCounters(txn_id=0, incarnation=0, object_next=0, scf_serial=0, control_sent={})
     plan = plan_counters(wiped, {}, margin=MARGIN)
     assert (plan.txn_id, plan.incarnation, plan.links, plan.adopt) == (MARGIN, 1, {}, [])
+
+
+@pytest.mark.parametrize("site, subtree, left", [
+    ("P01", ["P01", "S01", "T01"], {"S01", "T01"}),  # the children resend their subtree's
+    ("S01", ["S01"], set()),                       # a site without children sends all it holds
+    ("CEN", ["CEN", "P01", "S01", "P02"], {"P01", "S01", "P02"}),
+])
+def test_the_recovering_site_sends_up_all_it_originated_and_leaves_only_its_subtree_s_to_its_children(
+        site: str, subtree: list[str], left: set[str]) -> None:
+    """Issue 6: the recovering site's own data (its clients', its burst records, its status
+    messages) always goes up again in its resync; only what came from below it is left out."""
+    assert left_to_children(site, subtree) == left
+    assert site not in left_to_children(site, subtree)
 
 
 # -- the agent: phases ------------------------------------------------------------------------
