@@ -139,7 +139,8 @@ def broker_for_lab(lab_dir: LabDir, given: str | None, progress: Progress = _qui
     raise BrokerUnavailable(
         "no broker for the lab: " + "; ".join(reasons),
         hint="start RabbitMQ (rabbitmq-server -detached), install it (apt-get install rabbitmq-server) for a"
-             " private node, start a Docker engine for a container, or pass --amqp URL / SMSLAB_AMQP_URL")
+             " private node, start a Docker engine for a container (SMSLAB_RABBITMQ_IMAGE names an image it"
+             f" has; default {DEFAULT_IMAGE}), or pass --amqp URL / SMSLAB_AMQP_URL")
 
 
 def release(ref: BrokerRef) -> str | None:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,14 +67,17 @@ def compose_commands() -> list[list[str]]:
 
 
 class Compose:
-    def __init__(self, command: list[str], project: str, env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], project: str, env: dict[str, str],
+                 file: Path = REPO / "docker-compose.yml") -> None:
         self.command = command
         self.project = project
         self.env = env
+        self.file = file
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*self.command, "-p", self.project, "-f", str(REPO / "docker-compose.yml"), *args],
-                              capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO, check=False)
+        done = subprocess.run([*self.command, "-p", self.project, "-f", str(self.file), *args],
+                              capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.file.parent,
+                              check=False)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(self.command)} {' '.join(args)}: {done.returncode}\n"
                                  f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -89,6 +93,25 @@ class Compose:
             assert time.monotonic() < deadline, f"no broker {timeout}s after the restart: {done.stderr[-1500:]}"
             time.sleep(1)
 
+    def site(self, code: str) -> dict[str, Any]:
+        site: dict[str, Any] = next(s for s in json.loads(self.smslab("status", "--json").stdout)["sites"]
+                                    if s["code"] == code)
+        return site
+
+    def wait_state(self, code: str, state: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while (now := self.site(code)["state"]) != state:
+            assert time.monotonic() < deadline, f"{code} is {now}, not {state}, after {timeout}s"
+            time.sleep(0.5)
+
+    def traffic(self, code: str, transactions: int = 5, timeout: float = 60) -> None:
+        """Wait until ``code`` has made ``transactions`` more transactions: load is in flight."""
+        start = self.site(code)["txn_id"]
+        deadline = time.monotonic() + timeout
+        while self.site(code)["txn_id"] < start + transactions:
+            assert time.monotonic() < deadline, f"{code} made no {transactions} transactions in {timeout}s"
+            time.sleep(0.5)
+
     def converge(self, timeout: float = 120) -> dict[str, object]:
         done = self.smslab("wait-converged", "--timeout", str(timeout), "--json", check=False, timeout=timeout + 60)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -96,12 +119,12 @@ class Compose:
         return report
 
 
-def _up(command: list[str], tag: str) -> Iterator[Compose]:
+def _up(command: list[str], tag: str, file: Path = REPO / "docker-compose.yml") -> Iterator[Compose]:
     amqp, mgmt = free_ports(2)
     project = f"smslabtest{tag}{os.getpid()}"
     env = dict(os.environ, SMSLAB_RABBITMQ_IMAGE=RABBITMQ_IMAGE, SMSLAB_AMQP_PORT=str(amqp),
                SMSLAB_MANAGEMENT_PORT=str(mgmt), SMSLAB_LAB_ID=f"compose-{tag}-{os.getpid()}")
-    lab = Compose(command, project, env)
+    lab = Compose(command, project, env, file)
     try:
         started = time.monotonic()
         lab("up", "-d")
@@ -125,12 +148,6 @@ def lab(images: None) -> Iterator[Compose]:
     yield from _up(commands[0], "v2" if commands[0] == ["docker", "compose"] else "v1")
 
 
-def test_the_checked_in_compose_file_is_what_smslab_compose_makes() -> None:
-    made = subprocess.run([sys.executable, "-m", "emulator", "compose", "examples/lab.yaml"], capture_output=True,
-                          text=True, cwd=REPO, check=True).stdout
-    assert made == (REPO / "docker-compose.yml").read_text()
-
-
 @pytest.mark.parametrize("command", compose_commands(), ids=" ".join)
 def test_the_compose_file_is_valid_for_each_compose(command: list[str]) -> None:
     env = dict(os.environ, SMSLAB_RABBITMQ_IMAGE=RABBITMQ_IMAGE)
@@ -148,8 +165,9 @@ def test_up_brings_the_five_sites_to_active_and_valid(lab: Compose) -> None:
 
 def test_a_site_container_killed_and_restarted_loses_nothing(lab: Compose) -> None:
     lab.smslab("workload", "resume")
-    time.sleep(3)
+    lab.traffic("P01")
     lab("kill", "-s", "KILL", "p01")
+    lab.wait_state("P01", "down")
     lab("start", "p01")
     report = lab.converge()
     assert report["verdict"] == "valid"  # the history's invariants too: nothing lost, nothing twice
@@ -161,12 +179,9 @@ def test_a_site_container_killed_and_restarted_loses_nothing(lab: Compose) -> No
 def test_backup_restore_without_recovery_and_the_recovery_service(lab: Compose) -> None:
     lab.smslab("workload", "resume")
     backup_id = lab.smslab("backup", "P01").stdout.strip()
-    time.sleep(6)  # P01's counters move on past the backup
+    lab.traffic("P01", 20)  # P01's counters move on past the backup
     lab("kill", "-s", "KILL", "p01")
-    deadline = time.monotonic() + 30
-    while json.loads(lab.smslab("status", "--json").stdout)["sites"][1]["state"] != "down":
-        assert time.monotonic() < deadline, "P01 still looks alive"
-        time.sleep(1)
+    lab.wait_state("P01", "down")
     lab.smslab("restore", "P01", backup_id)
     lab("start", "p01")
     done = lab.smslab("check", "--json", check=False)
@@ -177,11 +192,12 @@ def test_backup_restore_without_recovery_and_the_recovery_service(lab: Compose) 
         done = lab.smslab("check", "--json", check=False)
     assert "link" in {v["kind"] for v in json.loads(done.stdout)["violations"]}
     lab("stop", "p01")
-    time.sleep(7)  # its heartbeat goes stale: the recovery container takes the site over
+    lab.wait_state("P01", "down")  # the recovery container takes the site over
     out = lab("run", "--rm", "-T", "recovery", "P01", "--backup", backup_id, timeout=600).stdout
     assert "complete" in out, out
     lab("start", "p01")
     assert lab.converge()["verdict"] == "valid"
+    assert lab.site("P01")["incarnation"] == 2  # the recovery's, kept by the restarted container
 
 
 def test_a_fault_from_the_tools_service(lab: Compose) -> None:
@@ -199,12 +215,28 @@ def test_a_fault_from_the_tools_service(lab: Compose) -> None:
 
 def test_the_broker_container_restarted_under_load_loses_nothing(lab: Compose) -> None:
     lab.smslab("workload", "resume")
-    time.sleep(2)
+    lab.traffic("CEN", 1)
+    lab.traffic("P02")
     lab("restart", "rabbitmq", timeout=300)
     lab.resume_workload()
-    time.sleep(3)
+    lab.traffic("P02")  # the sites are back on the broker and working
     report = lab.converge(timeout=180)
     assert report["verdict"] == "valid"
+
+
+def test_a_compose_file_made_for_another_topology_brings_that_lab_up(images: None, tmp_path: Path) -> None:
+    """``smslab compose TOPOLOGY -o FILE`` for a topology of other codes, in hardened mode."""
+    topo = tmp_path / "gen.yaml"
+    topo.write_text("lab: gen\nmode: hardened\nsites:\n  - {code: HQ1, type: central, clients: 0}\n"
+                    "  - {code: PA1, type: primary, parent: HQ1}\n  - {code: SA1, type: secondary, parent: PA1}\n")
+    out = tmp_path / "docker-compose.yml"
+    subprocess.run([sys.executable, "-m", "emulator", "compose", str(topo), "-o", str(out)], check=True,
+                   capture_output=True, cwd=REPO)
+    for lab in _up(compose_commands()[0], "gen", out):
+        snap = json.loads(lab.smslab("status", "--json").stdout)
+        assert [(s["code"], s["state"]) for s in snap["sites"]] == [("HQ1", "active"), ("PA1", "active"),
+                                                                    ("SA1", "active")]
+        assert snap["mode"] == "hardened"
 
 
 def test_the_other_compose_brings_the_lab_up_too(images: None) -> None:
@@ -225,11 +257,17 @@ def test_a_small_lab_on_the_testcontainers_broker(images: None, pytester: pytest
     monkeypatch.setenv("SMSLAB_DEFAULT_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2F")
     monkeypatch.setenv("SMSLAB_RABBITMQ_IMAGE", RABBITMQ_IMAGE)
     before = _containers(RABBITMQ_IMAGE)
-    pytester.makepyfile(test_user='''
+    pytester.makepyfile(test_user=f'''
+import subprocess, urllib.parse
+
 def test_two_sites(lab_factory, amqp_url):
     assert "127.0.0.1:1/" not in amqp_url
-    lab = lab_factory({"lab": "tc", "sites": [{"code": "CEN", "type": "central", "clients": 0},
-                                            {"code": "P01", "type": "primary", "parent": "CEN"}]})
+    port = urllib.parse.urlsplit(amqp_url).port
+    running = subprocess.run(["docker", "ps", "-q", "--filter", "ancestor={RABBITMQ_IMAGE}",
+                              "--filter", f"publish={{port}}"], capture_output=True, text=True).stdout.split()
+    assert len(running) == 1, "the session's broker is a container of {RABBITMQ_IMAGE}"
+    lab = lab_factory({{"lab": "tc", "sites": [{{"code": "CEN", "type": "central", "clients": 0}},
+                                              {{"code": "P01", "type": "primary", "parent": "CEN"}}]}})
     assert lab.wait_converged(timeout=60).valid
 ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=600)
