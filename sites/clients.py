@@ -45,6 +45,29 @@ class ClientStore:
         (version,) = self.db.execute(f"SELECT {what} FROM client WHERE id=?", (client,)).fetchone()
         return int(version)
 
+    def inventory_of(self, clients: list[str]) -> dict[str, int]:
+        """The inventory versions these clients have reached (0 for one never seen)."""
+        have: dict[str, int] = {}
+        for start in range(0, len(clients), 500):
+            part = clients[start:start + 500]
+            marks = ",".join("?" * len(part))
+            have.update(self.db.execute(f"SELECT id, inventory FROM client WHERE id IN ({marks})", part))
+        return {c: int(have.get(c, 0)) for c in clients}
+
+    def reported(self, reports: list[tuple[str, int]]) -> None:
+        """Synthetic clients (a burst's) made these inventory reports: each is a client from
+        its first report on, its version kept here like any client's (never rolled back with
+        the site), so the checker knows what it produced and a restored site catches up."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO client(id, inventory, discovery) VALUES(?, ?, 0)"
+                " ON CONFLICT(id) DO UPDATE SET inventory=max(inventory, excluded.inventory)", reports)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def versions(self) -> dict[str, tuple[int, int]]:
         return {
             c: (i, d)

@@ -988,14 +988,20 @@ class SiteRuntime:
         if not self.parent:
             raise SmslabError(f"{self.site} has no parent to send a burst to")
         made = {"n": 0}
+        names_ = [f"{self.site}-B{i:05d}" for i in range(min(keys, count))]
+        base = self.clients.inventory_of(names_) if self.clients else {}  # a burst again: newer versions
 
         def step() -> None:
             now = self.clock()
+            reports: list[tuple[str, int]] = []
+            for _ in range(min(chunk, count - made["n"])):
+                client = names_[made["n"] % keys]
+                reports.append((client, base.get(client, 0) + made["n"] // keys + 1))
+                made["n"] += 1
+            if self.clients:  # the clients report first, as a client's report reaches its site
+                self.clients.reported(reports)
             with self.transaction():
-                for _ in range(min(chunk, count - made["n"])):
-                    client = f"{self.site}-B{made['n'] % keys:05d}"
-                    version = made["n"] // keys + 1
-                    made["n"] += 1
+                for client, version in reports:
                     self.originate_site_data(DataClass.INVENTORY, client, version,
                                              inventory_payload(client, version), now)
             self.pump()

@@ -8,6 +8,7 @@ Every test runs tens of virtual seconds in well under a second of real time.
 from __future__ import annotations
 
 import collections
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -348,3 +349,28 @@ def test_a_quiet_lab_heartbeats_every_idle_heartbeat_and_a_busy_one_every_sync_i
     assert lab.control("P01", {"cmd": "resume-workload"})["ok"]
     lab.run(10.0)
     assert beats[names.link_key("CEN", "P01")] >= 20, beats  # P01's data keeps CEN acking each tick
+
+
+def test_a_bursts_synthetic_clients_keep_their_versions_and_the_checker_knows_what_they_produced(
+        lab: SimLab) -> None:
+    """A burst's clients are clients: their versions live in ``clients.db`` (never rolled back
+    with the site), a second burst makes newer versions, and a record held above what its
+    client produced is ``invented``."""
+    from sites.clients import read_client_versions
+
+    for _ in range(2):
+        assert lab.control("P01", {"cmd": "burst", "count": 60, "keys": 20})["ok"]
+        lab.run(2.0)
+    lab.settle()
+    made = {c: v for c, (v, _) in read_client_versions(lab.dir.clients_db("P01")).items() if "-B" in c}
+    assert made == {f"P01-B{i:05d}": 6 for i in range(20)}  # 3 each time, the second burst on from 3
+    assert versions_at(lab, "CEN", "inventory", "P01")["P01-B00007"] == 6
+    lab.crash("CEN")
+    db = sqlite3.connect(lab.dir.site_db("CEN"))
+    with db:
+        db.execute("UPDATE site_data SET version=9 WHERE data_class='inventory' AND key='P01-B00007'")
+    db.close()
+    lab.start("CEN")
+    invented = [v for v in lab.check().violations if v.kind == "invented"]
+    assert [(v.site, v.data["key"], v.data["held"], v.data["produced"]) for v in invented] == [
+        ("CEN", "P01-B00007", 9, 6)]
