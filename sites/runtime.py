@@ -401,14 +401,18 @@ class SiteRuntime:
         """
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged once by _log_failure
             where = f"{getattr(fn, '__qualname__', fn)}:{type(exc).__name__}"
-            if where not in self._failures_logged:
-                self._failures_logged.add(where)
-                log.exception("%s: unexpected error in %s; the site goes on", self.site, where)
-            else:
-                log.error("%s: unexpected error in %s again: %r", self.site, where, exc)
+            self._log_failure(where, exc, "the site goes on")
             self.reload_state()
+
+    def _log_failure(self, where: str, exc: BaseException, then: str) -> None:
+        """An unexpected error: its traceback the first time at this place, one line after."""
+        if where not in self._failures_logged:
+            self._failures_logged.add(where)
+            log.error("%s: unexpected error in %s; %s", self.site, where, then, exc_info=exc)
+        else:
+            log.error("%s: unexpected error in %s again: %r", self.site, where, exc)
 
     def on_delivery(self, delivery: Delivery) -> None:
         self.batch.append(delivery)
@@ -420,9 +424,11 @@ class SiteRuntime:
         now = self.clock()
         with self.transaction():
             self.event("queue_restored", now, detail={"queue": queue})
+            meanwhile = ("what peers sent meanwhile came back to them and is sent again" if queue == "site" else
+                         "a command sent meanwhile is lost with it: its sender gets no answer and may send it again")
             self.status(sid.QUEUE_RESTORED, "warning",
-                        f"the broker deleted this site's {queue} queue; it was declared and bound again"
-                        " (what peers sent meanwhile came back to them and is sent again)", now)
+                        f"the broker deleted this site's {queue} queue; it was declared and bound again ({meanwhile})",
+                        now)
         self.pump()
 
     def on_confirm(self, token: Any, ok: bool) -> None:
@@ -500,8 +506,9 @@ class SiteRuntime:
                     self.restore(saved)
                     malformed.append((delivery, str(exc)))
                     self._refused(delivery, exc, now)
-                except Exception as exc:
-                    log.exception("%s: cannot apply a message from the %s queue", self.site, delivery.queue)
+                except Exception as exc:  # noqa: BLE001 - logged once by _log_failure
+                    self._log_failure(f"a message from the {delivery.queue} queue:{type(exc).__name__}", exc,
+                                      "it is dead-lettered and the site goes on")
                     self.store.rollback_to("delivery")
                     self.restore(saved)
                     malformed.append((delivery, f"cannot apply: {exc!r}"))
@@ -1143,8 +1150,8 @@ class SiteRuntime:
                 answer.setdefault("ok", True)
             except SmslabError as exc:
                 answer = {"ok": False, "error": exc.message, "hint": exc.hint}
-            except Exception as exc:
-                log.exception("%s: control command %r failed", self.site, command.cmd)
+            except Exception as exc:  # noqa: BLE001 - logged once by _log_failure
+                self._log_failure(f"control command {command.cmd!r}:{type(exc).__name__}", exc, "refused")
                 answer = {"ok": False, "error": f"{command.cmd!r} failed at {self.site}: {exc!r}"}
             if not answer["ok"]:
                 raise ControlFailed(delivery, answer)  # undone to the savepoint, then answered

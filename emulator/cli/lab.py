@@ -147,6 +147,20 @@ def cmd_workload(args: argparse.Namespace, lab_dir: LabDir) -> int:
     return 0
 
 
+def cmd_burst(args: argparse.Namespace, lab_dir: LabDir) -> int:
+    code = known_site(lab_dir, args.site)
+    command: dict[str, Any] = {"cmd": "burst", "count": args.count, "keys": args.keys}
+    if args.chunk is not None:
+        command["chunk"] = args.chunk
+    control(lab_dir, code, command)  # the site checks the bounds and says which one is wrong
+    if args.json:
+        emit_json({"site": code, **{k: v for k, v in command.items() if k != "cmd"}})
+    else:
+        say(f"{code}: a burst of {args.count} inventory report(s) of {min(args.keys, args.count)} synthetic"
+            " client(s) is under way (smslab diag shows the outbox)")
+    return 0
+
+
 def cmd_create(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     command: dict[str, Any] = {"cmd": "create", "kind": args.kind}
@@ -277,6 +291,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = add("workload", cmd_workload, "pause or resume the workload generators")
     s.add_argument("action", choices=["pause", "resume"])
     s.add_argument("sites", nargs="*", metavar="SITE", help="sites (default: every running site)")
+    s = add("burst", cmd_burst, "make a site's synthetic clients send COUNT inventory reports at once (load)")
+    s.add_argument("site")
+    s.add_argument("--count", type=int, required=True, help="inventory reports in all")
+    s.add_argument("--keys", type=int, default=1000, help="synthetic clients they come from (default 1000)")
+    s.add_argument("--chunk", type=int, help="reports per store transaction (default 1000)")
+    add_json(s)
     s = add("create", cmd_create, "create a package, advertisement or collection at a site")
     s.add_argument("site")
     s.add_argument("kind", choices=["package", "advertisement", "collection"])

@@ -118,7 +118,7 @@ def rabbitmq_server() -> Path:
     server = find_server()
     if server is None:
         reason = "RabbitMQ is not installed here (find_server() found no rabbitmq-server script)"
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail(f"{reason}, and CI=true requires it: install rabbitmq-server on the CI machine")
         pytest.skip(reason)
     return server
