@@ -452,10 +452,14 @@ def heard(beat: Beat, ack: LinkAck) -> None:
 
 
 def agreed(link: LinkState, beat: Beat) -> bool:
-    """Both sides know everything the other knows: the peer's last ack echoes what we sent and
-    what we applied, and ours told it the same; no gap, no run of backward or ahead acks."""
-    return (beat.told == (link.applied_through, link.sent_through)
-            and beat.heard == (link.sent_through, link.applied_through)
+    """A heartbeat would tell the peer nothing: our last ack told it all we applied, its last
+    ack acknowledged all we sent (so our ``sent_through`` is no news), and it has sent nothing
+    we have not applied; no gap, no run of backward or ahead acks (the rollback rules need
+    those heartbeat after heartbeat). An ack of ours the peer lost costs a resend of what it
+    acknowledged, which we acknowledge again."""
+    return (beat.told is not None and beat.told[0] == link.applied_through
+            and beat.heard is not None and beat.heard[0] == link.sent_through
+            and beat.heard[1] <= link.applied_through
             and not link.gap_outstanding and link.backward_since is None and link.ahead_since is None)
 
 
