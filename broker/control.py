@@ -1,5 +1,6 @@
-"""Broker-level faults, applied from outside the sites: close a site's connections, restart the
-broker application, raise a memory alarm (publishers blocked).
+"""Broker-level faults, applied from outside the sites: close a site's connections (and refuse its
+broker user's reconnects), restart the broker application, raise a memory alarm (publishers
+blocked).
 
 ``BrokerControl`` is the small interface the fault harness uses; ``Rabbitmqctl`` drives a broker
 on this host through its own CLI (the default node, or a private node of ``broker.local``).
@@ -30,6 +31,12 @@ class BrokerControl(Protocol):
     def connection_names(self) -> list[str]: ...
 
     def close_connections(self, name: str, reason: str) -> int: ...
+
+    def refuse_user(self, user: str) -> None:
+        """Refuse every new connection of this broker user (its connection limit set to 0)."""
+
+    def allow_user(self, user: str) -> None:
+        """Let it connect again (its connection limit cleared; a user that is gone is no error)."""
 
     def stop_app(self) -> None: ...
 
@@ -106,6 +113,16 @@ class Rabbitmqctl:
                     pass  # gone meanwhile
         return closed
 
+    def refuse_user(self, user: str) -> None:
+        self.run("set_user_limits", user, '{"max-connections": 0}')
+
+    def allow_user(self, user: str) -> None:
+        try:
+            self.run("clear_user_limits", user, "max-connections")
+        except BrokerUnavailable as exc:
+            if "no_such_user" not in exc.message:
+                raise
+
     def stop_app(self) -> None:
         self.run("stop_app", timeout=120)
 
@@ -142,8 +159,10 @@ class ManagementApi:
     def describe(self) -> str:
         return f"the broker's management API at {self.base}"
 
-    def _call(self, method: str, path: str, reason: str | None = None) -> Any:
-        request = urllib.request.Request(self.base + path, method=method, headers={"Authorization": self.auth})
+    def _call(self, method: str, path: str, reason: str | None = None, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"Authorization": self.auth, "Content-Type": "application/json"})
         if reason:
             request.add_header("X-Reason", reason)
         try:
@@ -169,6 +188,12 @@ class ManagementApi:
                 self._call("DELETE", "/api/connections/" + urllib.parse.quote(conn["name"], safe=""), reason)
                 closed += 1
         return closed
+
+    def refuse_user(self, user: str) -> None:
+        self._call("PUT", f"/api/user-limits/{urllib.parse.quote(user, safe='')}/max-connections", body={"value": 0})
+
+    def allow_user(self, user: str) -> None:
+        self._call("DELETE", f"/api/user-limits/{urllib.parse.quote(user, safe='')}/max-connections")
 
     def _not_here(self, what: str, how: str) -> LabError:
         return LabError(f"{what} is done on the broker's host, not through its management API", hint=how)

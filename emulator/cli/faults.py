@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from emulator import faults, history
-from emulator.cli.common import add_json, emit_json, fraction, known_site, positive, progress_for, say
+from emulator.cli.common import (add_json, count, emit_json, fraction, known_site, non_negative, positive,
+                                 progress_for, say)
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
 from emulator.protocol.shaping import LINK_FAULTS
@@ -162,11 +163,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     link_fault("duplicate", "deliver messages on the link twice at random").add_argument(
         "--rate", type=fraction, required=True, help="probability of a second copy, 0..1")
     s = link_fault("reorder", "deliver messages on the link out of order")
-    s.add_argument("--window", type=int, default=20, help="messages held at most (default 20)")
+    s.add_argument("--window", type=count, default=20, help="messages held at most (default 20)")
     s.add_argument("--max-hold", dest="max_hold", type=positive, default=2.0, help="seconds one waits at most")
     s = link_fault("delay", "delay messages on the link")
-    s.add_argument("--ms", type=float, required=True, help="delay in milliseconds")
-    s.add_argument("--jitter", type=float, default=0.0, help="plus or minus this many milliseconds")
+    s.add_argument("--ms", type=non_negative, required=True, help="delay in milliseconds")
+    s.add_argument("--jitter", type=non_negative, default=0.0, help="plus or minus this many milliseconds")
     s = add("disconnect", cmd_fault, "close a site's broker connections and keep them closed", kinds)
     s.add_argument("site")
     s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="let it reconnect after S seconds")
@@ -200,5 +201,5 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--site", action="append", metavar="SITE", help="only events at or about SITE (repeatable)")
     s.add_argument("--kind", action="append", metavar="KIND", help="only events of KIND (repeatable)")
-    s.add_argument("--limit", type=int, metavar="N", help="only the last N events")
+    s.add_argument("--limit", type=count, metavar="N", help="only the last N events")
     add_json(s)
