@@ -7,8 +7,17 @@ import time
 from typing import Any
 
 from emulator import faults, history
-from emulator.cli.common import (add_json, count, emit_json, fraction, known_site, non_negative, positive,
-                                 progress_for, say)
+from emulator.cli.common import (
+    add_json,
+    count,
+    emit_json,
+    fraction,
+    known_site,
+    non_negative,
+    positive,
+    progress_for,
+    say,
+)
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
 from emulator.protocol.shaping import LINK_FAULTS
@@ -105,10 +114,10 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
         about = {e.site} | set((e.link or "").replace("<->", "->").split("->"))
         return not sites or bool(sites & about)
 
-    offset = 0
     shown = 0
     path = history.history_path(lab_dir)
-    events = [e for e in history.read(lab_dir) if wanted(e)]
+    merged, offset = history.read_new(lab_dir, 0)  # whole lines: the daemon may be appending
+    events = [e for e in merged if wanted(e)]
     if args.limit:
         events = events[-args.limit:]
     for e in events:
@@ -120,17 +129,15 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
             gaps = f"; {len(state.gaps)} gap(s) pruned before they were merged" if state.gaps else ""
             progress_for(args)(f"{shown} event(s) shown of {state.events} in {path}{gaps}")
         return 0
-    offset = path.stat().st_size if path.exists() else 0
     try:
         while True:
             time.sleep(0.5)
             history.merge(lab_dir, info)
-            size = path.stat().st_size if path.exists() else 0
-            if size > offset:
-                for e in history.read(lab_dir, offset=offset):
-                    if wanted(e):
-                        say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
-                offset = size
+            # whole lines only, each once: the fault daemon merges too, at any moment
+            new, offset = history.read_new(lab_dir, offset)
+            for e in new:
+                if wanted(e):
+                    say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
     except KeyboardInterrupt:
         return 0
 
