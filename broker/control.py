@@ -28,8 +28,6 @@ from emulator.errors import BrokerUnavailable, LabError
 class BrokerControl(Protocol):
     def describe(self) -> str: ...
 
-    def connection_names(self) -> list[str]: ...
-
     def close_connections(self, name: str, reason: str) -> int: ...
 
     def refuse_user(self, user: str) -> None:
@@ -98,9 +96,6 @@ class Rabbitmqctl:
             if match:
                 out.append((pid.strip(), match.group(1)))
         return out
-
-    def connection_names(self) -> list[str]:
-        return [name for _, name in self._connections()]
 
     def close_connections(self, name: str, reason: str) -> int:
         closed = 0
@@ -176,10 +171,6 @@ class ManagementApi:
             raise BrokerUnavailable(f"cannot reach the management API at {self.base}: {exc}",
                                     hint="is the management plugin on? (the rabbitmq:3-management image)") from exc
         return json.loads(body) if body else None
-
-    def connection_names(self) -> list[str]:
-        return [c.get("client_properties", {}).get("connection_name", "") for c in self._call("GET", "/api/connections")
-                or []]
 
     def close_connections(self, name: str, reason: str) -> int:
         closed = 0
