@@ -53,7 +53,9 @@ class H:
 def found(h: H) -> dict[str, list[checker.Violation]]:
     state = h.state()
     out: dict[str, list[checker.Violation]] = {}
-    for rule in (checker.lost_acknowledged, checker.receiver_order, checker.vacuous_faults, checker.idle):
+    for rule in (checker.lost_acknowledged, checker.applied_twice, checker.applied_out_of_order,
+                 checker.forgot_committed_work, checker.old_incarnation_not_fenced, checker.vacuous_faults,
+                 checker.idle):
         for v in rule(state):
             out.setdefault(v.kind, []).append(v)
     return out
