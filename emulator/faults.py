@@ -712,7 +712,7 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
             cluster = _local_cluster(info, spec.kind)
             cluster.await_running(timeout=180)
     if spec.is_link_fault:
-        _drain(lab_dir, info, spec, wait_drain)
+        _drain(lab_dir, info, spec, wait_drain, progress)
     with locked(lab_dir):
         done = stats(lab_dir, spec.id)
         off: dict[str, Any] = {"kind": spec.kind, "stats": summarize(done)}
@@ -725,24 +725,33 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
     return spec
 
 
-def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float) -> None:
-    """The daemon forwards what the relays hold and deletes them; if it is not running, the
-    relays are drained from here."""
+def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float, progress: Progress = _quiet) -> None:
+    """The daemon forwards what the relays hold and deletes them; if it is not running (or
+    never ran this fault's relays), the relays are drained from here. A daemon that is slow
+    (publishers blocked by a memory alarm) is not raced: it holds messages it has not
+    forwarded yet, and finishes the drain itself once it can, with the fault's file gone."""
     from broker import relay
 
     deadline = time.monotonic() + wait
     # a fault whose relays the daemon never ran (healed at once, or damaged) has no stats
-    while lab_dir.daemon_pid() is not None and stats_path(lab_dir, spec.id).exists() and time.monotonic() < deadline:
+    ran = stats_path(lab_dir, spec.id).exists()
+    while lab_dir.daemon_pid() is not None and ran and time.monotonic() < deadline:
         if stats(lab_dir, spec.id).drained:
             return
         time.sleep(0.1)
+    if lab_dir.daemon_pid() is not None and ran:
+        progress(f"fault {spec.id}: the fault daemon has not drained its relays within {wait:.0f}s; it goes on"
+                 f" draining them (see {lab_dir.daemon_log()})")
+        return
     for sender, receiver in spec.links:
         relay.drain(info.amqp_url, info.lab_id, sender, receiver, keep_user_id=info.identities == "per-site")
 
 
 def heal_all(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet) -> list[FaultSpec]:
     healed = []
-    for spec in active(lab_dir):
+    # faults of the broker and the sites first: a memory alarm still on would block the relays
+    # of the link faults as they drain
+    for spec in sorted(active(lab_dir), key=lambda f: f.is_link_fault):
         done = heal(lab_dir, info, spec.id, progress=progress)
         if done is not None:
             healed.append(done)

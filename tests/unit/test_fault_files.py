@@ -179,3 +179,28 @@ def test_the_for_of_any_fault_counts_from_when_it_took_effect(tmp_path: Path, mo
     faults.apply_link_fault(lab_dir, info, "partition", "P01", "CEN", for_s=10)
     (on,) = faults.active(lab_dir)
     assert on.until is not None and on.until >= before + 0.6 + 10 - 0.05  # two links diverted first
+
+
+def test_heal_all_heals_the_broker_s_faults_before_the_links_so_the_relays_can_drain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab_dir, info = lab(tmp_path)
+    faults.save(lab_dir, spec("f1", [("P01", "CEN")], ms=100))
+    faults.save(lab_dir, faults.FaultSpec(id="f2", kind="alarm", target="broker", seed=1, since=time.time() + 1,
+                                          params={"watermark": 0.4}, state="on"))
+    order: list[str] = []
+    monkeypatch.setattr(faults, "heal", lambda _d, _i, fault_id, **_k: order.append(fault_id))
+    faults.heal_all(lab_dir, info)
+    assert order == ["f2", "f1"]  # the alarm (newer) first: it would block the relay's forwarding
+
+
+def test_a_heal_does_not_race_a_live_daemon_that_is_slow_to_drain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: list[tuple[str, str]]) -> None:
+    lab_dir, info = lab(tmp_path)
+    faults.save(lab_dir, spec("f1", [("P01", "CEN")], ms=100))
+    faults.save_stats(lab_dir, "f1", faults.FaultStats())  # the daemon runs its relays
+    monkeypatch.setattr(LabDir, "daemon_pid", lambda _self: 12345)
+    monkeypatch.setattr(relay, "drain", lambda *_a, **_k: pytest.fail("drained under the daemon's feet"))
+    said: list[str] = []
+    faults.heal(lab_dir, info, "f1", wait_drain=0.3, progress=said.append)
+    assert restored == [("P01", "CEN")] and faults.active(lab_dir) == []
+    assert any("goes on draining" in line for line in said)

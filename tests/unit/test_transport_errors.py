@@ -98,3 +98,35 @@ def test_an_exception_in_a_timer_callback_drops_the_connection_instead_of_ending
         timer()  # what pika's loop does: an exception here would leave ioloop.start()
     assert ran == ["boom", "next"] and conn.closed == 1
     assert t._error and "unexpected error" in t._error  # what run() raises as BrokerUnavailable: reconnect
+
+
+class RelayChannel:
+    is_open = True
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def basic_cancel(self, _tag: str) -> None:
+        pass
+
+    def basic_publish(self, *_a: Any, **_k: Any) -> None:
+        raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+
+    def basic_ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+
+def test_a_relay_that_loses_its_channel_while_draining_is_kept_to_drain_after_the_reconnect() -> None:
+    from broker.relay import Held, LinkRelay, RelayHub
+    from emulator.protocol.shaping import Shaper
+
+    hub = RelayHub("amqp://guest:guest@127.0.0.1:1/%2F", "t-1")
+    channel = RelayChannel()
+    hub._ch = channel  # type: ignore[assignment]
+    relay = LinkRelay("f1", "P01", "CEN", Shaper("partition", seed=1), consumer="ctag")
+    hub.relays[("P01", "CEN")] = relay
+    relay.held[1] = Held(tag=7, body=b"{}")
+    relay.shaper.arrive(1, 0.0)
+    with pytest.raises(BrokerUnavailable):
+        hub.shut("P01", "CEN")
+    assert ("P01", "CEN") in hub.relays and channel.acked == []  # nothing acked that was not forwarded
