@@ -207,3 +207,19 @@ def test_the_checker_reads_the_gap_a_prune_left_and_says_the_history_checks_are_
     gaps = checker.history_gaps(state)
     assert [v.kind for v in gaps] == ["history"] and "events 1..6 of CEN" in gaps[0].detail
     assert checker.judge(state).verdict != "valid"
+
+
+def test_the_history_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lab_dir, info = lab(tmp_path)
+    write(SiteStore(lab_dir.site_db("CEN")), "r1", 5000)
+    history.merge(lab_dir, info)
+    shown = subprocess.Popen([sys.executable, "-m", "emulator", "--lab", str(lab_dir.path), "history"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert shown.stdout is not None and shown.stderr is not None
+    assert shown.stdout.readline()  # smslab history | head -1
+    shown.stdout.close()
+    err = shown.stderr.read().decode()
+    assert shown.wait(timeout=60) == 141 and "Traceback" not in err, err
