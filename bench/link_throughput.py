@@ -115,11 +115,12 @@ def durable_run(url: str, count: int, deadline: float, *, relay: bool = False) -
         if relay:
             spec = faults.apply_link_fault(lab_dir, info, "drop", "P01", "CEN", oneway=True, params={"rate": 0.0},
                                            seed=1, progress=lambda m: log(f"relay: {m}"))
-            run = _measure_burst(url, info.lab_id, lab_dir, count, deadline)
+            run = _measure_burst(info.amqp_url, info.lab_id, lab_dir, count, deadline)
             stats = faults.stats(lab_dir, spec.id).links.get("P01->CEN")
             run["relay"] = stats.model_dump() if stats else None
             return run
-        return _measure_burst(url, info.lab_id, lab_dir, count, deadline)
+        # as the lab's controller (info.amqp_url): with per-site identities a site takes commands from no one else
+        return _measure_burst(info.amqp_url, info.lab_id, lab_dir, count, deadline)
 
 
 def _measure_burst(url: str, lab_id: str, lab_dir: LabDir, count: int,

@@ -296,8 +296,10 @@ def run(url: str, records: int, after: int, deadline: float, profile_dir: Path |
             profiler.stop()  # before the lab goes down
 
 
-def _burst(url: str, info: LabInfo, count: int, keys: int) -> None:
-    answer = admin.control_request(url, info.lab_id, "S01", {
+def _burst(_url: str, info: LabInfo, count: int, keys: int) -> None:
+    # as the lab's controller (info.amqp_url): in a lab with per-site identities a site takes
+    # commands from no one else
+    answer = admin.control_request(info.amqp_url, info.lab_id, "S01", {
         "cmd": "burst", "count": count, "keys": keys, "chunk": BURST_CHUNK}, timeout=30)
     if not answer.get("ok", False):
         raise BenchError(f"S01 refused the burst: {answer}")

@@ -1,5 +1,6 @@
-"""Broker-level faults, applied from outside the sites: close a site's connections, restart the
-broker application, raise a memory alarm (publishers blocked).
+"""Broker-level faults, applied from outside the sites: close a site's connections (and refuse its
+broker user's reconnects), restart the broker application, raise a memory alarm (publishers
+blocked).
 
 ``BrokerControl`` is the small interface the fault harness uses; ``Rabbitmqctl`` drives a broker
 on this host through its own CLI (the default node, or a private node of ``broker.local``).
@@ -27,9 +28,13 @@ from emulator.errors import BrokerUnavailable, LabError
 class BrokerControl(Protocol):
     def describe(self) -> str: ...
 
-    def connection_names(self) -> list[str]: ...
-
     def close_connections(self, name: str, reason: str) -> int: ...
+
+    def refuse_user(self, user: str) -> None:
+        """Refuse every new connection of this broker user (its connection limit set to 0)."""
+
+    def allow_user(self, user: str) -> None:
+        """Let it connect again (its connection limit cleared; a user that is gone is no error)."""
 
     def stop_app(self) -> None: ...
 
@@ -92,9 +97,6 @@ class Rabbitmqctl:
                 out.append((pid.strip(), match.group(1)))
         return out
 
-    def connection_names(self) -> list[str]:
-        return [name for _, name in self._connections()]
-
     def close_connections(self, name: str, reason: str) -> int:
         closed = 0
         for pid, conn_name in self._connections():
@@ -105,6 +107,16 @@ class Rabbitmqctl:
                 except BrokerUnavailable:
                     pass  # gone meanwhile
         return closed
+
+    def refuse_user(self, user: str) -> None:
+        self.run("set_user_limits", user, '{"max-connections": 0}')
+
+    def allow_user(self, user: str) -> None:
+        try:
+            self.run("clear_user_limits", user, "max-connections")
+        except BrokerUnavailable as exc:
+            if "no_such_user" not in exc.message:
+                raise
 
     def stop_app(self) -> None:
         self.run("stop_app", timeout=120)
@@ -142,8 +154,10 @@ class ManagementApi:
     def describe(self) -> str:
         return f"the broker's management API at {self.base}"
 
-    def _call(self, method: str, path: str, reason: str | None = None) -> Any:
-        request = urllib.request.Request(self.base + path, method=method, headers={"Authorization": self.auth})
+    def _call(self, method: str, path: str, reason: str | None = None, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"Authorization": self.auth, "Content-Type": "application/json"})
         if reason:
             request.add_header("X-Reason", reason)
         try:
@@ -158,10 +172,6 @@ class ManagementApi:
                                     hint="is the management plugin on? (the rabbitmq:3-management image)") from exc
         return json.loads(body) if body else None
 
-    def connection_names(self) -> list[str]:
-        return [c.get("client_properties", {}).get("connection_name", "") for c in self._call("GET", "/api/connections")
-                or []]
-
     def close_connections(self, name: str, reason: str) -> int:
         closed = 0
         for conn in self._call("GET", "/api/connections") or []:
@@ -169,6 +179,12 @@ class ManagementApi:
                 self._call("DELETE", "/api/connections/" + urllib.parse.quote(conn["name"], safe=""), reason)
                 closed += 1
         return closed
+
+    def refuse_user(self, user: str) -> None:
+        self._call("PUT", f"/api/user-limits/{urllib.parse.quote(user, safe='')}/max-connections", body={"value": 0})
+
+    def allow_user(self, user: str) -> None:
+        self._call("DELETE", f"/api/user-limits/{urllib.parse.quote(user, safe='')}/max-connections")
 
     def _not_here(self, what: str, how: str) -> LabError:
         return LabError(f"{what} is done on the broker's host, not through its management API", hint=how)

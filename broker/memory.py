@@ -898,9 +898,6 @@ class MemoryTransport:
         self._send_held_acks()
         conn.send_to_broker(lambda: self.broker._close(conn, "closed by the client", lost=False))
 
-    def stop_threadsafe(self) -> None:
-        self.stop()
-
     # -- faults -----------------------------------------------------------------------------
 
     def disconnect(self, reason: str = "connection lost (fault)") -> None:

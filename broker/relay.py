@@ -99,10 +99,18 @@ class RelayHub:
             self._ch.basic_qos(prefetch_count=PREFETCH)
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnavailable(f"the relay cannot reach the broker: {exc!r}") from exc
-        for relay in self.relays.values():  # after a reconnect: what we held was requeued
+        for key, relay in list(self.relays.items()):  # after a reconnect: what we held was requeued
             relay.held.clear()
             relay.shaper.release_all()
-            self._consume(relay)
+            try:
+                self._consume(relay)
+            except pika.exceptions.ChannelClosedByBroker:
+                # its queue is gone (drained and deleted meanwhile): nothing is held for it; a
+                # fault still on opens it again
+                del self.relays[key]
+                self._ch = self._conn.channel()
+                self._ch.confirm_delivery()
+                self._ch.basic_qos(prefetch_count=PREFETCH)
 
     @property
     def connected(self) -> bool:
@@ -130,11 +138,14 @@ class RelayHub:
         if (sender, receiver) in self.relays:
             return
         assert self._ch is not None
-        self._ch.queue_declare(names.relay_queue(self.lab, sender, receiver), durable=True,
-                               arguments=names.queue_arguments(queue_type))
-        relay = LinkRelay(fault, sender, receiver, shaper)
-        self.relays[(sender, receiver)] = relay
-        self._consume(relay)
+        try:
+            self._ch.queue_declare(names.relay_queue(self.lab, sender, receiver), durable=True,
+                                   arguments=names.queue_arguments(queue_type))
+            relay = LinkRelay(fault, sender, receiver, shaper)
+            self.relays[(sender, receiver)] = relay
+            self._consume(relay)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(f"the relay lost the broker: {exc!r}") from exc
 
     def _consume(self, relay: LinkRelay) -> None:
         assert self._ch is not None
@@ -156,8 +167,11 @@ class RelayHub:
     def tick(self) -> None:
         """Release what is due."""
         now = self.clock()
-        for relay in list(self.relays.values()):
-            self._release(relay, relay.shaper.due(now))
+        try:
+            for relay in list(self.relays.values()):
+                self._release(relay, relay.shaper.due(now))
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(f"the relay lost the broker: {exc!r}") from exc
 
     def next_due(self) -> float | None:
         dues = [d for r in self.relays.values() if (d := r.shaper.next_due()) is not None]
@@ -197,6 +211,10 @@ class RelayHub:
                 time.sleep(0.5)
             except pika.exceptions.NackError:
                 time.sleep(0.5)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                # the channel or the connection is gone: what we hold goes back to the relay
+                # queue, and is taken again after the reconnect
+                raise BrokerUnavailable(f"the relay lost the broker: {exc!r}") from exc
 
     def _event(self, relay: LinkRelay, action: str, count: int, first: int | None, last: int | None) -> None:
         if self.on_event is not None:
@@ -205,24 +223,31 @@ class RelayHub:
     def shut(self, sender: str, receiver: str) -> Counters | None:
         """The fault is healed: release everything held (in arrival order), forward what is
         left in the relay queue, delete it."""
-        relay = self.relays.pop((sender, receiver), None)
+        relay = self.relays.get((sender, receiver))
         if relay is None:
             return None
         assert self._ch is not None
-        if relay.consumer:
-            self._ch.basic_cancel(relay.consumer)
-        # cancelling returns nothing held to the queue: the unacked stay with us
-        leftover = relay.shaper.release_all()
-        for release in leftover:
-            held = relay.held.pop(release.mid, None)
-            if held is not None:
+        try:
+            if relay.consumer:
+                self._ch.basic_cancel(relay.consumer)
+                relay.consumer = ""
+            # cancelling returns nothing held to the queue: the unacked stay with us
+            leftover = relay.shaper.release_all()
+            for release in leftover:
+                held = relay.held.pop(release.mid, None)
+                if held is not None:
+                    self._forward(relay, held.body, held.user_id)
+                    self._ch.basic_ack(held.tag)
+            for mid, held in list(relay.held.items()):  # delivered after the shaper stopped
                 self._forward(relay, held.body, held.user_id)
                 self._ch.basic_ack(held.tag)
-        for held in list(relay.held.values()):  # delivered after the shaper stopped
-            self._forward(relay, held.body, held.user_id)
-            self._ch.basic_ack(held.tag)
-        relay.held.clear()
-        _drain_channel(self._ch, self.lab, sender, receiver, relay.counters, keep_user_id=self.keep_user_id)
+                del relay.held[mid]
+            _drain_channel(self._ch, self.lab, sender, receiver, relay.counters, keep_user_id=self.keep_user_id)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            # kept: after the reconnect what we held is in the relay queue again, and the next
+            # shut forwards it
+            raise BrokerUnavailable(f"the relay lost the broker while draining {relay.name}: {exc!r}") from exc
+        del self.relays[(sender, receiver)]
         return relay.counters
 
 

@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 REFUSED_FOR = 3.0  # seconds of refused publishes to one queue before the channel is given up
 
 
-def declare_args(queue_type: str) -> dict[str, Any]:
-    return dict(names.queue_arguments(queue_type))
-
-
 class PikaTransport:
     def __init__(
         self,
@@ -162,11 +158,6 @@ class PikaTransport:
             conn.close()
         elif conn.is_closed:
             conn.ioloop.stop()
-
-    def stop_threadsafe(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            conn.ioloop.add_callback_threadsafe(self.stop)
 
     def _on_open_error(self, _conn: Any, exc: BaseException) -> None:
         self._error = f"cannot connect to the broker at {self.params.host}:{self.params.port}: {exc}"

@@ -20,12 +20,13 @@ And from the lab's history (``emulator.history``), what the stores alone cannot 
 
 - ``lost``: an envelope its sender counts as acknowledged that its receiver never consumed
   (the hole: a restored site's reused numbers, acknowledged as already seen);
-- ``twice``: an envelope consumed twice by one receiver (a store restored in between aside);
-- ``reordered``: a receiver consumed a link's envelopes out of sequence;
-- ``forgot``: a receiver expects again envelopes it had applied, with no restore in between
-  (committed work lost across a restart);
-- ``not_fenced`` (hardened): an envelope of an incarnation older than the one a peer resynced
-  with was applied;
+- ``twice`` (``applied_twice``): an envelope consumed twice by one receiver (a store restored in
+  between aside);
+- ``reordered`` (``applied_out_of_order``): a receiver consumed a link's envelopes out of sequence;
+- ``forgot`` (``forgot_committed_work``): a receiver expects again envelopes it had applied, with
+  no restore in between (committed work lost across a restart);
+- ``not_fenced`` (``old_incarnation_not_fenced``, hardened): an envelope of an incarnation older
+  than the one a peer resynced with was applied (these four share one walk of the history);
 - ``vacuous``: a fault during which nothing was sent where it struck; ``idle``: nothing was
   ever applied on any link; ``history``: events were pruned before they were merged. These
   make a run ``unknown``, never a vacuous ``valid``.
@@ -147,6 +148,7 @@ class LabState:
     counters: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> meta, read after the stores
     history: HistoryView | None = None
     now: float = field(default_factory=time.time)  # when the stores were read (the retention rules' clock)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # what invariants share
 
     @property
     def retention(self) -> retention.Retention:
@@ -506,11 +508,44 @@ def _void(pending: dict[str, list[tuple[int, int, history.Event]]], e: history.E
     heapq.heapify(pending[link])
 
 
-def receiver_order(state: LabState) -> list[Violation]:
-    """Per link, the receiver consumed each envelope once, in sequence; it never forgot what
-    it had applied (unless its store was replaced); hardened: nothing of a fenced incarnation."""
+def applied_twice(state: LabState) -> list[Violation]:
+    """No receiver consumed an envelope twice (a store replaced in between aside)."""
+    return _receiver_walk(state)["twice"]
+
+
+def applied_out_of_order(state: LabState) -> list[Violation]:
+    """Each receiver consumed each link's envelopes in sequence, from what it expected at its
+    last start or link reset."""
+    return _receiver_walk(state)["reordered"]
+
+
+def forgot_committed_work(state: LabState) -> list[Violation]:
+    """No receiver, restarted, expects again what it had applied (unless its store was replaced)."""
+    return _receiver_walk(state)["forgot"]
+
+
+def old_incarnation_not_fenced(state: LabState) -> list[Violation]:
+    """Hardened: nothing of an incarnation older than the one a peer resynced with was applied."""
+    return _receiver_walk(state)["not_fenced"]
+
+
+def _receiver_walk(state: LabState) -> dict[str, list[Violation]]:
+    """One walk of the history, per link and receiver, for the four invariants above (what a
+    receiver expects next depends on its restarts and resets, which all four need). Done once
+    per state."""
     if state.history is None:
-        return []
+        return defaultdict(list)
+    cached = state.cache.get("receiver_walk")
+    if cached is None:
+        found: dict[str, list[Violation]] = defaultdict(list)
+        for v in _walk_receivers(state):
+            found[v.kind].append(v)
+        cached = state.cache["receiver_walk"] = found
+    return cached
+
+
+def _walk_receivers(state: LabState) -> list[Violation]:
+    assert state.history is not None
     hardened = state.topology.mode == "hardened"
     consumed: dict[str, dict[int, str | None]] = defaultdict(dict)  # link -> seq -> hash
     expected: dict[str, int] = {}
@@ -630,7 +665,8 @@ def history_gaps(state: LabState) -> list[Violation]:
 INVARIANTS: list[Callable[[LabState], list[Violation]]] = [
     sites_down, recoveries_in_flight, links, quarantined_sites, client_data_lost, site_data_lost,
     invented, global_objects, reused_ids,
-    lost_acknowledged, receiver_order, vacuous_faults, idle, history_gaps,
+    lost_acknowledged, applied_twice, applied_out_of_order, forgot_committed_work, old_incarnation_not_fenced,
+    vacuous_faults, idle, history_gaps,
 ]
 
 

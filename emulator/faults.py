@@ -13,8 +13,9 @@ leaves a link cut that ``smslab faults`` does not show, and ``heal`` (or ``down`
   (``emulator.protocol.shaping``) and republishes to the receiver. Healing moves the binding
   back and drains the relay: what it held arrives, late. So link faults work wherever the
   sites only share the broker.
-- ``disconnect``: the site's broker connections are closed, and closed again while the fault
-  is on (the daemon), so its reconnects fail without it knowing why.
+- ``disconnect``: the site's broker connections are closed and its reconnects fail while the
+  fault is on: in a lab with per-site identities its broker user's connection limit is 0 (the
+  broker refuses it), and in any lab the daemon closes what connects anyway.
 - ``alarm``: the broker's memory watermark is set to 0: a memory alarm blocks every publisher.
 - ``pause``: SIGSTOP of the site's process; healing is SIGCONT.
 - ``broker-restart`` happens at once (stop_app, start_app) and stays in the history only.
@@ -27,6 +28,10 @@ leaves a link cut that ``smslab faults`` does not show, and ``heal`` (or ``down`
   distribution traffic from the other nodes; with ``pause_minority`` the node pauses and its
   sites fail over. Healing deletes the rules and waits until the node runs in the cluster again.
 
+A fault file that cannot be read (damaged by hand or by a full disk) is not hidden: it is listed
+as ``damaged`` with what could be read of it, and healing it undoes what it names (a link fault
+that names no links: every link no readable fault holds goes back to its inbox).
+
 Each fault reports that it took effect, checked on traffic (a link fault: the relay has seen
 the link's messages; disconnect: the site has no connection; alarm: the broker reports it;
 pause: the process is stopped), or fails with a clear error and is healed. Every fault on and
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import secrets
 import signal
@@ -44,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,7 +73,8 @@ def _quiet(_msg: str) -> None:
 
 
 class FaultSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN or infinity: JSON has neither, and a file that does not read back is a fault nobody sees
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str
     kind: FaultKind
@@ -78,7 +85,8 @@ class FaultSpec(BaseModel):
     params: dict[str, float] = Field(default_factory=dict)
     since: float
     until: float | None = None  # healed by the daemon at this time (--for)
-    state: Literal["applying", "on", "healing"] = "applying"
+    state: Literal["applying", "on", "healing", "damaged"] = "applying"
+    damaged: str | None = None  # why its file could not be read (what is above is what could be)
 
     def shaper(self) -> Shaper:
         return shaper_for(self.kind, self.seed, self.params)
@@ -88,7 +96,7 @@ class FaultSpec(BaseModel):
         return self.kind in LINK_FAULTS
 
     def describe(self) -> str:
-        params = " ".join(f"{k}={v:g}" for k, v in sorted(self.params.items()) if k != "watermark")
+        params = " ".join(f"{k}={v:g}" for k, v in sorted(self.params.items()) if k not in ("watermark", "refused"))
         return f"{self.kind} {self.target}" + (f" {params}" if params else "")
 
 
@@ -160,7 +168,7 @@ def save(lab_dir: LabDir, spec: FaultSpec) -> None:
 
 
 def active(lab_dir: LabDir) -> list[FaultSpec]:
-    """The faults that are on (or being applied or healed), oldest first."""
+    """The faults that are on (or being applied, healed, or damaged), oldest first."""
     if not lab_dir.faults_dir().exists():
         return []
     out = []
@@ -169,9 +177,40 @@ def active(lab_dir: LabDir) -> list[FaultSpec]:
             continue
         try:
             out.append(FaultSpec.model_validate_json(path.read_bytes()))
-        except (OSError, ValidationError):
-            continue  # being written
+        except FileNotFoundError:
+            continue  # healed meanwhile (files are replaced whole: never half written)
+        except (OSError, ValidationError, ValueError) as exc:
+            out.append(_damaged(path, exc))
     return sorted(out, key=lambda f: (f.since, f.id))
+
+
+def _damaged(path: Path, exc: Exception) -> FaultSpec:
+    """What can be read of a fault file that does not validate: enough to show it and heal it."""
+    why = (f"{exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}" if isinstance(exc, ValidationError)
+           else str(exc) or type(exc).__name__)[:200]
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        raw = None
+    raw = raw if isinstance(raw, dict) else {}
+
+    def number(value: Any, default: float) -> float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else default
+
+    kind: Any = raw.get("kind") if raw.get("kind") in get_args(FaultKind) else "partition"
+    links = [(str(pair[0]), str(pair[1])) for pair in raw.get("links") or []
+             if isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)]
+    params: dict[Any, Any] = raw["params"] if isinstance(raw.get("params"), dict) else {}
+    site = raw.get("site") if isinstance(raw.get("site"), str) else None
+    try:
+        since = path.stat().st_mtime
+    except OSError:
+        since = 0.0
+    return FaultSpec(id=path.stem, kind=kind, target=str(raw.get("target") or site or "?"), links=links, site=site,
+                     seed=int(number(raw.get("seed"), 0)),
+                     params={str(k): float(v) for k, v in params.items() if number(v, math.nan) == v},
+                     since=number(raw.get("since"), since), state="damaged", damaged=f"{path.name}: {why}")
 
 
 def stats(lab_dir: LabDir, fault_id: str) -> FaultStats:
@@ -244,6 +283,9 @@ def _neighbours_of(info: LabInfo, code: str) -> list[str]:
 
 
 def _check_params(kind: str, params: dict[str, float]) -> None:
+    for name, value in params.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{kind}: --{name.replace('_', '-')} must be a finite number, not {value}")
     rate = params.get("rate")
     if kind in ("drop", "duplicate") and (rate is None or not 0.0 <= rate <= 1.0):
         raise ConfigError(f"{kind} needs --rate between 0 and 1, not {rate}")
@@ -251,6 +293,14 @@ def _check_params(kind: str, params: dict[str, float]) -> None:
         raise ConfigError("reorder needs --window between 1 and 100000")
     if kind == "delay" and (params.get("ms", -1) < 0 or params.get("jitter", 0) < 0):
         raise ConfigError("delay needs --ms >= 0 (and --jitter >= 0)")
+    if kind == "delay" and params["ms"] + params.get("jitter", 0) > MAX_HOLD_S * 1000:
+        raise ConfigError(f"delay: --ms plus --jitter must be at most {MAX_HOLD_S * 1000:.0f} (an hour)",
+                          hint="a link cut for longer is a partition: smslab fault partition A B")
+    if kind == "reorder" and not 0 < params.get("max_hold", 2.0) <= MAX_HOLD_S:
+        raise ConfigError(f"reorder needs --max-hold between 0 and {MAX_HOLD_S:.0f} seconds")
+
+
+MAX_HOLD_S = 3600.0  # the longest a delay or a reorder holds one message
 
 
 def apply_link_fault(lab_dir: LabDir, info: LabInfo, kind: str, a: str, b: str, *, oneway: bool = False,
@@ -280,8 +330,7 @@ def apply_link_fault(lab_dir: LabDir, info: LabInfo, kind: str, a: str, b: str, 
         save(lab_dir, spec)  # first: whatever happens next, the fault shows and heals
         for sender, receiver in links:
             admin.divert_link(info.amqp_url, info.lab_id, sender, receiver, info.topology.settings.queue_type)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link=spec.target, fault=spec.id,
                        detail={"kind": kind, "seed": spec.seed, "params": params, "links": [f"{s}->{r}" for s, r in links]})
     progress(f"fault {spec.id}: {spec.describe()} (seed {spec.seed}) is on; checking it on traffic")
@@ -311,6 +360,15 @@ def _verify_link_fault(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, timeout:
                              else f"is the lab's fault daemon running? see {lab_dir.daemon_log()}"))
 
 
+def _on(lab_dir: LabDir, spec: FaultSpec, for_s: float | None) -> None:
+    """The fault has taken effect: its ``--for`` counts from now (the broker's CLI may have
+    taken seconds to get here)."""
+    spec.state = "on"
+    if for_s:
+        spec.until = time.time() + for_s
+    save(lab_dir, spec)
+
+
 def apply_disconnect(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | None = None,
                      progress: Progress = _quiet) -> FaultSpec:
     site = site.upper()
@@ -320,25 +378,32 @@ def apply_disconnect(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float 
 
     orchestrator.ensure_daemon(lab_dir, info)
     name = names.connection_name(info.lab_id, site)
+    # With per-site identities the broker itself refuses the site's reconnects (its user's
+    # connection limit is 0); else the daemon closes them as they come, as fast as the broker's
+    # CLI lets it (a site may get a few seconds of connection between two closes).
+    user = names.broker_user(info.lab_id, site) if info.identities == "per-site" else None
     with locked(lab_dir):
         for f in active(lab_dir):
             if f.kind == "disconnect" and f.site == site:
                 raise LabError(f"{site} is already disconnected by fault {f.id}", hint=f"smslab heal {f.id}")
         now = time.time()
         spec = FaultSpec(id=_new_id(lab_dir), kind="disconnect", target=site, site=site, seed=_seed(None),
-                         since=now, until=now + for_s if for_s else None)
+                         since=now, until=now + for_s if for_s else None, params={"refused": 1.0} if user else {})
         save(lab_dir, spec)
+        if user is not None:
+            control.refuse_user(user)
         closed = control.close_connections(name, "smslab fault: connection closed")
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         save_stats(lab_dir, spec.id, FaultStats(closed=closed, updated=time.time()))
         history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site,
-                       detail={"kind": "disconnect", "closed": closed, "for": for_s})
+                       detail={"kind": "disconnect", "closed": closed, "for": for_s,
+                               "reconnects": "refused" if user else "closed"})
     if closed == 0:
         heal(lab_dir, info, spec.id, verified=False)
         raise LabError(f"site {site} has no broker connection to close: fault {spec.id} did not take effect;"
                        " it was healed", hint=f"is {site} running? (smslab status)")
-    progress(f"fault {spec.id}: {site} disconnected ({closed} connection(s) closed)"
+    progress(f"fault {spec.id}: {site} disconnected ({closed} connection(s) closed; its reconnects "
+             + ("refused by the broker" if user else "closed as they come") + ")"
              + (f" for {for_s:g}s" if for_s else "; smslab heal lets it reconnect"))
     return spec
 
@@ -358,8 +423,7 @@ def apply_alarm(lab_dir: LabDir, info: LabInfo, *, for_s: float | None = None, p
                          params={"watermark": control.memory_watermark()})
         save(lab_dir, spec)
         control.set_memory_watermark(0.0)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link="broker", fault=spec.id, detail={"kind": "alarm", "for": for_s})
     deadline = time.monotonic() + 15
     while "memory" not in control.alarms():
@@ -391,8 +455,7 @@ def apply_pause(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | Non
                          until=now + for_s if for_s else None, params={"pid": float(pid)})
         save(lab_dir, spec)
         os.kill(pid, signal.SIGSTOP)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site, detail={"kind": "pause", "pid": pid})
     if for_s:
         from emulator import orchestrator
@@ -476,8 +539,7 @@ def apply_broker_node_kill(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: 
         save(lab_dir, spec)
         pid = victim.pid
         cluster.kill_node(index)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link="broker", fault=spec.id,
                        detail={"kind": "broker-node-kill", "node": victim.node_name, "where": where, "pid": pid,
                                "sites_on_it": on_it, "for": for_s})
@@ -515,8 +577,7 @@ def apply_isolate(lab_dir: LabDir, info: LabInfo, site: str, *, for_s: float | N
                          until=now + for_s if for_s else None)
         save(lab_dir, spec)
         hostnet.isolate(host)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link=site, fault=spec.id, site=site,
                        detail={"kind": "isolate", "netns": host.netns, "address": host.ns_address, "for": for_s})
     # Taken effect: the link is down and no broker node answers from inside the namespace.
@@ -564,8 +625,7 @@ def apply_broker_partition(lab_dir: LabDir, info: LabInfo, node: str, *, for_s: 
         rules = hostnet.partition_rules((victim.dist_source, victim.dist_port),
                                         [(str(n.dist_source), n.dist_port) for n in others])
         hostnet.add_chain(hostnet.chain_name(info.lab_id, spec.id), rules)
-        spec.state = "on"
-        save(lab_dir, spec)
+        _on(lab_dir, spec, for_s)
         history.record(lab_dir, "fault_on", link="broker", fault=spec.id,
                        detail={"kind": "broker-partition", "node": victim.node_name,
                                "where": urls.where(victim.amqp_url), "for": for_s})
@@ -617,14 +677,20 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
             spec = find(lab_dir, fault_id)
         except LabError:
             return None  # healed meanwhile (by the daemon at its --for, or another command)
+        if spec.is_link_fault and spec.damaged and not spec.links:
+            # which links it held cannot be read: every link that no readable fault holds goes back
+            held = {link for f in active(lab_dir) if f.is_link_fault and not f.damaged for link in f.links}
+            spec.links = [link for p, c in info.topology.links() for link in ((c, p), (p, c)) if link not in held]
         spec.state = "healing"
         save(lab_dir, spec)
         if spec.is_link_fault:
             for sender, receiver in spec.links:
                 admin.restore_link(info.amqp_url, info.lab_id, sender, receiver)
+        elif spec.kind == "disconnect" and spec.site and (spec.params.get("refused") or spec.damaged):
+            control_for(lab_dir, info).allow_user(names.broker_user(info.lab_id, spec.site))
         elif spec.kind == "alarm":
             control_for(lab_dir, info).set_memory_watermark(spec.params.get("watermark", 0.4))
-        elif spec.kind == "pause":
+        elif spec.kind == "pause" and "pid" in spec.params:
             try:
                 os.kill(int(spec.params["pid"]), signal.SIGCONT)
             except ProcessLookupError:
@@ -646,7 +712,7 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
             cluster = _local_cluster(info, spec.kind)
             cluster.await_running(timeout=180)
     if spec.is_link_fault:
-        _drain(lab_dir, info, spec, wait_drain)
+        _drain(lab_dir, info, spec, wait_drain, progress)
     with locked(lab_dir):
         done = stats(lab_dir, spec.id)
         off: dict[str, Any] = {"kind": spec.kind, "stats": summarize(done)}
@@ -659,23 +725,33 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
     return spec
 
 
-def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float) -> None:
-    """The daemon forwards what the relays hold and deletes them; if it is not running, the
-    relays are drained from here."""
+def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float, progress: Progress = _quiet) -> None:
+    """The daemon forwards what the relays hold and deletes them; if it is not running (or
+    never ran this fault's relays), the relays are drained from here. A daemon that is slow
+    (publishers blocked by a memory alarm) is not raced: it holds messages it has not
+    forwarded yet, and finishes the drain itself once it can, with the fault's file gone."""
     from broker import relay
 
     deadline = time.monotonic() + wait
-    while lab_dir.daemon_pid() is not None and time.monotonic() < deadline:
+    # a fault whose relays the daemon never ran (healed at once, or damaged) has no stats
+    ran = stats_path(lab_dir, spec.id).exists()
+    while lab_dir.daemon_pid() is not None and ran and time.monotonic() < deadline:
         if stats(lab_dir, spec.id).drained:
             return
         time.sleep(0.1)
+    if lab_dir.daemon_pid() is not None and ran:
+        progress(f"fault {spec.id}: the fault daemon has not drained its relays within {wait:.0f}s; it goes on"
+                 f" draining them (see {lab_dir.daemon_log()})")
+        return
     for sender, receiver in spec.links:
         relay.drain(info.amqp_url, info.lab_id, sender, receiver, keep_user_id=info.identities == "per-site")
 
 
 def heal_all(lab_dir: LabDir, info: LabInfo, *, progress: Progress = _quiet) -> list[FaultSpec]:
     healed = []
-    for spec in active(lab_dir):
+    # faults of the broker and the sites first: a memory alarm still on would block the relays
+    # of the link faults as they drain
+    for spec in sorted(active(lab_dir), key=lambda f: f.is_link_fault):
         done = heal(lab_dir, info, spec.id, progress=progress)
         if done is not None:
             healed.append(done)
@@ -710,7 +786,7 @@ def listing(lab_dir: LabDir) -> list[dict[str, Any]]:
     out = []
     for spec in active(lab_dir):
         row = json.loads(spec.model_dump_json())
-        row["description"] = spec.describe()
+        row["description"] = spec.describe() + (f" (damaged fault file: {spec.damaged})" if spec.damaged else "")
         row["done"] = summarize(stats(lab_dir, spec.id))
         row["done_text"] = _summary_text(stats(lab_dir, spec.id))
         out.append(row)

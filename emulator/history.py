@@ -279,6 +279,30 @@ def read(lab_dir: LabDir, *, offset: int = 0) -> Iterator[Event]:
                                   f" {exc.errors()[0].get('msg')}") from exc
 
 
+def read_new(lab_dir: LabDir, offset: int) -> tuple[list[Event], int]:
+    """The events of the whole lines from byte ``offset`` on, and the offset after them: what
+    ``history --follow`` prints each time. A line another process is still writing waits for
+    the next call, and nothing is read twice."""
+    path = history_path(lab_dir)
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    events = []
+    for number, line in enumerate(chunk[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(Event.model_validate_json(line))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: line {number} after offset {offset} is not an event:"
+                              f" {exc.errors()[0].get('msg')}") from exc
+    return events, offset + end
+
+
 # The events of each history.jsonl this process has read, and up to which byte: the file only
 # grows (merge appends), so a checker polling a long run parses each line once, not once per
 # look. Keyed by path; (device, inode) and the size tell a replaced or truncated file.

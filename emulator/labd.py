@@ -146,10 +146,12 @@ class Daemon:
             except BrokerUnavailable:
                 closed = 0
             if closed:
-                current = faults.stats(self.lab_dir, spec.id)
-                current.closed += closed
-                current.updated = time.time()
-                faults.save_stats(self.lab_dir, spec.id, current)
+                with faults.locked(self.lab_dir):  # not after a heal deleted its files
+                    if any(f.id == spec.id for f in faults.active(self.lab_dir)):
+                        current = faults.stats(self.lab_dir, spec.id)
+                        current.closed += closed
+                        current.updated = time.time()
+                        faults.save_stats(self.lab_dir, spec.id, current)
             self.stopping.wait(0.3)
         self._keepers.pop(spec.id, None)
 

@@ -35,12 +35,10 @@ same run: the same history and the same stores, byte for byte.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import random
 import shutil
-import sqlite3
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -650,28 +648,6 @@ class SimLab:
                 if back is None or back.applied_through != link.sent_through or link.acked_through != link.sent_through:
                     return False
         return True
-
-    def fingerprint(self) -> str:
-        """A digest of the run's history and of every store's content (equal seeds: equal)."""
-        digest = hashlib.sha256()
-        path = history.history_path(self.dir)
-        if path.exists():
-            digest.update(path.read_bytes())
-        for code in self.topology.codes:
-            for db_path in (self.dir.site_db(code), self.dir.clients_db(code)):
-                if not db_path.exists():
-                    continue
-                db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-                try:
-                    tables = [t for (t,) in db.execute(
-                        "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
-                    for table in tables:
-                        digest.update(table.encode())
-                        for row in db.execute(f"SELECT * FROM {table}"):
-                            digest.update(repr(row).encode())
-                finally:
-                    db.close()
-        return digest.hexdigest()
 
 
 @dataclass

@@ -688,18 +688,18 @@ class SiteRuntime:
                     f" {link.peer} is quarantined until it is recovered", now)
 
     def _receive_resend_request(self, link: seq.LinkState, req: ResendRequest, out: Outgoing, now: float) -> None:
-        start = seq.serve_resend(link, req, self.store.outbox_min_seq(link.peer))
+        decision = seq.serve_resend(link, req, self.store.outbox_min_seq(link.peer))
         name = f"{self.site}->{link.peer}"
-        if req.from_seq > link.sent_through:
+        if decision.refused:
             self.event("refused", now, link=f"{link.peer}->{self.site}", seq_=req.from_seq, inc=req.incarnation,
                        detail={"reason": f"a resend request from seq {req.from_seq}, but {self.site} has sent"
                                          f" only {link.sent_through}"})
             return
-        if start is None or start > req.from_seq:
+        if decision.unavailable:
             self.event("resend_unavailable", now, link=name, seq_=req.from_seq)
-        if start is not None:
-            out.republish[link.peer] = start
-            self.event("resend", now, link=name, seq_=start, detail={"asked": True})
+        if decision.start is not None:
+            out.republish[link.peer] = decision.start
+            self.event("resend", now, link=name, seq_=decision.start, detail={"asked": True})
 
     # -- applying data --------------------------------------------------------------------
 

@@ -137,10 +137,6 @@ class SiteStore:
 
     # -- transactions -------------------------------------------------------------------
 
-    @property
-    def in_transaction(self) -> bool:
-        return self._in_tx
-
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         if self._in_tx:

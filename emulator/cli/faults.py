@@ -7,7 +7,17 @@ import time
 from typing import Any
 
 from emulator import faults, history
-from emulator.cli.common import add_json, emit_json, fraction, known_site, positive, progress_for, say
+from emulator.cli.common import (
+    add_json,
+    count,
+    emit_json,
+    fraction,
+    known_site,
+    non_negative,
+    positive,
+    progress_for,
+    say,
+)
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
 from emulator.protocol.shaping import LINK_FAULTS
@@ -104,10 +114,10 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
         about = {e.site} | set((e.link or "").replace("<->", "->").split("->"))
         return not sites or bool(sites & about)
 
-    offset = 0
     shown = 0
     path = history.history_path(lab_dir)
-    events = [e for e in history.read(lab_dir) if wanted(e)]
+    merged, offset = history.read_new(lab_dir, 0)  # whole lines: the daemon may be appending
+    events = [e for e in merged if wanted(e)]
     if args.limit:
         events = events[-args.limit:]
     for e in events:
@@ -119,17 +129,15 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
             gaps = f"; {len(state.gaps)} gap(s) pruned before they were merged" if state.gaps else ""
             progress_for(args)(f"{shown} event(s) shown of {state.events} in {path}{gaps}")
         return 0
-    offset = path.stat().st_size if path.exists() else 0
     try:
         while True:
             time.sleep(0.5)
             history.merge(lab_dir, info)
-            size = path.stat().st_size if path.exists() else 0
-            if size > offset:
-                for e in history.read(lab_dir, offset=offset):
-                    if wanted(e):
-                        say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
-                offset = size
+            # whole lines only, each once: the fault daemon merges too, at any moment
+            new, offset = history.read_new(lab_dir, offset)
+            for e in new:
+                if wanted(e):
+                    say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
     except KeyboardInterrupt:
         return 0
 
@@ -162,11 +170,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     link_fault("duplicate", "deliver messages on the link twice at random").add_argument(
         "--rate", type=fraction, required=True, help="probability of a second copy, 0..1")
     s = link_fault("reorder", "deliver messages on the link out of order")
-    s.add_argument("--window", type=int, default=20, help="messages held at most (default 20)")
+    s.add_argument("--window", type=count, default=20, help="messages held at most (default 20)")
     s.add_argument("--max-hold", dest="max_hold", type=positive, default=2.0, help="seconds one waits at most")
     s = link_fault("delay", "delay messages on the link")
-    s.add_argument("--ms", type=float, required=True, help="delay in milliseconds")
-    s.add_argument("--jitter", type=float, default=0.0, help="plus or minus this many milliseconds")
+    s.add_argument("--ms", type=non_negative, required=True, help="delay in milliseconds")
+    s.add_argument("--jitter", type=non_negative, default=0.0, help="plus or minus this many milliseconds")
     s = add("disconnect", cmd_fault, "close a site's broker connections and keep them closed", kinds)
     s.add_argument("site")
     s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="let it reconnect after S seconds")
@@ -200,5 +208,5 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--site", action="append", metavar="SITE", help="only events at or about SITE (repeatable)")
     s.add_argument("--kind", action="append", metavar="KIND", help="only events of KIND (repeatable)")
-    s.add_argument("--limit", type=int, metavar="N", help="only the last N events")
+    s.add_argument("--limit", type=count, metavar="N", help="only the last N events")
     add_json(s)

@@ -415,18 +415,28 @@ def take_ack(link: LinkState, ack: LinkAck, *, mode: Mode, now: float, redeliver
     return AckDecision(AckEffect.NO_CHANGE)
 
 
-def serve_resend(link: LinkState, req: ResendRequest, first_in_outbox: int | None) -> int | None:
-    """A peer asks for envelopes again from ``req.from_seq``: the seq to republish from, or
-    None when none of them is kept (SMS's parent "cannot resend them": the link stays broken),
-    or when we never sent that number (refused and counted: ``resend_refused``)."""
+@dataclass(frozen=True)
+class ResendDecision:
+    """What follows a peer's resend request."""
+
+    start: int | None  # republish the outbox from this seq (None: nothing to send)
+    refused: bool = False  # we never sent that number: refused and counted (``resend_refused``)
+    unavailable: bool = False  # some of what was asked is no longer kept (SMS's "cannot resend")
+
+
+def serve_resend(link: LinkState, req: ResendRequest, first_in_outbox: int | None) -> ResendDecision:
+    """A peer asks for envelopes again from ``req.from_seq``: republish from there, or from
+    the first one still kept; none when none of them is kept (SMS's parent "cannot resend
+    them": the link stays broken) or when we never sent that number (refused)."""
     if req.from_seq > link.sent_through:
         link.extra["resend_refused"] = link.extra.get("resend_refused", 0) + 1
-        return None
+        return ResendDecision(None, refused=True)
     if first_in_outbox is None or req.from_seq < first_in_outbox:
         link.resend_unavailable += 1
         if first_in_outbox is None:
-            return None
-    return max(req.from_seq, first_in_outbox)
+            return ResendDecision(None, unavailable=True)
+        return ResendDecision(first_in_outbox, unavailable=True)
+    return ResendDecision(req.from_seq)
 
 
 @dataclass

@@ -169,7 +169,8 @@ def test_acks_beyond_what_was_sent_far_apart_are_not_one_run() -> None:
 def test_a_resend_request_for_what_was_never_sent_is_refused() -> None:
     ours = link(next_send_seq=11)
     for asked in (11, 2**40):
-        assert seq.serve_resend(ours, ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked), 5) is None
+        decision = seq.serve_resend(ours, ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked), 5)
+        assert decision == seq.ResendDecision(None, refused=True)
     assert ours.extra["resend_refused"] == 2 and ours.resend_unavailable == 0
 
 
@@ -185,7 +186,7 @@ def test_a_resend_request_is_served_from_what_the_outbox_keeps(first: int | None
                                                               start: int | None, unavailable: int) -> None:
     ours = link(next_send_seq=11)
     req = ResendRequest(source=PARENT, dest=CHILD, incarnation=0, from_seq=asked)
-    assert seq.serve_resend(ours, req, first) == start
+    assert seq.serve_resend(ours, req, first) == seq.ResendDecision(start, unavailable=bool(unavailable))
     assert ours.resend_unavailable == unavailable
 
 

@@ -3,8 +3,11 @@ runs that wrote nothing, restores of a store to an older copy, pruning and the h
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+import pytest
 
 from emulator import history
 from emulator.lab import LabDir, LabInfo
@@ -134,3 +137,89 @@ def test_what_a_merge_appends_is_what_a_fresh_read_finds(tmp_path: Path) -> None
     write(store, "r1", 3, at=20, kind="sent")
     assert history.merge(lab_dir, info) == 3  # appended and kept by this process
     assert history.load(lab_dir, info, merge_first=False) == list(history.read(lab_dir))
+
+
+def test_read_new_takes_whole_lines_once_while_another_process_appends(tmp_path: Path) -> None:
+    """What ``history --follow`` prints: a line being written waits, nothing comes twice."""
+    lab_dir, info = lab(tmp_path)
+    store = SiteStore(lab_dir.site_db("CEN"))
+    write(store, "r1", 3)
+    history.merge(lab_dir, info)
+    first, offset = history.read_new(lab_dir, 0)
+    assert [e.index for e in first] == [1, 2, 3]
+    path = history.history_path(lab_dir)
+    line = history.Event(time=9.0, site="CEN", index=4, run="r1", kind="applied").model_dump_json(exclude_none=True)
+    with path.open("a") as handle:
+        handle.write(line[:20])  # the daemon mid-write
+    assert history.read_new(lab_dir, offset) == ([], offset)
+    with path.open("a") as handle:
+        handle.write(line[20:] + "\n")
+    more, offset = history.read_new(lab_dir, offset)
+    assert [e.index for e in more] == [4]
+    assert history.read_new(lab_dir, offset) == ([], offset)
+
+
+def test_the_history_command_filters_by_site_and_kind_and_prints_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from emulator.cli import main
+
+    lab_dir, _ = lab(tmp_path)
+    cen = SiteStore(lab_dir.site_db("CEN"))
+    p01 = SiteStore(lab_dir.site_db("P01"))
+    with p01.transaction():
+        p01.begin_run("p", 1.0)
+        for seq in (1, 2, 3):
+            p01.add_event("p", 1.0 + seq, "sent", "P01->CEN", seq)
+    with cen.transaction():
+        cen.begin_run("c", 1.0)
+        for seq in (1, 2, 3):
+            cen.add_event("c", 1.5 + seq, "applied", "P01->CEN", seq)
+    history.record(lab_dir, "fault_on", link="broker", fault="f1", at=2.0, detail={"kind": "alarm"})
+
+    def run(*argv: str) -> list[dict[str, object]]:
+        assert main(["--lab", str(lab_dir.path), "history", "--json", *argv]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    everything = run()
+    assert [(e["site"], e["kind"]) for e in everything][:3] == [("P01", "sent"), ("lab", "fault_on"), ("CEN", "applied")]
+    assert len(everything) == 7
+    assert {e["kind"] for e in run("--kind", "applied")} == {"applied"}
+    assert [e["seq"] for e in run("--kind", "sent", "--limit", "2")] == [2, 3]
+    assert [e["kind"] for e in run("--kind", "fault_on", "--kind", "fault_off")] == ["fault_on"]
+    about_cen = run("--site", "CEN")  # at CEN, or on a link of CEN's
+    assert len(about_cen) == 6 and all(e["site"] in ("CEN", "P01") for e in about_cen)
+    assert {e["site"] for e in run("--site", "cen", "--kind", "sent")} == {"P01"}
+    for wrong in (["--site", "X99"], ["--kind", "nope"]):
+        assert main(["--lab", str(lab_dir.path), "history", *wrong]) == 2
+        assert "unknown" in capsys.readouterr().err
+
+
+def test_the_checker_reads_the_gap_a_prune_left_and_says_the_history_checks_are_incomplete(tmp_path: Path) -> None:
+    from emulator import checker
+
+    lab_dir, info = lab(tmp_path)
+    store = SiteStore(lab_dir.site_db("CEN"))
+    write(store, "r1", 10)
+    with store.transaction():
+        store.prune_events(before=6.0)  # history_retention let them go before anyone merged them
+    state = checker.read_state(lab_dir, info, running=set(TOPOLOGY.codes))
+    assert [(g.site, g.after, g.first_kept) for g in state.history.gaps] == [("CEN", 0, 7)]  # type: ignore[union-attr]
+    gaps = checker.history_gaps(state)
+    assert [v.kind for v in gaps] == ["history"] and "events 1..6 of CEN" in gaps[0].detail
+    assert checker.judge(state).verdict != "valid"
+
+
+def test_the_history_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lab_dir, info = lab(tmp_path)
+    write(SiteStore(lab_dir.site_db("CEN")), "r1", 5000)
+    history.merge(lab_dir, info)
+    shown = subprocess.Popen([sys.executable, "-m", "emulator", "--lab", str(lab_dir.path), "history"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert shown.stdout is not None and shown.stderr is not None
+    assert shown.stdout.readline()  # smslab history | head -1
+    shown.stdout.close()
+    err = shown.stderr.read().decode()
+    assert shown.wait(timeout=60) == 141 and "Traceback" not in err, err

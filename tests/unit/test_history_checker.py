@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from emulator import checker, history
+from emulator.protocol.sequencing import LinkState
 from emulator.topology import parse_topology
+from sites.store import StoreSnapshot
 
 TOPOLOGY = parse_topology("""
 lab: hc
@@ -51,7 +53,9 @@ class H:
 def found(h: H) -> dict[str, list[checker.Violation]]:
     state = h.state()
     out: dict[str, list[checker.Violation]] = {}
-    for rule in (checker.lost_acknowledged, checker.receiver_order, checker.vacuous_faults, checker.idle):
+    for rule in (checker.lost_acknowledged, checker.applied_twice, checker.applied_out_of_order,
+                 checker.forgot_committed_work, checker.old_incarnation_not_fenced, checker.vacuous_faults,
+                 checker.idle):
         for v in rule(state):
             out.setdefault(v.kind, []).append(v)
     return out
@@ -167,3 +171,27 @@ def test_a_loss_before_a_recovery_is_a_note_not_against_the_verdict() -> None:
     notes = [v for v in report.violations if v.kind == "lost_before_recovery"]
     assert notes and not notes[0].hard
     assert "note" in report.render()
+
+
+def test_events_pruned_before_they_were_merged_make_the_run_unknown_and_say_so() -> None:
+    h = H()
+    for seq in (1, 2, 3):
+        h.send(seq).consume(seq)
+    h.ack(3)
+    stores = {"CEN": quiet_store("P01", "child"), "P01": quiet_store("CEN", "parent")}
+    clean = checker.judge(checker.LabState(TOPOLOGY, stores, set(TOPOLOGY.codes), history=checker.HistoryView(h.events)))
+    assert clean.verdict == "valid", clean.render()
+    gap = history.Gap(site="CEN", run="r1", after=0, first_kept=4)
+    report = checker.judge(checker.LabState(TOPOLOGY, stores, set(TOPOLOGY.codes),
+                                            history=checker.HistoryView(h.events, [gap])))
+    (v,) = [v for v in report.violations if v.kind == "history"]
+    assert report.verdict == "unknown" and not v.hard
+    assert v.site == "CEN" and "events 1..3" in v.detail and "pruned" in v.detail
+
+
+def quiet_store(peer: str, role: str) -> StoreSnapshot:
+    """A store whose one link is active and settled, holding nothing."""
+    link = LinkState(peer=peer, role=role, next_send_seq=4 if role == "parent" else 1,  # type: ignore[arg-type]
+                     acked_through=3 if role == "parent" else 0, next_expected=4 if role == "child" else 1)
+    return StoreSnapshot(meta={}, links={peer: link}, outbox={}, site_data={}, objects={}, object_history={},
+                         drops={}, max_txn={})

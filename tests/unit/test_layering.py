@@ -136,6 +136,29 @@ def test_only_broker_imports_pika(path: Path) -> None:
     assert not bad, "only broker/ may talk to pika:\n" + "\n".join(bad)
 
 
+def test_recovery_uses_the_runtime_only_through_its_protocol() -> None:
+    """No runtime <-> recovery cycle: sites/recovery.py knows the runtime as ``RecoveryHost``."""
+    bad = [str(i) for i in imports_of(ROOT / "sites" / "recovery.py") if i.module.startswith("sites.runtime")]
+    assert not bad, "\n".join(bad)
+
+
+# Where SQL may be written: the site's store (site.db) and the clients' (clients.db) in sites/,
+# the harness's own event log (harness.db) in emulator/history.py, and the tests' query helper.
+SQL_HOMES = {ROOT / "sites" / "store.py", ROOT / "sites" / "clients.py", ROOT / "emulator" / "history.py",
+             ROOT / "emulator" / "testing.py"}
+
+
+@pytest.mark.parametrize("path", python_files(ROOT / "emulator", ROOT / "sites", ROOT / "broker"),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_store_sql_has_one_home(path: Path) -> None:
+    if path in SQL_HOMES:
+        return
+    calls = [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr in ("execute", "executemany", "executescript")]
+    assert not calls, f"{path.relative_to(ROOT)} runs SQL at lines {calls}: it belongs in sites/store.py"
+
+
 # -- the scanner itself -----------------------------------------------------------------------
 
 

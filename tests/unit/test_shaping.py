@@ -3,6 +3,8 @@ says, nothing lost or invented beyond it, and the same seed gives the same decis
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,6 +41,27 @@ def test_delay_holds_each_message_its_time() -> None:
     s = Shaper("delay", seed=1, ms=500)
     assert s.arrive(1, 10.0) == [] and s.next_due() == pytest.approx(10.5)
     assert s.due(10.4) == [] and s.due(10.5) == [Release(1)]
+
+
+def test_delay_with_jitter_holds_each_message_within_ms_plus_or_minus_jitter_and_uses_the_range() -> None:
+    s = Shaper("delay", seed=4, ms=300, jitter=100)
+    held = {}
+    for mid in range(1, 501):
+        s.arrive(mid, float(mid))  # a second apart: each one's own hold is its release time - arrival
+        due = s.next_due()
+        assert due is not None
+        held[mid] = (due - mid) * 1000
+        assert s.due(due) == [Release(mid)]
+    assert all(200 - 1e-6 <= ms <= 400 + 1e-6 for ms in held.values())
+    assert min(held.values()) < 220 and max(held.values()) > 380  # the whole spread, not a constant
+
+
+def test_reorder_releases_out_of_arrival_order() -> None:
+    s = Shaper("reorder", seed=2, window=5, max_hold=10.0)
+    out = run(s, [i * 0.01 for i in range(200)], 1.0) + s.release_all()
+    order = [r.mid for r in out]
+    assert sorted(order) == list(range(1, 201)) and order != sorted(order)
+    assert sum(1 for a, b in itertools.pairwise(order) if b < a) > 50
 
 
 def test_reorder_keeps_a_window_and_never_holds_past_max_hold() -> None:
