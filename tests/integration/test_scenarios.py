@@ -25,7 +25,8 @@ def run(scenario: Path, out: Path, url: str, *extra: str, timeout: float = 900) 
 
 
 def assert_run_dir(out: Path, seed: int) -> dict[str, object]:
-    for name in ("scenario.yaml", "run.json", "history.jsonl", "verdict.json", "log.txt"):
+    for name in ("scenario.yaml", "run.json", "schedule.json", "history.jsonl", "verdict.json", "report.html",
+                 "log.txt", "topology.yaml"):
         assert (out / name).exists(), name
     meta: dict[str, object] = json.loads((out / "run.json").read_text())
     assert meta["seed"] == seed and f"--seed {seed}" in str(meta["replay"])
