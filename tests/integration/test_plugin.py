@@ -39,9 +39,10 @@ def readme_example() -> str:
 
 
 def test_the_readme_example_passes_as_written(pytester: pytest.Pytester, amqp_url: str) -> None:
+    """In a fresh directory outside the repository, with no examples/ of its own: the
+    example's examples/lab.yaml is the one that ships with smslab."""
     assert readme_example().strip() == README_EXAMPLE.strip(), "the README's example is the one tested here"
-    (pytester.path / "examples").mkdir()
-    shutil.copy(REPO / "examples" / "lab.yaml", pytester.path / "examples" / "lab.yaml")
+    assert not (pytester.path / "examples").exists() and REPO not in pytester.path.parents
     pytester.makepyfile(test_user=README_EXAMPLE)
     result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=600)
     result.assert_outcomes(passed=1)
@@ -69,6 +70,54 @@ def test_breaks(lab_factory):
     assert not Path(made["dir"]).exists()
     alive = subprocess.run(["pgrep", "-f", made["dir"]], capture_output=True, text=True, check=False).stdout
     assert alive.strip() == "", alive
+
+
+def test_an_interrupted_test_still_cleans_up(pytester: pytest.Pytester, amqp_url: str) -> None:
+    """Ctrl-C in the middle of a test (SIGINT to the pytest process) with a fault on: the
+    fault healed, the sites stopped, the broker objects and users gone."""
+    marker = pytester.path / "lab.json"
+    pytester.makepyfile(test_user=f'''
+import json, os, signal, time
+
+def test_interrupted(lab_factory):
+    lab = lab_factory({{"lab": "intr", "sites": [{{"code": "CEN", "type": "central", "clients": 0}},
+                                               {{"code": "P01", "type": "primary", "parent": "CEN"}}]}})
+    lab.fault("partition", "P01", "CEN")
+    open({str(marker)!r}, "w").write(json.dumps({{"lab": lab.lab_id, "dir": str(lab.dir.path)}}))
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    raise AssertionError("not interrupted")
+''')
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=300)
+    assert "KeyboardInterrupt" in result.stdout.str(), result.stdout.str()[-2000:]
+    made = json.loads(marker.read_text())
+    assert admin.queue_depths(amqp_url, made["lab"], ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+    assert not Path(made["dir"]).exists()
+    alive = subprocess.run(["pgrep", "-f", made["dir"]], capture_output=True, text=True, check=False).stdout
+    assert alive.strip() == "", alive
+    if shutil.which("rabbitmqctl"):  # the broker users made for the lab's sites (identities)
+        users = subprocess.run(["rabbitmqctl", "-q", "list_users"], capture_output=True, text=True,
+                               check=False).stdout
+        assert made["lab"] not in users
+
+
+def test_a_relative_topology_is_found_beside_the_test_and_a_missing_one_is_named(
+        pytester: pytest.Pytester, amqp_url: str) -> None:
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "one.yaml").write_text("lab: beside\nsites:\n  - {code: CEN, type: central}\n")
+    (pytester.path / "tests" / "test_user.py").write_text('''
+import pytest
+from emulator.errors import ConfigError
+
+def test_beside(lab_factory):
+    assert lab_factory("one.yaml").topology.lab == "beside"
+
+def test_missing(lab_factory):
+    with pytest.raises(ConfigError, match="topology file nowhere.yaml not found .looked in"):
+        lab_factory("nowhere.yaml")
+''')
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(passed=2)
 
 
 def test_keep_keeps_the_lab_directory(pytester: pytest.Pytester, amqp_url: str) -> None:
