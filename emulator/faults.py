@@ -648,6 +648,8 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
     if spec.is_link_fault:
         _drain(lab_dir, info, spec, wait_drain)
     with locked(lab_dir):
+        if not _spec_path(lab_dir, spec.id).exists():
+            return spec  # another heal of the same fault finished first (and recorded its fault_off)
         done = stats(lab_dir, spec.id)
         off: dict[str, Any] = {"kind": spec.kind, "stats": summarize(done)}
         if not verified:
@@ -666,8 +668,8 @@ def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float) -> None
 
     deadline = time.monotonic() + wait
     while lab_dir.daemon_pid() is not None and time.monotonic() < deadline:
-        if stats(lab_dir, spec.id).drained:
-            return
+        if stats(lab_dir, spec.id).drained or not _spec_path(lab_dir, spec.id).exists():
+            return  # drained, or healed all the way by another heal of the same fault
         time.sleep(0.1)
     for sender, receiver in spec.links:
         relay.drain(info.amqp_url, info.lab_id, sender, receiver, keep_user_id=info.identities == "per-site")

@@ -10,6 +10,8 @@ skipped the faults drawn on that link meanwhile."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +22,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from broker import admin, names
 from broker.relay import RelayHub
+from emulator import faults, history
 from emulator.faults import shaper_for
+from emulator.lab import LabDir
+from emulator.testing import Lab, topology_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +107,48 @@ def test_a_packet_arriving_during_the_drain_is_forwarded_and_the_hub_keeps_its_c
         assert admin.queue_depth(amqp_url, names.relay_queue(lab, "CEN", "P01")) is None
     finally:
         hub.close()
+
+
+def test_two_heals_of_one_fault_record_one_fault_off_and_neither_waits(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault daemon heals a fault at the end of its --for while a command heals it too (or,
+    as seen under load, the daemon started a second heal before the first took the lab's
+    lock): one fault_off in the history, and the second heal returns as soon as the first
+    is done, not after the 30 s drain wait (which then recorded a second fault_off and drew
+    the fault in the report as if it had lasted 30 s more)."""
+    info = lab.up(topology_yaml([{"code": "CEN", "type": "central", "clients": 0},
+                                 {"code": "P01", "type": "primary", "parent": "CEN"}], lab="heal2"))
+    spec = faults.apply_link_fault(lab.dir, info, "delay", "P01", "CEN", oneway=False, params={"ms": 200.0},
+                                   seed=1)
+    real_find, real_drain = faults.find, faults._drain
+    second_found = threading.Event()
+    took: dict[str, float] = {}
+
+    def find(lab_dir: LabDir, fault_id: str) -> faults.FaultSpec:
+        found = real_find(lab_dir, fault_id)
+        if threading.current_thread().name == "second":
+            second_found.set()
+        return found
+
+    def drain(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "first":  # the second heal finds the fault still there
+            second.start()
+            assert second_found.wait(30)
+        real_drain(*args, **kwargs)
+
+    def heal() -> None:
+        started = time.monotonic()
+        faults.heal(lab.dir, info, spec.id)
+        took[threading.current_thread().name] = time.monotonic() - started
+
+    monkeypatch.setattr(faults, "find", find)
+    monkeypatch.setattr(faults, "_drain", drain)
+    first = threading.Thread(target=heal, name="first")
+    second = threading.Thread(target=heal, name="second")
+    first.start()
+    first.join(timeout=90)
+    second.join(timeout=90)
+    assert set(took) == {"first", "second"} and max(took.values()) < 15, took
+    offs = [e for e in history.load(lab.dir) if e.kind == "fault_off" and e.fault == spec.id]
+    assert len(offs) == 1, offs
+    assert faults.active(lab.dir) == []
