@@ -120,6 +120,70 @@ def test_missing(lab_factory):
     result.assert_outcomes(passed=2)
 
 
+API_TOPOLOGY = """lab: api
+settings: {sync_interval: 0.3, resend_after: 1.0}
+sites:
+  - {code: CEN, type: central, clients: 0}
+  - {code: P01, type: primary, parent: CEN}
+"""
+API_SCENARIO = """scenario: small
+topology: two.yaml
+steps:
+  - wait-envelopes: 10
+  - fault: {kind: drop, a: P01, b: CEN, rate: 0.3, for: 2}
+  - wait: 3
+  - wait-converged: 60
+  - expect: {check: valid}
+"""
+API_TEST = '''import pytest
+
+@pytest.mark.smslab_topology("two.yaml")
+def test_every_method(lab, tmp_path):
+    assert lab.topology.lab == "api"
+    assert lab.wait_envelopes(10) >= 10
+    assert lab.stop("P01") > 0 and lab.start("P01") > 0
+    pid = lab.kill("P01"); assert pid > 0
+    lab.start("P01")
+    paused = lab.pause("P01")
+    assert [f["id"] for f in lab.faults()] == [paused]
+    lab.resume("P01")
+    assert lab.faults() == []
+    fid = lab.fault("partition", "P01", "CEN")
+    assert lab.faults()[0]["id"] == fid
+    lab.heal(fid)
+    lab.fault("delay", "P01", "CEN", ms=50, for_s=1)
+    lab.heal()
+    assert lab.faults() == []
+    b = lab.backup("P01")
+    lab.wait_envelopes(20)
+    lab.kill("P01")
+    lab.start("P01", restore=b)
+    lab.recover("P01", backup=b)
+    assert lab.wait_converged(timeout=90).valid
+    assert lab.check().valid
+    kinds = {e.kind for e in lab.history()}
+    assert {"fault_on", "fault_off", "process", "sent", "applied"} <= kinds
+    assert all(e.site == "P01" for e in lab.history(site="P01"))
+    assert {s["code"] for s in lab.status()["sites"]} == {"CEN", "P01"}
+    for code in ("CEN", "P01"):
+        lab.control(code, {"cmd": "resume-workload"})
+    result = lab.run("small.yaml", seed=5, run_dir=tmp_path / "run")
+    assert result.exit_code == 0 and result.seed == 5, (result.error, result.outcomes)
+    assert (tmp_path / "run" / "report.html").exists()
+'''
+
+
+def test_the_lab_fixture_offers_every_method(pytester: pytest.Pytester, amqp_url: str) -> None:
+    """The `lab` fixture with @pytest.mark.smslab_topology, and each method the issue names:
+    kill, stop, start, pause, resume, backup, recover, fault, heal, history, check,
+    wait_converged, wait_envelopes, status, run(scenario, seed)."""
+    (pytester.path / "two.yaml").write_text(API_TOPOLOGY)
+    (pytester.path / "small.yaml").write_text(API_SCENARIO)
+    pytester.makepyfile(test_user=API_TEST)
+    result = pytester.runpytest_subprocess("--amqp-url", amqp_url, "-p", "no:cacheprovider", timeout=600)
+    result.assert_outcomes(passed=1)
+
+
 def test_keep_keeps_the_lab_directory(pytester: pytest.Pytester, amqp_url: str) -> None:
     pytester.makepyfile(test_user='''
 def test_one_site(lab_factory):
