@@ -242,7 +242,8 @@ class RelayHub:
                 self._forward(relay, held.body, held.user_id)
                 self._ch.basic_ack(held.tag)
                 del relay.held[mid]
-            _drain_channel(self._ch, self.lab, sender, receiver, relay.counters, keep_user_id=self.keep_user_id)
+            assert self._conn is not None
+            _drain_queue(self._conn, self.lab, sender, receiver, relay.counters, keep_user_id=self.keep_user_id)
         except (pika.exceptions.AMQPError, OSError) as exc:
             # kept: after the reconnect what we held is in the relay queue again, and the next
             # shut forwards it
@@ -251,38 +252,47 @@ class RelayHub:
         return relay.counters
 
 
-def _drain_channel(ch: BlockingChannel, lab: str, sender: str, receiver: str, counters: Counters | None, *,
-                   keep_user_id: bool = False) -> int:
+def _drain_queue(conn: BlockingConnection, lab: str, sender: str, receiver: str, counters: Counters | None, *,
+                 keep_user_id: bool = False, settle: float = 10.0) -> int:
+    """Forward what the relay queue sender->receiver holds to the receiver, in order, and
+    delete the queue. Done on channels of its own: a refused delete (something arrived after
+    the last get: a packet routed to the relay before its binding went) or a missing queue
+    closes that channel, never the caller's (the fault daemon's hub, which carries the other
+    relays). A refused delete drains again, for at most ``settle`` seconds; past that the
+    queue is left for the next drain (the heal's own, or ``smslab down``'s delete)."""
     queue = names.relay_queue(lab, sender, receiver)
     moved = 0
+    deadline = time.monotonic() + settle
     while True:
+        ch = conn.channel()
         try:
-            method, props, body = ch.basic_get(queue, auto_ack=False)
-        except pika.exceptions.ChannelClosedByBroker:
-            return moved  # no such queue
-        if method is None:
-            break
-        ch.basic_publish(names.exchange(lab), names.site_key(receiver), body,
-                         pika.BasicProperties(delivery_mode=2, user_id=props.user_id if keep_user_id else None),
-                         mandatory=True)
-        ch.basic_ack(method.delivery_tag)
-        moved += 1
-        if counters is not None:
-            counters.forwarded += 1
-    try:
-        ch.queue_delete(queue, if_empty=True)
-    except pika.exceptions.ChannelClosedByBroker:
-        pass  # something arrived meanwhile: the next drain takes it
-    return moved
+            ch.confirm_delivery()
+            while True:
+                method, props, body = ch.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                ch.basic_publish(names.exchange(lab), names.site_key(receiver), body,
+                                 pika.BasicProperties(delivery_mode=2,
+                                                      user_id=props.user_id if keep_user_id else None),
+                                 mandatory=True)
+                ch.basic_ack(method.delivery_tag)
+                moved += 1
+                if counters is not None:
+                    counters.forwarded += 1
+            ch.queue_delete(queue, if_empty=True)
+            return moved
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404 or time.monotonic() > deadline:
+                return moved  # no such queue (any more), or still refused at the deadline
+            # 406: not empty, something arrived meanwhile: drain again
+        finally:
+            if ch.is_open:
+                ch.close()
+        conn.sleep(0.05)
 
 
 def drain(url: str, lab: str, sender: str, receiver: str, *, keep_user_id: bool = False) -> int:
     """Forward everything a relay queue holds to the receiver, in order, and delete it (when
     no fault daemon is there to do it)."""
     with admin.blocking(url, name=f"smslab:{lab}:drain") as conn:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        try:
-            return _drain_channel(ch, lab, sender, receiver, None, keep_user_id=keep_user_id)
-        except pika.exceptions.ChannelClosedByBroker:
-            return 0
+        return _drain_queue(conn, lab, sender, receiver, None, keep_user_id=keep_user_id)

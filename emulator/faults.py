@@ -714,6 +714,8 @@ def heal(lab_dir: LabDir, info: LabInfo, fault_id: str, *, wait_drain: float = 3
     if spec.is_link_fault:
         _drain(lab_dir, info, spec, wait_drain, progress)
     with locked(lab_dir):
+        if not _spec_path(lab_dir, spec.id).exists():
+            return spec  # another heal of the same fault finished first (and recorded its fault_off)
         done = stats(lab_dir, spec.id)
         off: dict[str, Any] = {"kind": spec.kind, "stats": summarize(done)}
         if not verified:
@@ -736,8 +738,8 @@ def _drain(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, wait: float, progres
     # a fault whose relays the daemon never ran (healed at once, or damaged) has no stats
     ran = stats_path(lab_dir, spec.id).exists()
     while lab_dir.daemon_pid() is not None and ran and time.monotonic() < deadline:
-        if stats(lab_dir, spec.id).drained:
-            return
+        if stats(lab_dir, spec.id).drained or not _spec_path(lab_dir, spec.id).exists():
+            return  # drained, or healed all the way by another heal of the same fault
         time.sleep(0.1)
     if lab_dir.daemon_pid() is not None and ran:
         progress(f"fault {spec.id}: the fault daemon has not drained its relays within {wait:.0f}s; it goes on"

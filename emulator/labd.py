@@ -39,6 +39,7 @@ class Daemon:
         self.hub = RelayHub(info.amqp_url, info.lab_id, on_event=self._relay_event,
                             keep_user_id=info.identities == "per-site")
         self._keepers: dict[str, threading.Thread] = {}
+        self._healing: set[str] = set()  # faults a heal thread is healing (at the end of their --for)
         self._last_reassert = 0.0
 
     # -- the loop -------------------------------------------------------------------------------
@@ -98,8 +99,11 @@ class Daemon:
                                           daemon=True)
                 self._keepers[spec.id] = keeper
                 keeper.start()
-            if spec.until is not None and spec.state == "on" and time.time() >= spec.until:
+            if (spec.until is not None and spec.state == "on" and time.time() >= spec.until
+                    and spec.id not in self._healing):
+                # One heal per fault: the spec stays "on" until the heal gets the lab's lock.
                 log.info("fault %s (%s) is over (--for): healing", spec.id, spec.describe())
+                self._healing.add(spec.id)
                 threading.Thread(target=self._heal, args=(spec.id,), daemon=True).start()
         self._reassert(on)
 
@@ -160,6 +164,8 @@ class Daemon:
             faults.heal(self.lab_dir, self.info, fault_id)
         except SmslabError as exc:
             log.error("healing fault %s: %s", fault_id, exc)
+        finally:
+            self._healing.discard(fault_id)
 
     def _relay_event(self, event: RelayEvent) -> None:
         fault_id, link, action, count, first, last = event

@@ -8,7 +8,9 @@ Fixtures:
   (under ``CI=true`` it fails instead: a CI run always has a broker);
 - ``lab_factory``: ``lab_factory("examples/lab.yaml")`` (a path, a mapping or a ``Topology``)
   brings a lab up in the test's own directory and returns an ``emulator.api.Lab``; every lab
-  gets a unique id, so tests share one broker;
+  gets a unique id, so tests share one broker. A relative path is looked for in the current
+  directory, beside the test file, in pytest's rootdir, and last among the topologies that
+  ship with smslab (``examples/lab.yaml`` works from any directory);
 - ``lab``: one lab of the 5-site demo topology (or ``@pytest.mark.smslab_topology(path)``).
 
 Teardown heals every fault, stops every process and deletes the lab's broker objects, also
@@ -29,7 +31,7 @@ import pytest
 
 from emulator import brokers, checker, history
 from emulator.api import Lab
-from emulator.errors import SmslabError
+from emulator.errors import ConfigError, SmslabError
 from emulator.topology import Topology
 
 LABS_KEY = pytest.StashKey[list[Lab]]()
@@ -82,6 +84,8 @@ def lab_factory(request: pytest.FixtureRequest, tmp_path: Path,
     request.node.stash[LABS_KEY] = made
 
     def factory(topology: str | Path | dict[str, Any] | Topology, *, timeout: float = 60.0) -> Lab:
+        if isinstance(topology, str | Path):
+            topology = find_topology(topology, request.path.parent, request.config.rootpath)
         root = tmp_path / f"lab{len(made) + 1}"
         lab = Lab.up(topology, root=root, amqp_url=amqp_url, timeout=timeout)
         made.append(lab)
@@ -96,6 +100,30 @@ def lab_factory(request: pytest.FixtureRequest, tmp_path: Path,
             _bring_down(lab, keep=keep)
             if keep:
                 print(f"\nsmslab: kept lab {lab.lab_id} in {lab.dir.path}")
+
+
+def find_topology(path: str | Path, *near: Path) -> Path:
+    """A topology path as a test names it: as given (absolute, or relative to the current
+    directory), else relative to each of ``near`` (the test file's directory, the rootdir),
+    else among the topologies shipped with smslab (``examples/lab.yaml``, the demo lab)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    candidates = [base / given for base in near] + [base / given for base in shipped_dirs()]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(dict.fromkeys(str(c.parent) for c in [Path.cwd() / given, *candidates]))
+    raise ConfigError(f"topology file {given} not found (looked in {looked})",
+                      hint="give the path of a topology YAML file, absolute or relative to the test file")
+
+
+def shipped_dirs() -> list[Path]:
+    """Where smslab's own files are: the source tree it runs from (``examples/`` beside the
+    packages; ``pip install -e .`` as the README says)."""
+    import emulator
+
+    return [Path(emulator.__file__).resolve().parents[1]]
 
 
 @pytest.fixture

@@ -602,8 +602,8 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
 def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: str, started: float,
             report: checker.Report | None, error: str | None, keep_up: bool, say: Progress) -> RunResult:
     scenario = runner.scenario
-    if runner.schedule:
-        (run_dir / "schedule.json").write_text(schedule_json(runner.schedule))
+    # Always written, so every run directory has the same files: [] when nothing was drawn.
+    (run_dir / "schedule.json").write_text(schedule_json(runner.schedule))
     if report is not None:
         (run_dir / "verdict.json").write_text(json.dumps(report.to_dict(), indent=2))
         final_ok = scenario.final in ("any", report.verdict)

@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from emulator.errors import ConfigError
 from emulator.protocol.shaping import LINK_FAULTS
-from emulator.topology import _LOADER, Topology, Workload, _describe, _fail, _Lines, parse_topology
+from emulator.topology import _LOADER, Topology, Workload, _fail, _Lines, parse_topology
+from emulator.topology import _describe as _describe_topology
 
 SiteCode = Annotated[str, Field(pattern=r"^[A-Z0-9]{3}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")]
@@ -363,6 +364,17 @@ def _check_names(steps: list[Step]) -> list[tuple[int, str, str]]:
                 out.append((step.line, f"steps[{i}] (heal): no earlier fault step is named {', '.join(missing)}",
                             "name a fault with 'name:', or heal: all"))
     return out
+
+
+_TOPOLOGY_HINT = "see examples/lab.yaml for a valid topology"
+_SCENARIO_HINT = "see the shipped scenarios/*.yaml and the README's Scenarios section"
+
+
+def _describe(error: Any, written: str | None) -> tuple[str, str]:
+    """A pydantic error in a scenario: the topology's wording, and a hint about scenarios
+    where the topology's default hint (about topologies) would be wrong."""
+    message, hint = _describe_topology(error, written)
+    return message, _SCENARIO_HINT if hint == _TOPOLOGY_HINT else hint
 
 
 def _errors(exc: ValidationError, source: str, lines: _Lines, prefix: tuple[str | int, ...]) -> ConfigError:

@@ -34,6 +34,14 @@ def emit_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str), flush=True)
 
 
+def result(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    """What a command did: ``data`` as JSON with ``--json``, else the line ``text``."""
+    if getattr(args, "json", False):
+        emit_json(data)
+    else:
+        say(text)
+
+
 def amqp_url(args: argparse.Namespace) -> str:
     return getattr(args, "amqp", None) or os.environ.get("SMSLAB_AMQP_URL") or admin.DEFAULT_URL
 

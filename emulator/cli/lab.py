@@ -18,6 +18,7 @@ from emulator.cli.common import (
     known_site,
     positive,
     progress_for,
+    result,
     say,
 )
 from emulator.errors import SmslabError
@@ -67,11 +68,13 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
 
 def cmd_down(args: argparse.Namespace, lab_dir: LabDir) -> int:
     kept = len(backup.list_all(lab_dir))
-    info = orchestrator.down(lab_dir, keep=args.keep, progress=say)
+    tell = progress_for(args)
+    info = orchestrator.down(lab_dir, keep=args.keep, progress=tell)
     if not args.keep:
-        say(f"removed the lab directory {lab_dir.path}" + (f" with its {kept} backup(s)" if kept else "")
-            + " (--keep keeps it)")
-    say(f"lab {info.lab_id} is down")
+        tell(f"removed the lab directory {lab_dir.path}" + (f" with its {kept} backup(s)" if kept else "")
+             + " (--keep keeps it)")
+    result(args, {"lab": info.lab_id, "dir": str(lab_dir.path), "kept": bool(args.keep), "backups": kept},
+           f"lab {info.lab_id} is down")
     return 0
 
 
@@ -88,36 +91,37 @@ def cmd_status(args: argparse.Namespace, lab_dir: LabDir) -> int:
 def cmd_kill(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     pid = orchestrator.kill(lab_dir, code)
-    say(f"site {code} killed (SIGKILL to pid {pid})")
+    result(args, {"site": code, "pid": pid, "action": "kill"}, f"site {code} killed (SIGKILL to pid {pid})")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     pid = orchestrator.stop(lab_dir, code)
-    say(f"site {code} stopped (pid {pid})")
+    result(args, {"site": code, "pid": pid, "action": "stop"}, f"site {code} stopped (pid {pid})")
     return 0
 
 
 def cmd_start(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
-    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=say,
+    pid = orchestrator.start(lab_dir, code, timeout=args.timeout, progress=progress_for(args),
                              restore=args.restore, wipe=args.wipe)
-    say(f"site {code} started (pid {pid})")
+    result(args, {"site": code, "pid": pid, "action": "start", "restore": args.restore, "wipe": args.wipe},
+           f"site {code} started (pid {pid})")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
-    pid = orchestrator.restart(lab_dir, code, timeout=args.timeout, progress=say)
-    say(f"site {code} restarted (pid {pid})")
+    pid = orchestrator.restart(lab_dir, code, timeout=args.timeout, progress=progress_for(args))
+    result(args, {"site": code, "pid": pid, "action": "restart"}, f"site {code} restarted (pid {pid})")
     return 0
 
 
 def cmd_pause(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
-    spec = faults.apply_pause(lab_dir, lab_dir.load(), code, for_s=args.for_s, progress=say)
-    say(f"{code} is paused (fault {spec.id}); smslab resume {code} goes on")
+    spec = faults.apply_pause(lab_dir, lab_dir.load(), code, for_s=args.for_s, progress=progress_for(args))
+    result(args, spec.model_dump(), f"{code} is paused (fault {spec.id}); smslab resume {code} goes on")
     return 0
 
 
@@ -125,11 +129,10 @@ def cmd_resume(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     info = lab_dir.load()
     paused = [f for f in faults.active(lab_dir) if f.kind == "pause" and f.site == code]
-    if not paused:
-        say(f"{code} is not paused")
-        return 0
     for spec in paused:
-        faults.heal(lab_dir, info, spec.id, progress=say)
+        faults.heal(lab_dir, info, spec.id, progress=progress_for(args))
+    if not paused or args.json:
+        result(args, {"site": code, "resumed": [f.id for f in paused]}, f"{code} is not paused")
     return 0
 
 
@@ -140,10 +143,10 @@ def cmd_workload(args: argparse.Namespace, lab_dir: LabDir) -> int:
         codes = [c for c in info.topology.depth_order() if lab_dir.pid(c)]
         down = [c for c in info.topology.depth_order() if c not in codes]
         if down:
-            say(f"not running (skipped): {', '.join(down)}")
+            progress_for(args)(f"not running (skipped): {', '.join(down)}")
     for code in codes:
         control(lab_dir, code, {"cmd": f"{args.action}-workload"})
-    say(f"workload {args.action}d at {', '.join(codes)}")
+    result(args, {"action": args.action, "sites": codes}, f"workload {args.action}d at {', '.join(codes)}")
     return 0
 
 
@@ -274,23 +277,32 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_json(s)
     s = add("down", cmd_down, "heal every fault, stop every site, delete the lab's broker objects")
     s.add_argument("--keep", action="store_true", help="keep the lab directory (stores, logs, history)")
+    add_json(s)
     add_json(add("status", cmd_status, "the tree, sites and links"))
     for name, handler, text in (("kill", cmd_kill, "SIGKILL a site"), ("stop", cmd_stop, "stop a site gracefully")):
-        add(name, handler, text).add_argument("site")
+        s = add(name, handler, text)
+        s.add_argument("site")
+        add_json(s)
     s = add("start", cmd_start, "start a stopped or killed site (waits until it is attached)")
     s.add_argument("site")
     s.add_argument("--timeout", type=positive, default=30.0)
     add_start_options(s)
+    add_json(s)
     s = add("restart", cmd_restart, "stop a site gracefully and start it again")
     s.add_argument("site")
     s.add_argument("--timeout", type=positive, default=30.0)
+    add_json(s)
     s = add("pause", cmd_pause, "freeze a site's process (SIGSTOP) until smslab resume")
     s.add_argument("site")
     s.add_argument("--for", dest="for_s", type=positive, metavar="S", help="resume it after S seconds")
-    add("resume", cmd_resume, "let a paused site go on (SIGCONT)").add_argument("site")
+    add_json(s)
+    s = add("resume", cmd_resume, "let a paused site go on (SIGCONT)")
+    s.add_argument("site")
+    add_json(s)
     s = add("workload", cmd_workload, "pause or resume the workload generators")
     s.add_argument("action", choices=["pause", "resume"])
     s.add_argument("sites", nargs="*", metavar="SITE", help="sites (default: every running site)")
+    add_json(s)
     s = add("burst", cmd_burst, "make a site's synthetic clients send COUNT inventory reports at once (load)")
     s.add_argument("site")
     s.add_argument("--count", type=int, required=True, help="inventory reports in all")

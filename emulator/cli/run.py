@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,16 @@ from emulator.runner import default_run_dir, run_scenario
 from emulator.scenario import load_scenario
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_run(args: argparse.Namespace, lab_dir: LabDir) -> int:
     path = Path(args.scenario)
     scenario = load_scenario(path)  # refused here, with file:line, before anything starts
+    # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does: the lab is
+    # brought down and the run directory written, instead of sites left running.
+    signal.signal(signal.SIGTERM, _terminated)
     seed = scenario.seed if args.seed is None else args.seed
     run_dir = Path(args.out) if args.out else default_run_dir(scenario, seed)
     result = run_scenario(scenario, seed=seed, run_dir=run_dir, amqp_url=amqp_url(args),

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from emulator import backup, recover, status
-from emulator.cli.common import add_json, control, emit_json, known_site, positive, progress_for, say
+from emulator.cli.common import add_json, control, emit_json, known_site, positive, progress_for, result, say
 from emulator.cli.lab import cmd_stop
 from emulator.errors import LabError
 from emulator.lab import LabDir
@@ -56,7 +56,8 @@ def cmd_restore(args: argparse.Namespace, lab_dir: LabDir) -> int:
     replaced, and it starts where it runs (docker compose start p01)."""
     code = known_site(lab_dir, args.site)
     done = backup.replace_store(lab_dir, lab_dir.load(), code, backup_id=args.backup, wipe=args.wipe)
-    say(f"{done}, no recovery; start {code} to run it")
+    result(args, {"site": code, "backup": args.backup, "wipe": args.wipe, "done": str(done)},
+           f"{done}, no recovery; start {code} to run it")
     return 0
 
 
@@ -67,7 +68,8 @@ def cmd_syncchild(args: argparse.Namespace, lab_dir: LabDir) -> int:
         raise LabError(f"{child} is not a child of {parent}",
                        hint=f"children of {parent}: {', '.join(children) or 'none'}")
     answer = control(lab_dir, parent, {"cmd": "syncchild", "child": child})
-    say(f"{parent} queued {answer['sent']} global object(s) for {child}")
+    result(args, {"parent": parent, "child": child, "sent": answer["sent"]},
+           f"{parent} queued {answer['sent']} global object(s) for {child}")
     return 0
 
 
@@ -75,15 +77,17 @@ def cmd_syncparent(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code = known_site(lab_dir, args.site)
     answer = control(lab_dir, code, {"cmd": "syncparent"})
     kids = answer.get("children") or []
-    say(f"{code} queued {answer['sent']} record(s) for its parent"
-        + (f"; asked {', '.join(kids)} to do the same" if kids else ""))
+    result(args, {"site": code, "sent": answer["sent"], "children": kids},
+           f"{code} queued {answer['sent']} record(s) for its parent"
+           + (f"; asked {', '.join(kids)} to do the same" if kids else ""))
     return 0
 
 
 def cmd_deljob(args: argparse.Namespace, lab_dir: LabDir) -> int:
     code, dest = known_site(lab_dir, args.site), known_site(lab_dir, args.dest)
     answer = control(lab_dir, code, {"cmd": "deljob", "dest": dest})
-    say(f"deleted {answer['deleted']} job(s) of {code} destined for {dest}")
+    result(args, {"site": code, "dest": dest, "deleted": answer["deleted"]},
+           f"deleted {answer['deleted']} job(s) of {code} destined for {dest}")
     return 0
 
 
@@ -93,8 +97,10 @@ def cmd_delsite(args: argparse.Namespace, lab_dir: LabDir) -> int:
     if at == target:
         raise LabError("delsite deletes a site's data at another site", hint="pass --at SITE (default: the parent)")
     answer = control(lab_dir, at, {"cmd": "delsite", "site": target, "parent": parent})
-    say(answer.get("note")
-        or f"{at}: deleted {answer['deleted']} record(s) of {target} and {answer.get('jobs', 0)} job(s)")
+    result(args, {"site": target, "parent": parent, "at": at, "deleted": answer.get("deleted", 0),
+                  "jobs": answer.get("jobs", 0), "note": answer.get("note")},
+           answer.get("note")
+           or f"{at}: deleted {answer['deleted']} record(s) of {target} and {answer.get('jobs', 0)} job(s)")
     return 0
 
 
@@ -170,18 +176,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("backup", nargs="?", metavar="BACKUP")
     group.add_argument("--wipe", action="store_true", help="rebuild it from nothing under its old code")
+    add_json(s)
     s = add("syncchild", cmd_syncchild, "Preinst /syncchild: PARENT sends all global data to CHILD")
     s.add_argument("parent")
     s.add_argument("child")
+    add_json(s)
     s = add("syncparent", cmd_syncparent, "Preinst /syncparent: SITE and its children resend site data and SCFs up")
     s.add_argument("site")
+    add_json(s)
     s = add("deljob", cmd_deljob, "Preinst /deljob: delete every job of SITE destined for DEST")
     s.add_argument("site")
     s.add_argument("dest")
+    add_json(s)
     s = add("delsite", cmd_delsite, "Preinst /delsite: delete SITE's data where it is run (at --at)")
     s.add_argument("site")
     s.add_argument("--parent", required=True, help="SITE's parent: nothing is deleted if it moved")
     s.add_argument("--at", help="where to run it (default: the parent)")
+    add_json(s)
     s = add("keyforparent", cmd_keyforparent,
             "Preinst /keyforparent (hardened): SITE's signing key pinned by hand at its parent and every site above")
     s.add_argument("site")
@@ -190,9 +201,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
             "Preinst /keyforchild (hardened): SITE's signing key pinned by hand at every site below it")
     s.add_argument("site")
     add_json(s)
-    add("dump", cmd_dump, "Preinst /dump: the SCFs a site holds, for itself and its children (JSON)").add_argument(
-        "site")
-    add("stopsite", cmd_stop, "Preinst /stopsite: stop a site gracefully").add_argument("site")
+    s = add("dump", cmd_dump, "Preinst /dump: the SCFs a site holds, for itself and its children (JSON)")
+    s.add_argument("site")
+    s.add_argument("--json", action="store_true", help="print JSON (what it prints anyway)")
+    s = add("stopsite", cmd_stop, "Preinst /stopsite: stop a site gracefully")
+    s.add_argument("site")
+    add_json(s)
     s = add("diag", cmd_diag, "a site's watermarks, link counters, outbox, health and drops")
     s.add_argument("site")
     add_json(s)

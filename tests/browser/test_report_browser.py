@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from tests.unit.test_report import LAB_ID, synthetic_history, synthetic_meta, sy
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 DIRECTED_LINKS = 8  # the synthetic lab's 4 links, both ways
@@ -78,6 +81,14 @@ def report_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def opened(browser: Any, report_file: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
     """The report loaded and drawn: (page, problems seen in the console or thrown, requests refused)."""
+    page, problems, refused = _open(browser, report_file)
+    try:
+        yield page, problems, refused
+    finally:
+        page.close()
+
+
+def _open(browser: Any, report_file: Path) -> tuple[Any, list[str], list[str]]:
     page = browser.new_page()
     problems: list[str] = []
     refused: list[str] = []
@@ -96,8 +107,26 @@ def opened(browser: Any, report_file: Path) -> Iterator[tuple[Any, list[str], li
     page.route("**/*", route)
     page.goto(report_file.as_uri(), wait_until="load")
     page.wait_for_function("document.body.dataset.rendered === 'done'", timeout=60_000)
+    return page, problems, refused
+
+
+def test_the_report_of_a_real_run_draws_offline(browser: Any, tmp_path: Path) -> None:
+    """Not only the synthetic history: the report `smslab sim` writes for the shipped KB-failure
+    scenario (every site's real runtime and store, in one process: no broker needed)."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "emulator", "sim", str(REPO / "scenarios" / "kb-failure-sms20.yaml"),
+                           "--out", str(run)], capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    page, problems, refused = _open(browser, run / "report.html")
     try:
-        yield page, problems, refused
+        status = page.evaluate("window.smslabReport")
+        assert status["errors"] == [] and status["rendered"] == status["total"] == 1 + DIRECTED_LINKS + 1
+        assert problems == [] and refused == []
+        assert page.locator(".badge.valid").count() == 1  # it recovered: the final verdict
+        assert page.locator("#fig-timeline .barlayer .point").count() >= 3  # the recovery's phases
+        assert "kb-failure-sms20" in page.title()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report-sim-kb-failure.png"), full_page=True)
     finally:
         page.close()
 

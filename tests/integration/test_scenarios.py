@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker import admin
+from emulator.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +27,8 @@ def run(scenario: Path, out: Path, url: str, *extra: str, timeout: float = 900) 
 
 
 def assert_run_dir(out: Path, seed: int) -> dict[str, object]:
-    for name in ("scenario.yaml", "run.json", "history.jsonl", "verdict.json", "log.txt"):
+    for name in ("scenario.yaml", "run.json", "schedule.json", "history.jsonl", "verdict.json", "report.html",
+                 "log.txt", "topology.yaml"):
         assert (out / name).exists(), name
     meta: dict[str, object] = json.loads((out / "run.json").read_text())
     assert meta["seed"] == seed and f"--seed {seed}" in str(meta["replay"])
@@ -69,6 +72,7 @@ topology: {REPO / "examples" / "lab.yaml"}
 steps:
   - wait-envelopes: 50
   - expect: {{check: invalid, within: 3}}
+  - wait-converged: 120   # the run goes on after a failed expectation; the final verdict on a still lab
 """)
     out = tmp_path / "run"
     done = run(scenario, out, amqp_url)
@@ -108,3 +112,39 @@ def test_a_bad_scenario_is_refused_before_anything_starts(tmp_path: Path, amqp_u
     done = run(scenario, out, amqp_url)
     assert done.returncode == 2 and "bad.yaml:4:" in done.stderr and "unknown site X99" in done.stderr
     assert not out.exists()
+
+
+def test_sigterm_brings_the_lab_down_and_keeps_the_run(tmp_path: Path, amqp_url: str) -> None:
+    """A CI timeout (SIGTERM) in the middle of a run ends it as Ctrl-C does: the lab down, its
+    broker objects gone, no site left running, the run directory written."""
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text("""
+scenario: long
+topology:
+  lab: long
+  sites:
+    - {code: CEN, type: central, clients: 0}
+    - {code: P01, type: primary, parent: CEN}
+steps:
+  - wait: 600
+""")
+    out = tmp_path / "run"
+    env = dict(os.environ, SMSLAB_AMQP_URL=amqp_url)
+    proc = subprocess.Popen([sys.executable, "-m", "emulator", "run", str(scenario), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        lab_json = out / "lab" / "lab.json"
+        wait_for("the run's first step", lambda: "step 1/1" in ((out / "log.txt").read_text()
+                                                                 if (out / "log.txt").exists() else ""),
+                 timeout=120)
+        lab = json.loads(lab_json.read_text())["lab_id"]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, output[-3000:]
+    assert "interrupted" in json.loads((out / "run.json").read_text())["error"]
+    assert admin.queue_depths(amqp_url, lab, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+    alive = subprocess.run(["pgrep", "-f", str(out / "lab")], capture_output=True, text=True, check=False).stdout
+    assert alive.strip() == "", alive

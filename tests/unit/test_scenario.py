@@ -3,6 +3,9 @@ that draws the same schedule from the same seed, byte for byte."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,24 @@ def test_the_same_seed_draws_the_same_schedule_byte_for_byte() -> None:
             assert s.topology.parent(a.a) == a.b or s.topology.parent(str(a.b)) == a.a
         if a.site:
             assert a.site in s.topology.codes
+
+
+def test_a_scenario_mistake_hints_at_scenarios_not_topologies() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_scenario(scenario("chaos: {duration: 10, interval: [3, 1], faults: {kill: 1}}\n"), source="s.yaml")
+    assert "s.yaml:9:" in caught.value.message and "chaos.interval" in caught.value.message
+    assert caught.value.hint and "scenarios/" in caught.value.hint and "topology" not in caught.value.hint
+
+
+def test_the_schedule_is_the_same_in_another_process() -> None:
+    """Across processes with other hash seeds (nothing drawn may depend on set or dict order
+    of strings): the replay command runs in a new process."""
+    code = ("import sys; from pathlib import Path; from emulator.scenario import *;"
+            "s = load_scenario(Path(sys.argv[1])); c = next(x.value for x in s.steps if isinstance(x.value, Chaos));"
+            "sys.stdout.write(schedule_json(draw_schedule(c, s.topology, 42)))")
+    path = str(REPO / "scenarios" / "chaos-2min.yaml")
+    outs = [subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True, cwd=REPO,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)]
+    s = load_scenario(REPO / "scenarios" / "chaos-2min.yaml")
+    chaos = next(st.value for st in s.steps if isinstance(st.value, Chaos))
+    assert outs[0] == outs[1] == schedule_json(draw_schedule(chaos, s.topology, 42))
