@@ -498,7 +498,7 @@ class SimLab:
                      detail={"kind": kind, "seed": fault.seed, "params": params,
                              "links": [f"{s}->{r}" for s, r in links]})
         progress(f"fault {fault.id}: {fault.describe()} (seed {fault.seed}) is on; checking it on traffic")
-        wait = verify if verify is not None else max(5.0, 6 * self.topology.settings.sync_interval)
+        wait = verify if verify is not None else faults.verify_window(self.topology.settings)
         if not self.wait_for(lambda: all(r.stats.seen > 0 for r in fault.relays) or fault.id not in self.faults,
                               timeout=wait, poll=0.05):
             pending = sorted(r.name for r in fault.relays if r.stats.seen == 0)

@@ -1037,7 +1037,8 @@ class SiteRuntime:
 
     def _ack_for(self, link: seq.LinkState) -> LinkAck:
         return LinkAck(source=self.site, dest=link.peer, incarnation=self.incarnation,
-                       through=link.applied_through, sent_through=link.sent_through)
+                       through=link.applied_through, sent_through=link.sent_through,
+                       fresh=link.peer not in self.heard_from)
 
     def publish_direct(self, peer: str, msgs: list[wire._Msg]) -> None:
         body = wire.encode_parts(self.lab, self.site, peer, [wire.encode_message(m) for m in msgs])

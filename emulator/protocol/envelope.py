@@ -121,6 +121,7 @@ class LinkAck(_Msg):
     kind: Literal["ack"] = "ack"
     through: Seq  # highest link_seq applied, contiguous
     sent_through: Seq  # highest link_seq the acker has sent on the reverse link
+    fresh: bool = False  # the acker's process has not heard from us since it started: answer now
 
 
 class ResendRequest(_Msg):

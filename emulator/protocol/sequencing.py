@@ -457,8 +457,11 @@ def told(beat: Beat, ack: LinkAck, now: float) -> None:
 
 
 def heard(beat: Beat, ack: LinkAck) -> None:
-    """An ack of the peer's arrived."""
+    """An ack of the peer's arrived. A fresh one (its process started and has not heard from
+    us) is answered at the next tick, agreement or not: it waits on us to attach."""
     beat.heard = (ack.through, ack.sent_through)
+    if ack.fresh:
+        beat.told = None
 
 
 def agreed(link: LinkState, beat: Beat) -> bool:

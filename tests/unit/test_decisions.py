@@ -8,7 +8,7 @@ import pytest
 
 from emulator.errors import LocalProtocolError
 from emulator.protocol import sequencing as seq
-from emulator.protocol.envelope import RejectReason, ResendRequest
+from emulator.protocol.envelope import LinkAck, RejectReason, ResendRequest
 from emulator.protocol.recovery import (
     PEER_TRANSITIONS,
     PeerPhase,
@@ -223,6 +223,9 @@ def test_a_heartbeat_goes_every_tick_until_both_sides_agree_then_every_idle_hear
     d = seq.tick(ours, now=2.0, unacked=0, resend_after=3.0, sync_interval=1.0, degraded_after=2,
                  failed_after=4, beat=beat, idle_heartbeat=5.0)
     assert not d.heartbeat
+    fresh = LinkAck(source=CHILD, dest=PARENT, incarnation=0, through=10, sent_through=7, fresh=True)
+    seq.heard(beat, fresh)  # the peer's process started: it waits on our answer to attach
+    assert due(2.0)
 
 
 # -- the peers' side of the recovery handshake ----------------------------------------------------

@@ -349,6 +349,13 @@ def test_a_quiet_lab_heartbeats_every_idle_heartbeat_and_a_busy_one_every_sync_i
     assert lab.control("P01", {"cmd": "resume-workload"})["ok"]
     lab.run(10.0)
     assert beats[names.link_key("CEN", "P01")] >= 20, beats  # P01's data keeps CEN acking each tick
+    lab.pause()
+    lab.settle()
+    lab.run(10.0)  # quiet again
+    lab.crash("S01")
+    lab.start("S01")  # its parent answers its first ack at once, not at its next keepalive
+    lab.run_until("P01 to answer S01's fresh process",
+                  lambda: "P01" in lab.sites["S01"].runtime.heard_from, timeout=3 * 0.3 + 0.1)
 
 
 def test_a_bursts_synthetic_clients_keep_their_versions_and_the_checker_knows_what_they_produced(
