@@ -316,6 +316,7 @@ def test_broker_restart_under_load_loses_nothing(private_lab: Lab, private_node:
     assert "fault_on" in kinds_in_history(lab)
 
 
+@pytest.mark.slow  # half a minute on a private node; the simulator's alarm test runs in the default run
 def test_a_memory_alarm_blocks_publishers_until_healed(private_lab: Lab, private_node: LocalNode) -> None:
     lab = private_lab
     up_private(lab, private_node)

@@ -162,6 +162,7 @@ def cluster(tmp_path: Path, rabbitmq_server: Path) -> Iterator[LocalCluster]:
 # -- one node --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # test_brokers.py starts and stops a private node in the default run
 def test_a_private_node_runs_on_its_own_ports_survives_an_app_restart_and_stops(solo: LocalNode) -> None:
     began = time.monotonic()
     solo.start()

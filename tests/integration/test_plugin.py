@@ -173,6 +173,7 @@ def test_every_method(lab, tmp_path):
 '''
 
 
+@pytest.mark.slow  # half a minute; the README example exercises the fixture in the default run
 def test_the_lab_fixture_offers_every_method(pytester: pytest.Pytester, amqp_url: str) -> None:
     """The `lab` fixture with @pytest.mark.smslab_topology, and each method the issue names:
     kill, stop, start, pause, resume, backup, recover, fault, heal, history, check,

@@ -37,8 +37,9 @@ def assert_run_dir(out: Path, seed: int) -> dict[str, object]:
     return meta
 
 
-@pytest.mark.parametrize("name", ["kb-failure-sms20", "kb-failure-hardened", "secondary-rebuilt",
-                                  "central-recovered"])
+# the KB failure in the default run; the other three (half a minute each) in the slow suite
+@pytest.mark.parametrize("name", ["kb-failure-sms20", *(pytest.param(n, marks=pytest.mark.slow) for n in (
+    "kb-failure-hardened", "secondary-rebuilt", "central-recovered"))])
 def test_a_shipped_scenario_passes(name: str, tmp_path: Path, amqp_url: str) -> None:
     out = tmp_path / "run"
     done = run(REPO / "scenarios" / f"{name}.yaml", out, amqp_url)
