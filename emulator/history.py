@@ -290,8 +290,14 @@ def read_new(lab_dir: LabDir, offset: int) -> tuple[list[Event], int]:
             chunk = handle.read()
     except FileNotFoundError:
         return [], offset
+    events: list[Event] = []
+    return events, offset + _whole_lines(path, chunk, offset, events)
+
+
+def _whole_lines(path: Path, chunk: bytes, offset: int, events: list[Event]) -> int:
+    """Append the events of the whole lines of ``chunk`` (read from byte ``offset``) to
+    ``events``; the bytes they took (a writer may be mid-line: the rest waits)."""
     end = chunk.rfind(b"\n") + 1
-    events = []
     for number, line in enumerate(chunk[:end].splitlines(), 1):
         if not line.strip():
             continue
@@ -300,7 +306,7 @@ def read_new(lab_dir: LabDir, offset: int) -> tuple[list[Event], int]:
         except ValidationError as exc:
             raise ConfigError(f"{path}: line {number} after offset {offset} is not an event:"
                               f" {exc.errors()[0].get('msg')}") from exc
-    return events, offset + end
+    return end
 
 
 # The events of each history.jsonl this process has read, and up to which byte: the file only
@@ -340,16 +346,7 @@ def load(lab_dir: LabDir, info: LabInfo | None = None, *, merge_first: bool = Tr
         with path.open("rb") as handle:
             handle.seek(offset)
             chunk = handle.read(st.st_size - offset)
-        end = chunk.rfind(b"\n") + 1  # whole lines only: a writer may be mid-line
-        for number, line in enumerate(chunk[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                events.append(Event.model_validate_json(line))
-            except ValidationError as exc:
-                raise ConfigError(f"{path}: line {number} after offset {offset} is not an event:"
-                                  f" {exc.errors()[0].get('msg')}") from exc
-        offset += end
+        offset += _whole_lines(path, chunk, offset, events)
     _LOADED[path] = (ident, offset, events)
     return list(events)
 

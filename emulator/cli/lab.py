@@ -14,6 +14,7 @@ from emulator import backup, brokers, checker, faults, orchestrator, status
 from emulator.cli.common import (
     add_json,
     control,
+    count,
     emit_json,
     known_site,
     positive,
@@ -305,9 +306,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_json(s)
     s = add("burst", cmd_burst, "make a site's synthetic clients send COUNT inventory reports at once (load)")
     s.add_argument("site")
-    s.add_argument("--count", type=int, required=True, help="inventory reports in all")
-    s.add_argument("--keys", type=int, default=1000, help="synthetic clients they come from (default 1000)")
-    s.add_argument("--chunk", type=int, help="reports per store transaction (default 1000)")
+    s.add_argument("--count", type=count, required=True, help="inventory reports in all")
+    s.add_argument("--keys", type=count, default=1000, help="synthetic clients they come from (default 1000)")
+    s.add_argument("--chunk", type=count, help="reports per store transaction (default 1000)")
     add_json(s)
     s = add("create", cmd_create, "create a package, advertisement or collection at a site")
     s.add_argument("site")
