@@ -20,6 +20,7 @@ import yaml
 
 from broker import admin, urls
 from emulator import checker, identities, orchestrator
+from emulator.errors import LabError
 from emulator.lab import BrokerRef, LabDir, LabInfo
 from sites.store import read_only
 
@@ -106,6 +107,14 @@ class Lab:
                 request_id: str | None = None) -> dict[str, Any]:
         url = self.info.amqp_url if self.info is not None else self.url  # the controller, with identities
         return admin.control_request(url, self.lab_id, site, cmd, timeout=timeout, request_id=request_id)
+
+    def answer(self, site: str, cmd: dict[str, Any], timeout: float = 2.0) -> dict[str, Any] | None:
+        """What ``control`` answers, or None when the site does not answer within ``timeout``
+        (it is reconnecting, restarting, paused): for polling with ``wait_for``."""
+        try:
+            return self.control(site, cmd, timeout=timeout)
+        except LabError:
+            return None
 
     def site_url(self, code: str) -> str:
         """The broker URL logged in as site ``code`` (its own identity), or the lab's URL when
