@@ -702,11 +702,13 @@ def check(lab_dir: LabDir, info: LabInfo | None = None, *, confirm: float = 0.5,
     can catch two ends of a link at different moments; a violation makes the lab invalid
     only if it stands, the same, in a second snapshot ``confirm`` seconds later."""
     info = info or lab_dir.load()
-    first = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
+    with history.no_collection():
+        first = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
     if first.verdict != "invalid" or confirm <= 0:
         return first
     time.sleep(confirm)
-    second = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
+    with history.no_collection():
+        second = judge(read_state(lab_dir, info, with_history=with_history, running=running, now=now))
     if second.verdict != "invalid":
         return second
     seen = {v.key for v in first.violations if v.hard}
