@@ -335,12 +335,12 @@ _LOADED: dict[Path, tuple[tuple[int, int], int, list[Event]]] = {}
 
 
 def _appended(path: Path, st: os.stat_result, before: int, after: int, new: list[Event]) -> None:
-    """What this process just appended joins what it had read, if it had read up to there."""
+    """What this process just appended joins what it had read, if it had read up to there.
+    A process that only merges (the lab's daemon, every second for the life of the lab) keeps
+    nothing: the cache is made by ``load`` alone."""
     key = path.resolve()
     ident = (st.st_dev, st.st_ino)
     cached = _LOADED.get(key)
-    if cached is None and before == 0:
-        cached = (ident, 0, [])
     if cached is not None and cached[0] == ident and cached[1] == before:
         cached[2].extend(new)
         _LOADED[key] = (ident, after, cached[2])

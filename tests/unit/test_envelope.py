@@ -424,3 +424,30 @@ def test_a_reported_object_nested_too_deep_is_refused() -> None:
     doc = json.loads(encode(packet(KINDS["recovery_report"])))
     doc["messages"][0]["objects"] = [deep]
     assert "nested" in refusal(dumps(doc))
+
+
+def _bounded_reference(value: Any, max_depth: int) -> bool:
+    """The rule of ``bounded``, written plainly: within ``max_depth`` levels, integers within 64
+    bits, every number finite."""
+    def ok(item: Any, depth: int) -> bool:
+        if isinstance(item, dict | list):
+            children = item.values() if isinstance(item, dict) else item
+            return depth <= max_depth and all(ok(c, depth + 1) for c in children)
+        if isinstance(item, bool) or item is None or isinstance(item, str):
+            return True
+        if isinstance(item, int):
+            return -2**63 <= item <= 2**63 - 1
+        return not isinstance(item, float) or item == item and abs(item) != float("inf")
+    return ok(value, 1)
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.text(max_size=3) | st.floats() | st.integers(-2**65, 2**65)
+    | st.sampled_from([2**63 - 1, 2**63, -2**63, -2**63 - 1]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+    max_leaves=25)
+
+
+@given(_JSONISH, st.integers(1, 6))
+def test_bounded_says_what_the_plain_rule_says(value: Any, max_depth: int) -> None:
+    assert (wire.bounded(value, max_depth) is None) == _bounded_reference(value, max_depth)
