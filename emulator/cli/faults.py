@@ -121,7 +121,7 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
     if args.limit:
         events = events[-args.limit:]
     for e in events:
-        say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
+        say(e.to_json() if args.json else history.render(e))
         shown += 1
     if not args.follow:
         if not args.json:
@@ -137,7 +137,7 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
             new, offset = history.read_new(lab_dir, offset)
             for e in new:
                 if wanted(e):
-                    say(e.model_dump_json(exclude_none=True) if args.json else history.render(e))
+                    say(e.to_json() if args.json else history.render(e))
     except KeyboardInterrupt:
         return 0
 

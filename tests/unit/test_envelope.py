@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import pytest
@@ -437,7 +438,7 @@ def _bounded_reference(value: Any, max_depth: int) -> bool:
             return True
         if isinstance(item, int):
             return -2**63 <= item <= 2**63 - 1
-        return not isinstance(item, float) or item == item and abs(item) != float("inf")
+        return not isinstance(item, float) or not (math.isnan(item) or math.isinf(item))
     return ok(value, 1)
 
 

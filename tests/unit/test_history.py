@@ -160,7 +160,7 @@ def test_read_new_takes_whole_lines_once_while_another_process_appends(tmp_path:
     first, offset = history.read_new(lab_dir, 0)
     assert [e.index for e in first] == [1, 2, 3]
     path = history.history_path(lab_dir)
-    line = history.Event(time=9.0, site="CEN", index=4, run="r1", kind="applied").model_dump_json(exclude_none=True)
+    line = history.Event(time=9.0, site="CEN", index=4, run="r1", kind="applied").to_json()
     with path.open("a") as handle:
         handle.write(line[:20])  # the daemon mid-write
     assert history.read_new(lab_dir, offset) == ([], offset)

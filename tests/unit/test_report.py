@@ -372,7 +372,7 @@ def test_a_200k_event_history_renders(capsys: pytest.CaptureFixture[str]) -> Non
 def _write_history(path: Path, events: list[history.Event]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
-        out.writelines(e.model_dump_json(exclude_none=True) + "\n" for e in events)
+        out.writelines(e.to_json() + "\n" for e in events)
 
 
 def _run_dir(tmp_path: Path, events: list[history.Event]) -> Path:
@@ -460,7 +460,7 @@ def test_bad_sources_say_what_and_where(tmp_path: Path, events: list[history.Eve
     if bad == "no-events":
         (source / "history.jsonl").write_text("\n")
     elif bad == "bad-line":
-        (source / "history.jsonl").write_text(events[0].model_dump_json() + "\n{\"time\": 1}\n")
+        (source / "history.jsonl").write_text(events[0].to_json() + "\n{\"time\": 1}\n")
     elif bad in ("bad-verdict", "bad-run"):
         _write_history(source / "history.jsonl", events[:10])
         if bad == "bad-verdict":
