@@ -426,37 +426,41 @@ def lost_acknowledged(state: LabState) -> list[Violation]:
     consumed_data: set[tuple[str, str | None, str | None, str | None]] = set()  # link, class, key, hash
     delivered: dict[tuple[str, str | None, str | None], int] = {}  # link, class, key -> latest sent order
     recovered: dict[str, list[float]] = defaultdict(list)  # site -> when its recoveries completed
+    heappush, heappop = heapq.heappush, heapq.heappop
     for e in state.history.events:
-        if e.kind == "recovery" and e.detail and e.detail.get("phase") == "complete":
-            recovered[e.site].append(e.time)
-            continue
-        if e.site == history.HARNESS and e.kind == "store" and e.detail \
-                and e.detail.get("action") in ("restore", "wipe"):
-            # the store's outbox went with it: what it held will never be sent from it again
-            replaced = str(e.detail.get("site") or e.link)
-            for link in [k for k in pending if k.startswith(f"{replaced}->")]:
-                pending[link] = []
-            continue
-        if e.kind in ("link_reset", "void") and e.link:
+        kind = e.kind  # the three kinds of nearly every event first
+        if kind == "sent":
+            if e.link and e.seq is not None:
+                order += 1
+                sent_order[(e.link, e.seq, e.hash)] = order
+                heappush(pending[e.link], (e.seq, order, e))
+        elif kind == "ack":
+            if e.link and e.seq is not None:
+                heap = pending[e.link]
+                while heap and heap[0][0] <= e.seq:
+                    _, o, sent = heappop(heap)
+                    acknowledged.append((o, sent, e))
+        elif kind in CONSUMED:
+            if e.link and e.seq is not None:
+                consumed[(e.link, e.seq)] = e.hash
+                consumed_data.add((e.link, e.data_class, e.key, e.hash))
+                o = sent_order.get((e.link, e.seq, e.hash), 0)
+                record = (e.link, e.data_class, e.key)
+                if o > delivered.get(record, 0):
+                    delivered[record] = o
+                else:
+                    delivered.setdefault(record, 0)
+        elif kind == "recovery":
+            if e.detail and e.detail.get("phase") == "complete":
+                recovered[e.site].append(e.time)
+        elif kind == "store":
+            if e.site == history.HARNESS and e.detail and e.detail.get("action") in ("restore", "wipe"):
+                # the store's outbox went with it: what it held will never be sent from it again
+                replaced = str(e.detail.get("site") or e.link)
+                for link in [k for k in pending if k.startswith(f"{replaced}->")]:
+                    pending[link] = []
+        elif kind in ("link_reset", "void") and e.link:
             _void(pending, e)
-            continue
-        if not e.link or e.seq is None:
-            continue
-        if e.kind == "sent":
-            order += 1
-            sent_order[(e.link, e.seq, e.hash)] = order
-            heapq.heappush(pending[e.link], (e.seq, order, e))
-        elif e.kind == "ack":
-            heap = pending[e.link]
-            while heap and heap[0][0] <= e.seq:
-                _, o, sent = heapq.heappop(heap)
-                acknowledged.append((o, sent, e))
-        elif e.kind in CONSUMED:
-            consumed[(e.link, e.seq)] = e.hash
-            consumed_data.add((e.link, e.data_class, e.key, e.hash))
-            o = sent_order.get((e.link, e.seq, e.hash), 0)
-            record = (e.link, e.data_class, e.key)
-            delivered[record] = max(delivered.get(record, 0), o)
     lost: dict[tuple[str, str], list[tuple[history.Event, history.Event]]] = defaultdict(list)
     for o, sent, ack in acknowledged:
         assert sent.link is not None and sent.seq is not None
