@@ -47,6 +47,10 @@ class Daemon:
     def run(self) -> None:
         merger = threading.Thread(target=self._merge_loop, name="history", daemon=True)
         merger.start()
+        # The end of a --for is watched apart from the relays: a relay publishing while a memory
+        # alarm is on is blocked by the broker until the alarm ends, and the alarm must still end.
+        expiry = threading.Thread(target=self._expiry_loop, name="expiry", daemon=True)
+        expiry.start()
         while not self.stopping.is_set():
             try:
                 if not self.hub.connected:
@@ -99,13 +103,24 @@ class Daemon:
                                           daemon=True)
                 self._keepers[spec.id] = keeper
                 keeper.start()
+        self._reassert(on)
+
+    def _expiry_loop(self) -> None:
+        while not self.stopping.wait(SCAN):
+            try:
+                self._expire()
+            except Exception:
+                log.exception("looking for faults at the end of their --for failed; trying again")
+
+    def _expire(self) -> None:
+        """Heal every fault whose --for is over, one heal thread per fault (the spec stays "on"
+        until the heal gets the lab's lock)."""
+        for spec in faults.active(self.lab_dir):
             if (spec.until is not None and spec.state == "on" and time.time() >= spec.until
                     and spec.id not in self._healing):
-                # One heal per fault: the spec stays "on" until the heal gets the lab's lock.
                 log.info("fault %s (%s) is over (--for): healing", spec.id, spec.describe())
                 self._healing.add(spec.id)
-                threading.Thread(target=self._heal, args=(spec.id,), daemon=True).start()
-        self._reassert(on)
+                threading.Thread(target=self._heal, args=(spec.id,), name=f"heal-{spec.id}", daemon=True).start()
 
     def _reassert(self, on: dict[tuple[str, str], faults.FaultSpec]) -> None:
         """A site that declared its inbox again (deleted under it) bound its link keys again:

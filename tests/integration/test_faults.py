@@ -316,6 +316,23 @@ def test_broker_restart_under_load_loses_nothing(private_lab: Lab, private_node:
     assert "fault_on" in kinds_in_history(lab)
 
 
+@pytest.mark.slow  # half a minute on a private node
+def test_an_alarm_for_a_while_ends_while_a_link_fault_relays(private_lab: Lab, private_node: LocalNode) -> None:
+    # The fault daemon's relay, publishing what it held, is blocked by the alarm like any
+    # publisher: the end of the alarm's --for was looked for on that same thread, so it never came.
+    lab = private_lab
+    up_private(lab, private_node)
+    wait_for("traffic", lambda: applied_from(lab, "CEN", "P01") > 5)
+    lab.cli("fault", "delay", "P01", "CEN", "--ms", "1000")  # the relay holds each message a second
+    lab.cli("fault", "alarm", "--for", "2")
+    wait_for("the alarm to end by itself (--for)",
+             lambda: [f for f in faults_on(lab) if f["kind"] == "alarm"] == [], timeout=30)
+    assert "memory" not in private_node.ctl("eval", "rabbit_alarm:get_alarms().")
+    lab.cli("heal", "--all")
+    assert lab.wait_converged(timeout=90).verdict == "valid"
+    assert_every_link_exact(lab)
+
+
 @pytest.mark.slow  # half a minute on a private node; the simulator's alarm test runs in the default run
 def test_a_memory_alarm_blocks_publishers_until_healed(private_lab: Lab, private_node: LocalNode) -> None:
     lab = private_lab
