@@ -38,6 +38,7 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
     settings = topo.settings
     sites: dict[str, dict[str, Any]] = {}
     snaps: dict[str, dict[str, Any] | None] = {}
+    paused = _paused(lab_dir)
     for code in topo.depth_order():
         spec = topo.site(code)
         snap = read_site(lab_dir, code)
@@ -47,6 +48,8 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
         state = meta.get("state", "new") if pid else "down"
         if pid and meta.get("recovery_phase") and meta.get("recovery_phase") != "complete":
             state = f"recovering:{meta['recovery_phase']}"
+        if pid and code in paused:
+            state = "paused"  # its store says what it was when it was stopped
         sites[code] = {
             "code": code, "type": spec.type, "parent": spec.parent, "state": state, "pid": pid,
             "incarnation": int(meta.get("incarnation", 0)), "txn_id": int(meta.get("txn_id", 0)),
@@ -76,6 +79,16 @@ def collect(lab_dir: LabDir, info: LabInfo) -> dict[str, Any]:
             "identities": info.identities, "identities_note": identities.describe(info),
             "broker_nodes": [urls.where(u) for u in info.amqp_urls] if info.broker.kind != "simulated" else [],
             "sites": list(sites.values()), "links": links}
+
+
+def _paused(lab_dir: LabDir) -> set[str]:
+    """The sites a pause fault holds stopped (SIGSTOP): their store cannot say so."""
+    from emulator import faults  # the fault files; faults imports more than status needs
+
+    try:
+        return {f.site for f in faults.active(lab_dir) if f.kind == "pause" and f.state == "on" and f.site}
+    except OSError:
+        return set()
 
 
 def _direction(sender: LinkState | None, receiver: LinkState | None) -> dict[str, Any]:

@@ -219,10 +219,13 @@ def test_pause_and_resume_a_site(lab: Lab) -> None:
     pid = lab.dir.pid("P01")
     assert pid and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "T"
     assert [r["kind"] for r in faults_on(lab)] == ["pause"]
+    states = {s["code"]: s["state"] for s in lab.status()["sites"]}
+    assert states == {"CEN": "active", "P01": "paused", "S01": "active"}  # its store says active
     wait_for("S01's reports to wait for the paused P01",
              lambda: lab.query("S01", "SELECT COUNT(*) FROM outbox")[0][0] > 3, timeout=20)
     lab.cli("resume", "P01")
     assert faults_on(lab) == []
+    assert {s["code"]: s["state"] for s in lab.status()["sites"]}["P01"] == "active"
     assert lab.wait_converged(timeout=60).verdict == "valid"
     assert_every_link_exact(lab)
 
