@@ -668,7 +668,12 @@ def _describe(error: ErrorDetails, written: str | None) -> tuple[str, str]:
     path = _loc_text(loc)
     last = next((part for part in reversed(loc) if isinstance(part, str)), "")
     default_hint = "see examples/lab.yaml for a valid topology"
-    hint = _HINTS.get(last) or (_INTERVAL_HINT if last.endswith("_interval") else default_hint)
+    if "workload" in loc and last.endswith("_interval"):
+        hint = _INTERVAL_HINT
+    elif loc and loc[0] == "settings" and error["type"] in ("greater_than", "greater_than_equal"):
+        hint = "see the settings and their defaults under 'Topology file' in README.md"
+    else:
+        hint = _HINTS.get(last) or default_hint
     kind = error["type"]
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])

@@ -641,3 +641,16 @@ def test_load_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_topology(path)
     assert str(info.value).startswith(f"{path}:3: HMAN 3301: duplicate site code CEN")
+
+
+def test_a_setting_out_of_range_is_not_told_that_zero_disables_it(tmp_path: Path) -> None:
+    # sync_interval must be > 0; only a workload interval of 0 disables its kind of event
+    path = tmp_path / "t.yaml"
+    path.write_text("lab: t\nsites:\n  - {code: CEN, type: central}\nsettings:\n  sync_interval: -1\n")
+    with pytest.raises(ConfigError) as bad:
+        load_topology(path)
+    assert "t.yaml:5" in str(bad.value) and "0 disables" not in (bad.value.hint or "")
+    path.write_text("lab: t\ndefaults:\n  workload: {inventory_interval: -1}\nsites:\n  - {code: CEN, type: central}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_topology(path)
+    assert "t.yaml:3" in str(bad.value) and "0 disables" in (bad.value.hint or "")
