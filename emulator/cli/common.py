@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,15 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
     return value
+
+
+def object_id(text: str) -> str:
+    """An object's ID as the sites make them: the owning site's code and five digits."""
+    if not re.fullmatch(r"[A-Z0-9]{3}\d{5}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an object ID: the owning site's code and five digits, e.g. CEN00001"
+            " (smslab create prints the ID it made)")
+    return text
 
 
 def fraction(text: str) -> float:

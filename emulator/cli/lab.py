@@ -17,6 +17,7 @@ from emulator.cli.common import (
     count,
     emit_json,
     known_site,
+    object_id,
     positive,
     progress_for,
     result,
@@ -317,12 +318,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_json(s)
     s = add("update", cmd_update, "update an object at the site that owns it")
     s.add_argument("site")
-    s.add_argument("id")
+    s.add_argument("id", type=object_id)
     s.add_argument("--name")
     add_json(s)
     s = add("delete", cmd_delete, "delete an object at the site that owns it")
     s.add_argument("site")
-    s.add_argument("id")
+    s.add_argument("id", type=object_id)
     add_json(s)
     add_json(add("check", cmd_check, "judge the lab: valid (0), invalid (1) or unknown (2)"))
     s = add("wait-converged", cmd_wait_converged, "pause the workload and wait until check is valid")
