@@ -317,7 +317,7 @@ def parse_scenario(text: str, source: str = "<string>", base: Path | None = None
         unknown = _check_sites(name, parsed, topology, i, line)
         located.extend(unknown or _check_step(name, parsed, topology, i, line))
         steps.append(Step(name=name, value=parsed, line=line))
-    located.extend(_check_names(steps))
+    located.extend(_check_names(steps, topology))
     if located:
         raise _fail(source, located)
     return Scenario(scenario=raw.scenario, description=raw.description, topology=topology, seed=raw.seed,
@@ -401,9 +401,13 @@ def _check_step(name: str, value: Any, topo: Topology, i: int, line: int) -> lis
     return []
 
 
-def _check_names(steps: list[Step]) -> list[tuple[int, str, str]]:
+def _check_names(steps: list[Step], topo: Topology) -> list[tuple[int, str, str]]:
     """A restore or a recovery names a backup made by an earlier step, of the same site; a
     heal, a fault."""
+
+    def secondary(code: str) -> bool:  # no backup is of its site: _check_step said so already
+        return code in topo.codes and topo.site(code).type == "secondary"
+
     backups: dict[str, str] = {}  # name -> the site backed up
     faults: set[str] = set()
     out = []
@@ -416,7 +420,7 @@ def _check_names(steps: list[Step]) -> list[tuple[int, str, str]]:
             if wanted and wanted not in backups:
                 out.append((step.line, f"steps[{i}] ({step.name}): no earlier backup step made {wanted!r}",
                             "add '- backup: {site: ..., as: " + wanted + "}' before it"))
-            elif wanted and backups[wanted] != v.site:
+            elif wanted and backups[wanted] != v.site and not (isinstance(v, Recover) and secondary(v.site)):
                 out.append((step.line, f"steps[{i}] ({step.name}): backup {wanted!r} is of {backups[wanted]}, not {v.site}",
                             f"a site is restored from a backup of its own: back up {v.site}"))
         elif isinstance(v, Fault) and v.name:
