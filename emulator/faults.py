@@ -47,7 +47,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -60,7 +60,7 @@ from emulator import history, hostnet
 from emulator.errors import ConfigError, LabError, SmslabError
 from emulator.lab import LabDir, LabInfo
 from emulator.protocol.shaping import LINK_FAULTS, Shaper
-from emulator.topology import Settings
+from emulator.topology import Settings, Topology
 
 FaultKind = Literal["partition", "drop", "duplicate", "reorder", "delay", "disconnect", "alarm", "pause",
                     "broker-node-kill", "isolate", "broker-partition"]
@@ -268,37 +268,58 @@ def control_for(lab_dir: LabDir, info: LabInfo) -> BrokerControl:
 # -- applying --------------------------------------------------------------------------------------
 
 
-def neighbours(info: LabInfo, a: str, b: str) -> tuple[str, str]:
-    topo = info.topology
-    topo.site(a)
-    topo.site(b)
-    if topo.parent(a) != b and topo.parent(b) != a:
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def check_link_fault(topology: Topology, kind: str, a: str, b: str, params: Mapping[str, float] | None = None,
+                     *, option: Callable[[str], str] = _flag) -> tuple[str, str]:
+    """Refuse a link fault that the topology or its parameters rule out; the two ends, upper case.
+
+    Pure (no lab, no broker, no clock): ``smslab fault``, the simulator and a scenario's check
+    before anything starts all judge a link fault with this. ``option`` spells a parameter's
+    name in the errors (``--rate`` on the command line, ``rate`` in a scenario).
+
+    Raises:
+        ConfigError: what is wrong, and a hint.
+    """
+    if kind not in LINK_FAULTS:
+        raise ConfigError(f"unknown link fault {kind!r}; one of {', '.join(LINK_FAULTS)}")
+    a, b = a.upper(), b.upper()
+    topology.site(a)
+    topology.site(b)
+    if a == b:
+        raise ConfigError(f"{a} and {b} are the same site: a link fault is between a site and its parent",
+                          hint=f"{a}'s neighbours: {', '.join(_neighbours_of(topology, a)) or 'none'}")
+    if topology.parent(a) != b and topology.parent(b) != a:
         raise ConfigError(f"{a} and {b} are not neighbours: link faults are between a site and its parent",
-                          hint=f"{a}'s neighbours: {', '.join(_neighbours_of(info, a)) or 'none'}")
+                          hint=f"{a}'s neighbours: {', '.join(_neighbours_of(topology, a)) or 'none'}")
+    _check_params(kind, dict(params or {}), option)
     return a, b
 
 
-def _neighbours_of(info: LabInfo, code: str) -> list[str]:
-    parent = info.topology.parent(code)
-    return ([parent] if parent else []) + info.topology.children(code)
+def _neighbours_of(topology: Topology, code: str) -> list[str]:
+    parent = topology.parent(code)
+    return ([parent] if parent else []) + topology.children(code)
 
 
-def _check_params(kind: str, params: dict[str, float]) -> None:
+def _check_params(kind: str, params: dict[str, float], option: Callable[[str], str] = _flag) -> None:
     for name, value in params.items():
         if not math.isfinite(value):
-            raise ConfigError(f"{kind}: --{name.replace('_', '-')} must be a finite number, not {value}")
+            raise ConfigError(f"{kind}: {option(name)} must be a finite number, not {value}")
     rate = params.get("rate")
     if kind in ("drop", "duplicate") and (rate is None or not 0.0 <= rate <= 1.0):
-        raise ConfigError(f"{kind} needs --rate between 0 and 1, not {rate}")
+        raise ConfigError(f"{kind} needs {option('rate')} between 0 and 1, not {rate}")
     if kind == "reorder" and not 1 <= params.get("window", 20) <= 100_000:
-        raise ConfigError("reorder needs --window between 1 and 100000")
+        raise ConfigError(f"reorder needs {option('window')} between 1 and 100000")
     if kind == "delay" and (params.get("ms", -1) < 0 or params.get("jitter", 0) < 0):
-        raise ConfigError("delay needs --ms >= 0 (and --jitter >= 0)")
+        raise ConfigError(f"delay needs {option('ms')} >= 0 (and {option('jitter')} >= 0)")
     if kind == "delay" and params["ms"] + params.get("jitter", 0) > MAX_HOLD_S * 1000:
-        raise ConfigError(f"delay: --ms plus --jitter must be at most {MAX_HOLD_S * 1000:.0f} (an hour)",
+        raise ConfigError(f"delay: {option('ms')} plus {option('jitter')} must be at most"
+                          f" {MAX_HOLD_S * 1000:.0f} (an hour)",
                           hint="a link cut for longer is a partition: smslab fault partition A B")
     if kind == "reorder" and not 0 < params.get("max_hold", 2.0) <= MAX_HOLD_S:
-        raise ConfigError(f"reorder needs --max-hold between 0 and {MAX_HOLD_S:.0f} seconds")
+        raise ConfigError(f"reorder needs {option('max_hold')} between 0 and {MAX_HOLD_S:.0f} seconds")
 
 
 MAX_HOLD_S = 3600.0  # the longest a delay or a reorder holds one message
@@ -308,11 +329,9 @@ def apply_link_fault(lab_dir: LabDir, info: LabInfo, kind: str, a: str, b: str, 
                      params: dict[str, float] | None = None, seed: int | None = None, for_s: float | None = None,
                      verify: float | None = None, progress: Progress = _quiet) -> FaultSpec:
     """Put a link fault on a->b (and b->a unless ``oneway``)."""
-    if kind not in LINK_FAULTS:
-        raise ConfigError(f"unknown link fault {kind!r}; one of {', '.join(LINK_FAULTS)}")
-    a, b = neighbours(info, a.upper(), b.upper())
     params = dict(params or {})
-    _check_params(kind, params)
+    a, b = check_link_fault(info.topology, kind, a, b, params)
+    assert kind in LINK_FAULTS  # checked above; says so to the type checker
     links = [(a, b)] if oneway else [(a, b), (b, a)]
     from emulator import orchestrator
 

@@ -28,6 +28,7 @@ Each step is a mapping with one key, the step's name (``kill: P01``). ``draw_sch
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from emulator.errors import ConfigError
+from emulator.faults import check_link_fault
 from emulator.protocol.shaping import LINK_FAULTS
 from emulator.topology import _LOADER, Topology, Workload, _fail, _Lines, parse_topology
 from emulator.topology import _describe as _describe_topology
@@ -152,6 +154,18 @@ class Expect(_Step):
         return ", ".join(parts) or "nothing"
 
 
+def chaos_weights_problem(weights: dict[str, float]) -> str | None:
+    """What is wrong with a chaos block's fault weights (``faults:``, ``smslab sim --chaos``), or None."""
+    bad = [f"{kind}={w}" for kind, w in weights.items() if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        return f"a fault kind's weight is a finite number >= 0, not {', '.join(bad)}"
+    if not weights or sum(weights.values()) <= 0:
+        return "give each fault kind a weight >= 0, at least one above 0"
+    if not math.isfinite(sum(weights.values())):
+        return "the weights are too large to add up: give smaller ones (kill=2,partition=1)"
+    return None
+
+
 class Chaos(_Step):
     duration: Seconds
     interval: tuple[float, float] = (3.0, 8.0)  # seconds between two faults, drawn in this range
@@ -168,14 +182,15 @@ class Chaos(_Step):
         unknown = sorted(set(value) - set(CHAOS_KINDS))
         if unknown:
             raise ValueError(f"unknown chaos fault kind(s) {', '.join(unknown)}; use {', '.join(CHAOS_KINDS)}")
-        if not value or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
-            raise ValueError("give each fault kind a weight >= 0, at least one above 0")
+        problem = chaos_weights_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("interval", "hold")
     @classmethod
     def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
+        if not (0 < value[0] <= value[1] and math.isfinite(value[1])):
             raise ValueError(f"a range is [low, high] with 0 < low <= high, not {list(value)}")
         return value
 
@@ -299,9 +314,10 @@ def parse_scenario(text: str, source: str = "<string>", base: Path | None = None
                 message, hint = _describe({**error, "loc": where}, lines.written(where))
                 located.append((lines.line(where), message, hint))
             continue
-        located.extend(_check_sites(name, parsed, topology, i, line))
+        unknown = _check_sites(name, parsed, topology, i, line)
+        located.extend(unknown or _check_step(name, parsed, topology, i, line))
         steps.append(Step(name=name, value=parsed, line=line))
-    located.extend(_check_names(steps))
+    located.extend(_check_names(steps, topology))
     if located:
         raise _fail(source, located)
     return Scenario(scenario=raw.scenario, description=raw.description, topology=topology, seed=raw.seed,
@@ -341,20 +357,72 @@ def _check_sites(name: str, value: Any, topo: Topology, i: int, line: int) -> li
              "use the site codes of the topology") for c in bad]
 
 
-def _check_names(steps: list[Step]) -> list[tuple[int, str, str]]:
-    """A restore or a recovery names a backup made by an earlier step; a heal, a fault."""
-    backups: set[str] = set()
+def _check_step(name: str, value: Any, topo: Topology, i: int, line: int) -> list[tuple[int, str, str]]:
+    """What the topology alone rules out in a step whose sites are all in it, judged as the
+    lab would judge it mid-run (link faults by ``emulator.faults.check_link_fault`` itself)."""
+    where = f"steps[{i}] ({name})" if name != "chaos" else "chaos"
+
+    def refuse(message: str, hint: str) -> list[tuple[int, str, str]]:
+        return [(line, f"{where}: {message}", hint)]
+
+    if isinstance(value, Fault):
+        if value.kind in LINK_FAULTS:
+            if not (value.a and value.b):
+                return refuse(f"a {value.kind} fault needs a: and b:, the two ends of a link",
+                              "e.g. '- fault: {kind: " + value.kind + ", a: P01, b: CEN}'")
+            params = {k: float(x) for k in ("rate", "window", "ms", "jitter") if (x := getattr(value, k)) is not None}
+            try:
+                check_link_fault(topo, value.kind, value.a, value.b, params, option=str)
+            except ConfigError as exc:
+                return refuse(exc.message, exc.hint or "a fault step's parameters: rate (drop, duplicate),"
+                              " window (reorder), ms and jitter (delay)")
+        elif value.kind == "disconnect" and not value.site:
+            return refuse("a disconnect fault needs site:", "e.g. '- fault: {kind: disconnect, site: P01}'")
+    elif isinstance(value, Backup) and topo.site(value.site).type == "secondary":
+        return refuse(f"{value.site} is a secondary site: secondary sites are not backed up (as in SMS 2.0;"
+                      " they have no site database of their own)",
+                      f"back up a primary or the central site; a secondary is rebuilt with"
+                      f" '- recover: {{site: {value.site}, wipe: true}}'")
+    elif isinstance(value, Recover):
+        if value.backup and value.wipe:
+            return refuse("backup: and wipe: exclude each other", "a recovery starts from a backup or from nothing")
+        if value.backup and topo.site(value.site).type == "secondary":
+            return refuse(f"{value.site} is a secondary site: secondary sites are not backed up; their"
+                          " recovery is a reinstall", f"'- recover: {{site: {value.site}, wipe: true}}'")
+        if value.reference and value.reference not in topo.children(value.site):
+            return refuse(f"reference site {value.reference} is not a child of {value.site}",
+                          f"children of {value.site}: {', '.join(topo.children(value.site)) or 'none'}")
+    elif isinstance(value, Burst) and topo.parent(value.site) is None:
+        return refuse(f"{value.site} has no parent to send a burst to (the {topo.site(value.site).type} site)",
+                      "a burst is of a site with a parent: a primary or a secondary")
+    elif isinstance(value, Create) and topo.site(value.site).type == "secondary":
+        return refuse(f"{value.site} is a secondary site: objects are created at primaries",
+                      "create at a primary or the central site")
+    return []
+
+
+def _check_names(steps: list[Step], topo: Topology) -> list[tuple[int, str, str]]:
+    """A restore or a recovery names a backup made by an earlier step, of the same site; a
+    heal, a fault."""
+
+    def secondary(code: str) -> bool:  # no backup is of its site: _check_step said so already
+        return code in topo.codes and topo.site(code).type == "secondary"
+
+    backups: dict[str, str] = {}  # name -> the site backed up
     faults: set[str] = set()
     out = []
     for i, step in enumerate(steps):
         v = step.value
         if isinstance(v, Backup):
-            backups.add(v.as_ or v.site)
+            backups[v.as_ or v.site] = v.site
         elif isinstance(v, Start | Recover):
             wanted = v.restore if isinstance(v, Start) else v.backup
             if wanted and wanted not in backups:
                 out.append((step.line, f"steps[{i}] ({step.name}): no earlier backup step made {wanted!r}",
                             "add '- backup: {site: ..., as: " + wanted + "}' before it"))
+            elif wanted and backups[wanted] != v.site and not (isinstance(v, Recover) and secondary(v.site)):
+                out.append((step.line, f"steps[{i}] ({step.name}): backup {wanted!r} is of {backups[wanted]}, not {v.site}",
+                            f"a site is restored from a backup of its own: back up {v.site}"))
         elif isinstance(v, Fault) and v.name:
             faults.add(v.name)
         elif step.name == "heal":

@@ -52,7 +52,7 @@ from emulator import backup, checker, faults, history, recover
 from emulator.errors import ConfigError, LabError
 from emulator.lab import BrokerRef, LabDir, LabInfo
 from emulator.protocol import admission
-from emulator.protocol.shaping import LINK_FAULTS, Release, Shaper, envelopes_in
+from emulator.protocol.shaping import Release, Shaper, envelopes_in
 from emulator.runner import RunResult, run_scenario
 from emulator.scenario import Scenario
 from emulator.topology import Topology
@@ -478,11 +478,8 @@ class SimLab:
                    seed: int | None = None, for_s: float | None = None, verify: float | None = None,
                    progress: Progress = _quiet) -> SimFault:
         """``emulator.faults.apply_link_fault``."""
-        if kind not in LINK_FAULTS:
-            raise ConfigError(f"unknown link fault {kind!r}; one of {', '.join(LINK_FAULTS)}")
-        a, b = faults.neighbours(self.info, a.upper(), b.upper())
         params = dict(params or {})
-        faults._check_params(kind, params)
+        a, b = faults.check_link_fault(self.info.topology, kind, a, b, params)
         links = [(a, b)] if oneway else [(a, b), (b, a)]
         busy = {link: f for f in self.faults.values() for link in f.links}
         for link in links:

@@ -16,7 +16,7 @@ import yaml
 from emulator.cli.common import add_json, emit_json, note, progress_for, say
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
-from emulator.scenario import CHAOS_KINDS, Scenario, load_scenario, parse_scenario
+from emulator.scenario import CHAOS_KINDS, Scenario, chaos_weights_problem, load_scenario, parse_scenario
 
 DEFAULT_CHAOS = {"kill": 2.0, "pause": 1.0, "partition": 2.0, "drop": 2.0, "duplicate": 1.0, "reorder": 1.0,
                  "delay": 1.0, "disconnect": 1.0}
@@ -43,11 +43,14 @@ def chaos_weights(text: str) -> dict[str, float]:
         kind, _, weight = part.partition("=")
         kind = kind.strip()
         if kind not in CHAOS_KINDS:
-            raise argparse.ArgumentTypeError(f"unknown fault kind {kind!r}; use {', '.join(CHAOS_KINDS)}")
+            raise argparse.ArgumentTypeError(f"--chaos: unknown fault kind {kind!r}; use {', '.join(CHAOS_KINDS)}")
         try:
             out[kind] = float(weight) if weight else 1.0
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: the weight is a number (kill=2)") from None
+            raise argparse.ArgumentTypeError(f"--chaos {part!r}: the weight is a number (kill=2)") from None
+    problem = chaos_weights_problem(out)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--chaos {text}: {problem}")
     return out
 
 

@@ -70,3 +70,14 @@ def test_the_lab_after_the_command_is_the_lab_used(tmp_path: Path, capsys: pytes
     assert main(["--lab", str(missing), "status"]) == 2
     before = capsys.readouterr().err
     assert str(missing) in after and after == before
+
+
+@pytest.mark.parametrize("weights", ["kill=nan", "kill=1e400", "kill=-1", "kill=1e308,drop=1e308"])
+def test_sim_refuses_a_chaos_weight_that_is_not_a_finite_number_naming_the_option(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], weights: str) -> None:
+    topology = Path(__file__).resolve().parents[2] / "examples" / "lab.yaml"
+    out = tmp_path / "run"
+    assert main(["sim", str(topology), "--chaos", weights, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--chaos {weights}:" in err and f"{topology}:" not in err, err  # the option, not a line of the topology
+    assert not out.exists()

@@ -115,3 +115,71 @@ def test_the_schedule_is_the_same_in_another_process() -> None:
     s = load_scenario(REPO / "scenarios" / "chaos-2min.yaml")
     chaos = next(st.value for st in s.steps if isinstance(st.value, Chaos))
     assert outs[0] == outs[1] == schedule_json(draw_schedule(chaos, s.topology, 42))
+
+
+# What only the topology can tell: refused before anything starts, at the step's line, as the
+# lab would refuse it mid-run.
+@pytest.mark.parametrize("step, message", [
+    ("fault: {kind: drop, a: S01, b: CEN, rate: 0.5}", "S01 and CEN are not neighbours"),
+    ("fault: {kind: partition, a: P01, b: P01}", "P01 and P01 are the same site"),
+    ("fault: {kind: drop, a: P01, b: CEN}", "drop needs rate between 0 and 1, not None"),
+    ("fault: {kind: delay, a: P01, b: CEN}", "delay needs ms >= 0"),
+    ("fault: {kind: partition, a: P01}", "needs a: and b:"),
+    ("fault: {kind: disconnect}", "needs site:"),
+    ("burst: {site: CEN, count: 5}", "CEN has no parent to send a burst to"),
+    ("backup: {site: S01, as: x}", "S01 is a secondary site: secondary sites are not backed up"),
+    ("create: {site: S01}", "objects are created at primaries"),
+    ("recover: {site: P01, reference: CEN}", "reference site CEN is not a child of P01"),
+    ("recover: {site: S01, backup: b}", "S01 is a secondary site"),
+    ("recover: {site: P01, backup: b, wipe: true}", "exclude each other"),
+    ("start: {site: CEN, restore: b}", "backup 'b' is of P01, not CEN"),
+    ("chaos: {duration: 10, faults: {kill: .nan}}", "finite number >= 0, not kill=nan"),
+    ("chaos: {duration: 10, faults: {kill: 1e400}}", "finite number >= 0, not kill=inf"),
+])
+def test_what_the_topology_rules_out_is_refused_with_the_file_and_line(step: str, message: str) -> None:
+    body = f"steps:\n  - backup: {{site: P01, as: b}}\n  - {step}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_scenario(scenario(body), source="s.yaml")
+    assert "s.yaml:11: " in caught.value.message and message in caught.value.message, caught.value.message
+    assert "also:" not in caught.value.message  # one mistake, one error
+
+
+def test_what_the_topology_allows_is_left_alone() -> None:
+    s = parse_scenario(scenario("""
+steps:
+  - backup: {site: P01, as: b}
+  - fault: {kind: drop, a: S01, b: P01, rate: 0.5}
+  - fault: {kind: delay, a: CEN, b: P01, ms: 100}
+  - burst: {site: S01, count: 5}
+  - create: {site: P01}
+  - start: {site: P01, restore: b}
+  - recover: {site: P01, backup: b, reference: S01}
+  - recover: {site: S01, wipe: true}
+"""))
+    assert len(s.steps) == 8
+
+
+@pytest.mark.parametrize("command", ["run", "sim"])
+@pytest.mark.parametrize("step", ["fault: {kind: drop, a: P01, b: S02, rate: 0.5}", "burst: {site: CEN, count: 5}",
+                                  "backup: {site: S01, as: x}"])
+def test_smslab_run_and_sim_refuse_it_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, command: str,
+                                                             step: str) -> None:
+    from emulator import sim
+    from emulator.cli import main
+    from emulator.cli import run as cli_run
+
+    started: list[str] = []
+
+    def never(*_args: object, **_kwargs: object) -> None:  # a run that starts would be a lab on the broker
+        started.append(command)
+        raise AssertionError("the scenario ran")
+
+    monkeypatch.setattr(cli_run, "run_scenario", never)
+    monkeypatch.setattr(sim, "simulate", never)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"scenario: t\ntopology: {REPO / 'examples' / 'lab.yaml'}\nsteps:\n  - wait: 1\n  - {step}\n")
+    out = tmp_path / "run"
+    assert main([command, str(path), "--out", str(out), "--lab", str(tmp_path / "lab")]) == 2
+    assert f"{path}:5: steps[1]" in capsys.readouterr().err
+    assert not started and not out.exists() and not (tmp_path / "lab").exists()  # no run, no run directory, no lab
