@@ -11,10 +11,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from broker import admin
-from emulator.errors import LabError, OutputClosed
+from emulator.errors import ConfigError, LabError, OutputClosed
 from emulator.lab import LabDir
 
 Handler = Callable[[argparse.Namespace, LabDir], int]
@@ -116,6 +117,15 @@ def end_like_ctrl_c() -> Callable[[], None]:
     command prints nothing. Returns the function that stops the watch."""
     signal.signal(signal.SIGTERM, _terminated)
     return watch_output()
+
+
+def refuse_used_dir(path: Path, what: str = "the run directory", option: str = "--out") -> None:
+    """A run directory holds one run: one that exists and is not empty is refused, before
+    anything is written or started (the files of two runs would be mixed)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        state = "is a file" if not path.is_dir() else "already exists and is not empty"
+        raise ConfigError(f"{what} {path} {state}: it would mix two runs",
+                          hint=f"choose another {option} DIR, or remove {path}")
 
 
 def progress_for(args: argparse.Namespace) -> Callable[[str], None]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from emulator.cli.common import add_json, amqp_url, emit_json, end_like_ctrl_c, progress_for
+from emulator.cli.common import add_json, amqp_url, emit_json, end_like_ctrl_c, progress_for, refuse_used_dir
 from emulator.lab import LabDir
 from emulator.runner import default_run_dir, run_scenario
 from emulator.scenario import load_scenario
@@ -18,6 +18,7 @@ def cmd_run(args: argparse.Namespace, lab_dir: LabDir) -> int:
     scenario = load_scenario(path)  # refused here, with file:line, before anything starts
     seed = scenario.seed if args.seed is None else args.seed
     run_dir = Path(args.out) if args.out else default_run_dir(scenario, seed)
+    refuse_used_dir(run_dir)  # one run a directory: refused before anything is written or started
     # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does: the lab is
     # brought down and the run directory written, instead of sites left running. So does the
     # reader of stdout going away (smslab run ... | head).
