@@ -211,3 +211,35 @@ def test_a_closed_stdout_brings_the_lab_down_as_sigterm_does(close_after: str, t
             subprocess.run([sys.executable, "-m", "emulator", "--lab", str(out / "lab"), "down"], env=env,
                            capture_output=True, timeout=120, check=False)
 
+
+
+def test_up_foreground_into_a_closed_pipe_brings_the_lab_down(tmp_path: Path, amqp_url: str) -> None:
+    """``smslab up --foreground | head``: the reader gone ends it as Ctrl-C does, the lab down."""
+    topology = tmp_path / "two.yaml"
+    topology.write_text("lab: fg\nsites:\n  - {code: CEN, type: central, clients: 0}\n"
+                        "  - {code: P01, type: primary, parent: CEN}\n")
+    lab = tmp_path / "lab"
+    env = dict(os.environ, SMSLAB_AMQP_URL=amqp_url)
+    proc = subprocess.Popen([sys.executable, "-m", "emulator", "--lab", str(lab), "up", str(topology), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    lab_id = None
+    try:
+        while b"staying attached" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        lab_id = json.loads((lab / "lab.json").read_text())["lab_id"]
+        proc.stdout.close()
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert not lab.exists()
+        assert admin.queue_depths(amqp_url, lab_id, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+        alive = subprocess.run(["pgrep", "-f", str(lab)], capture_output=True, text=True, check=False).stdout
+        assert alive.strip() == "", alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if (lab / "lab.json").exists():  # what a failed test left on the shared broker
+            subprocess.run([sys.executable, "-m", "emulator", "--lab", str(lab), "down"], env=env,
+                           capture_output=True, timeout=120, check=False)
