@@ -58,3 +58,9 @@ class ConfigError(SmslabError, ValueError):
 
 class LabError(SmslabError):
     """The lab is not in a state that allows the operation (not up, site unknown...)."""
+
+
+class OutputClosed(KeyboardInterrupt):
+    """The reader of the command's output went away (``smslab run ... | head``): the command
+    stops as it does on Ctrl-C or SIGTERM (a run takes its lab down), and writes no more.
+    Not a ``SmslabError``: nothing is wrong to report, and nobody is left to read it."""

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from broker import admin
 from emulator import backup, checker, faults, history, orchestrator, recover
-from emulator.errors import LabError, SmslabError
+from emulator.errors import LabError, OutputClosed, SmslabError
 from emulator.lab import BrokerRef, LabDir, LabInfo
 from emulator.scenario import (
     Backup,
@@ -564,15 +564,28 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
     replay = replay or f"smslab run {scenario_path or scenario.source} --seed {seed}"
     log = open(run_dir / "log.txt", "a")  # noqa: SIM115 - closed in finally
 
+    # "running": the run's steps; after them its end is written and its lab taken down, whatever happens
+    state = {"reader_gone": False, "running": False}
+
     def say(msg: str) -> None:
-        progress(msg)
         log.write(msg + "\n")
         log.flush()
+        if state["reader_gone"]:
+            return
+        try:
+            progress(msg)
+        except (BrokenPipeError, OutputClosed):
+            # the reader of the progress went away (smslab run ... | head): as SIGTERM, the
+            # run stops where it is and its lab is taken down; the log keeps every line
+            state["reader_gone"] = True
+            if state["running"]:
+                raise OutputClosed("the output was closed") from None
 
     if scenario_path is not None and scenario_path.exists():
         shutil.copyfile(scenario_path, run_dir / "scenario.yaml")
     topology_path = run_dir / "topology.yaml"
     topology_path.write_text(scenario.topology.to_yaml())
+    state["running"] = True  # a reader gone already: the run stops here, nothing started
     say(f"scenario {scenario.scenario}, seed {seed}, run directory {run_dir}")
     lab = backend(lab_dir) if backend is not None else RealBackend(lab_dir, amqp_url, broker)
     runner = Runner(scenario, lab, seed=seed, progress=say, topology_path=topology_path)
@@ -581,8 +594,10 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
     report: checker.Report | None = None
     try:
         runner.run(bring_up=not existing_lab)
+        state["running"] = False
         report = lab.check()
     except SmslabError as exc:
+        state["running"] = False
         error = f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")
         say(f"the run stopped: {error}")
         if runner.info is not None:
@@ -590,10 +605,12 @@ def run_scenario(scenario: Scenario, *, seed: int | None = None, run_dir: Path, 
                 report = lab.check()
             except SmslabError:
                 report = None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        state["running"] = False
         error = "interrupted"
-        say("the run was interrupted")
+        say("the run was interrupted" + (": its output was closed" if isinstance(exc, OutputClosed) else ""))
     finally:
+        state["running"] = False
         result = _finish(runner, run_dir, lab_dir, seed, replay, started, report, error, keep_up, say)
         log.close()
     return result

@@ -18,7 +18,7 @@ from emulator.cli import run as run_commands
 from emulator.cli import sim as sim_commands
 from emulator.cli import sites as site_commands
 from emulator.cli import topology as topology_commands
-from emulator.errors import ConfigError, SmslabError
+from emulator.errors import ConfigError, OutputClosed, SmslabError
 from emulator.lab import DEFAULT_LAB_DIR, LabDir
 
 
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"smslab: hint: {exc.hint}", file=sys.stderr)
         return 2
+    except OutputClosed:
+        return 141  # the reader went away (smslab history | head); what still prints goes nowhere
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

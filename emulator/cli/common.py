@@ -7,24 +7,126 @@ import json
 import math
 import os
 import re
+import select
+import signal
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from broker import admin
-from emulator.errors import LabError
+from emulator.errors import ConfigError, LabError, OutputClosed
 from emulator.lab import LabDir
 
 Handler = Callable[[argparse.Namespace, LabDir], int]
 
 
+def _silence(stream: TextIO) -> None:
+    """What is still written to ``stream`` goes nowhere (its reader is gone): no second error,
+    at the next write or when the interpreter flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def write(msg: str, stream: TextIO | None = None) -> None:
+    """A line to stdout (or ``stream``), flushed. When its reader went away (``| head``) the
+    stream is silenced and ``OutputClosed`` raised, once: the command stops as on SIGTERM."""
+    out = stream if stream is not None else sys.stdout
+    try:
+        print(msg, file=out, flush=True)
+    except BrokenPipeError:
+        _silence(out)
+        raise OutputClosed(f"{getattr(out, 'name', 'output')} was closed") from None
+
+
 def say(msg: str) -> None:
-    print(msg, flush=True)
+    write(msg)
 
 
 def note(msg: str) -> None:
     """Progress and notes: on stderr when the command prints JSON, so stdout stays JSON."""
-    print(msg, file=sys.stderr, flush=True)
+    write(msg, sys.stderr)
+
+
+def output_gone(stream: TextIO | None = None) -> bool:
+    """Whether the reader of ``stream`` (stdout) went away: a pipe whose other end is closed
+    (POLLERR), a socket hung up (POLLHUP). A regular file never is."""
+    out = stream if stream is not None else sys.stdout
+    try:
+        poller = select.poll()
+        poller.register(out.fileno(), 0)  # only the conditions that are always reported
+        return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_gone = threading.Event()
+
+
+def output_was_closed() -> bool:
+    """Whether ``watch_output``'s thread found stdout's reader gone."""
+    return _gone.is_set()
+
+
+def watch_output(interval: float = 0.5) -> Callable[[], None]:
+    """While a long command prints nothing (a run's ``wait: 60``), notice the reader of its
+    stdout going away: the main thread then gets SIGTERM, whose handler ends the command as
+    Ctrl-C does (``smslab run`` takes its lab down; ``output_was_closed()`` says why).
+    Watches only a pipe or a socket. Returns the function that stops the watch."""
+    stop = threading.Event()
+    _gone.clear()
+    try:
+        if not _is_pipe_or_socket(sys.stdout.fileno()):
+            return stop.set
+    except (OSError, ValueError, AttributeError):
+        return stop.set
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if output_gone():
+                _gone.set()
+                if not stop.is_set():
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="smslab-output-watch", daemon=True).start()
+    return stop.set
+
+
+def _is_pipe_or_socket(fd: int) -> bool:
+    import stat
+
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    if output_was_closed():
+        raise OutputClosed("the output was closed")
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def end_like_ctrl_c() -> Callable[[], None]:
+    """SIGTERM (a CI job's timeout, `timeout`, kill) ends the command as Ctrl-C does (a run
+    takes its lab down and writes its run directory), and so does the reader of stdout going
+    away (``| head``): at the next line written, or noticed by ``watch_output`` while the
+    command prints nothing. Returns the function that stops the watch."""
+    signal.signal(signal.SIGTERM, _terminated)
+    return watch_output()
+
+
+def refuse_used_dir(path: Path, what: str = "the run directory", option: str = "--out") -> None:
+    """A run directory holds one run: one that exists and is not empty is refused, before
+    anything is written or started (the files of two runs would be mixed)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        state = "is a file" if not path.is_dir() else "already exists and is not empty"
+        raise ConfigError(f"{what} {path} {state}: it would mix two runs",
+                          hint=f"choose another {option} DIR, or remove {path}")
 
 
 def progress_for(args: argparse.Namespace) -> Callable[[str], None]:
@@ -32,7 +134,7 @@ def progress_for(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def emit_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str), flush=True)
+    write(json.dumps(value, indent=2, default=str))
 
 
 def result(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:

@@ -14,11 +14,12 @@ from emulator.cli.common import (
     fraction,
     known_site,
     non_negative,
+    output_gone,
     positive,
     progress_for,
     say,
 )
-from emulator.errors import ConfigError
+from emulator.errors import ConfigError, OutputClosed
 from emulator.lab import LabDir
 from emulator.protocol.shaping import LINK_FAULTS
 
@@ -132,12 +133,16 @@ def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
     try:
         while True:
             time.sleep(0.5)
+            if output_gone():  # the reader went away while nothing new came: stop as at a write
+                raise OutputClosed("the output was closed")
             history.merge(lab_dir, info)
             # whole lines only, each once: the fault daemon merges too, at any moment
             new, offset = history.read_new(lab_dir, offset)
             for e in new:
                 if wanted(e):
                     say(e.to_json() if args.json else history.render(e))
+    except OutputClosed:
+        raise  # exit 141, quietly, as at any write to a closed pipe
     except KeyboardInterrupt:
         return 0
 

@@ -18,12 +18,13 @@ from emulator.cli.common import (
     emit_json,
     known_site,
     object_id,
+    output_gone,
     positive,
     progress_for,
     result,
     say,
 )
-from emulator.errors import SmslabError
+from emulator.errors import OutputClosed, SmslabError
 from emulator.lab import LabDir
 from emulator.topology import load_topology
 
@@ -51,7 +52,6 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
     else:
         say(f"lab {info.lab_id} is up: {len(info.topology.sites)} sites active (smslab status)")
     if args.foreground:
-        say("staying attached; Ctrl-C brings the lab down")
         stop = {"now": False}
 
         def on_signal(_s: int, _f: object) -> None:
@@ -59,12 +59,25 @@ def cmd_up(args: argparse.Namespace, lab_dir: LabDir) -> int:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        while not stop["now"]:
-            time.sleep(0.5)
-            for code in info.topology.depth_order():
-                if lab_dir.pid(code) is None and not stop["now"]:
-                    say(f"site {code} is not running")
-        orchestrator.down(lab_dir, progress=say)
+        try:
+            say("staying attached; Ctrl-C brings the lab down")
+            while not stop["now"]:
+                time.sleep(0.5)
+                if output_gone():  # the reader went away (| head): as Ctrl-C
+                    break
+                for code in info.topology.depth_order():
+                    if lab_dir.pid(code) is None and not stop["now"]:
+                        say(f"site {code} is not running")
+        except OutputClosed:
+            pass  # as Ctrl-C: the lab is brought down
+
+        def tell(msg: str) -> None:
+            try:
+                say(msg)
+            except OutputClosed:
+                pass  # nobody reads it: the lab goes down all the same
+
+        orchestrator.down(lab_dir, progress=tell)
     return 0
 
 

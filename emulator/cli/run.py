@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
-from emulator.cli.common import add_json, amqp_url, emit_json, progress_for
+from emulator.cli.common import add_json, amqp_url, emit_json, end_like_ctrl_c, progress_for, refuse_used_dir
 from emulator.lab import LabDir
 from emulator.runner import default_run_dir, run_scenario
 from emulator.scenario import load_scenario
 
 
-def _terminated(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def cmd_run(args: argparse.Namespace, lab_dir: LabDir) -> int:
     path = Path(args.scenario)
     scenario = load_scenario(path)  # refused here, with file:line, before anything starts
-    # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does: the lab is
-    # brought down and the run directory written, instead of sites left running.
-    signal.signal(signal.SIGTERM, _terminated)
     seed = scenario.seed if args.seed is None else args.seed
     run_dir = Path(args.out) if args.out else default_run_dir(scenario, seed)
-    result = run_scenario(scenario, seed=seed, run_dir=run_dir, amqp_url=amqp_url(args),
-                          lab_dir=lab_dir if args.lab_given else None, scenario_path=path,
-                          keep_up=args.keep_up, progress=progress_for(args))
+    refuse_used_dir(run_dir)  # one run a directory: refused before anything is written or started
+    # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does: the lab is
+    # brought down and the run directory written, instead of sites left running. So does the
+    # reader of stdout going away (smslab run ... | head).
+    stop_watch = end_like_ctrl_c()
+    try:
+        result = run_scenario(scenario, seed=seed, run_dir=run_dir, amqp_url=amqp_url(args),
+                              lab_dir=lab_dir if args.lab_given else None, scenario_path=path,
+                              keep_up=args.keep_up, progress=progress_for(args))
+    finally:
+        stop_watch()
     if args.json:
         emit_json({"run_dir": str(result.run_dir), "seed": result.seed, "replay": result.replay,
                    "exit": result.exit_code, "verdict": result.verdict, "error": result.error,

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from emulator.cli.common import add_json, emit_json, note, progress_for, say
+from emulator.cli.common import add_json, emit_json, end_like_ctrl_c, note, progress_for, refuse_used_dir, say
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
 from emulator.scenario import CHAOS_KINDS, Scenario, chaos_weights_problem, load_scenario, parse_scenario
@@ -136,9 +136,15 @@ def cmd_sim(args: argparse.Namespace, _lab_dir: LabDir) -> int:
     seed = args.seed if args.seed is not None else scenario.seed
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else Path("smslab-runs") / f"sim-{scenario.scenario}-{stamp}-seed{seed}"
+    refuse_used_dir(run_dir)  # one run a directory, as smslab run: refused before anything is written
     started = time.monotonic()
-    result = sim.simulate(scenario, seed=seed, run_dir=run_dir, scenario_path=Path(scenario_path) if scenario_path else None,
-                          progress=progress_for(args), replay_extra=extra)
+    stop_watch = end_like_ctrl_c()  # SIGTERM or stdout's reader gone: the run ends as on Ctrl-C, written
+    try:
+        result = sim.simulate(scenario, seed=seed, run_dir=run_dir,
+                              scenario_path=Path(scenario_path) if scenario_path else None,
+                              progress=progress_for(args), replay_extra=extra)
+    finally:
+        stop_watch()
     if scenario_path is None:
         result.replay = sim.replay_command(args.target, seed, extra)
     wall = time.monotonic() - started
@@ -173,6 +179,7 @@ def _sweep(args: argparse.Namespace, scenario: Scenario, scenario_path: str | No
     jobs = args.jobs or os.cpu_count() or 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_root = Path(args.out) if args.out else Path("smslab-runs") / f"sweep-{scenario.scenario}-{stamp}"
+    refuse_used_dir(out_root, "the sweep's folder")  # one sweep a folder: two sweeps' failing seeds not mixed
     out_root.mkdir(parents=True, exist_ok=True)
     job = sim.SweepJob(scenario_path=scenario_path, scenario_text=text, source=args.target,
                        out_root=str(out_root.resolve()), replay_extra=extra, keep=args.keep)
@@ -188,7 +195,11 @@ def _sweep(args: argparse.Namespace, scenario: Scenario, scenario_path: str | No
         elif sys.stderr.isatty() and not args.json:
             print(f"\r{done}/{len(seeds)} seeds", end="", file=sys.stderr, flush=True)
 
-    result = sim.sweep(job, seeds, jobs=jobs, fail_fast=args.fail_fast, on_outcome=on_outcome)
+    stop_watch = end_like_ctrl_c()  # a sweep prints only its failing seeds: a reader gone is watched for
+    try:
+        result = sim.sweep(job, seeds, jobs=jobs, fail_fast=args.fail_fast, on_outcome=on_outcome)
+    finally:
+        stop_watch()
     if sys.stderr.isatty() and not args.json:
         print("\r", end="", file=sys.stderr)
     if args.json:

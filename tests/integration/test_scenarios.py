@@ -115,6 +115,18 @@ def test_a_bad_scenario_is_refused_before_anything_starts(tmp_path: Path, amqp_u
     assert not out.exists()
 
 
+LONG = """
+scenario: long
+topology:
+  lab: long
+  sites:
+    - {code: CEN, type: central, clients: 0}
+    - {code: P01, type: primary, parent: CEN}
+steps:
+  - wait: 600
+"""
+
+
 def test_sigterm_brings_the_lab_down_and_keeps_the_run(tmp_path: Path, amqp_url: str) -> None:
     """A CI timeout (SIGTERM) in the middle of a run ends it as Ctrl-C does: the lab down, its
     broker objects gone, no site left running, the run directory written."""
@@ -149,3 +161,85 @@ steps:
     assert admin.queue_depths(amqp_url, lab, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
     alive = subprocess.run(["pgrep", "-f", str(out / "lab")], capture_output=True, text=True, check=False).stdout
     assert alive.strip() == "", alive
+
+
+@pytest.mark.parametrize("close_after", ["scenario long", "step 1/1"], ids=["while-up", "while-silent"])
+def test_a_closed_stdout_brings_the_lab_down_as_sigterm_does(close_after: str, tmp_path: Path, amqp_url: str) -> None:
+    """``smslab run X | head``: the reader goes away while the lab comes up (the run stops at
+    the next line it prints) or during a step that prints nothing (the run notices the pipe
+    closed): the run ends as on SIGTERM, its broker queues and users gone, no process left."""
+    from emulator import identities
+    from emulator.lab import LabDir
+
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text(LONG)
+    out = tmp_path / "run"
+    env = dict(os.environ, SMSLAB_AMQP_URL=amqp_url)
+    proc = subprocess.Popen([sys.executable, "-m", "emulator", "run", str(scenario), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    passed = False
+    try:
+        while close_after.encode() not in proc.stdout.readline():
+            assert proc.poll() is None, "the run ended before the line the test waits for"
+        if close_after == "step 1/1":  # the lab is up with its broker users: the checks below are not vacuous
+            up = LabDir(out / "lab").load()
+            users, _how = identities.find(up)
+            assert users is None or set(identities.users_of(up)) <= set(users.list())
+        proc.stdout.close()  # `head` has what it wanted and exits
+        code = proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+        assert code == 1, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert "interrupted" in json.loads((out / "run.json").read_text())["error"]
+        lab_dir = LabDir(out / "lab")
+        info = lab_dir.load()
+        assert admin.queue_depths(amqp_url, info.lab_id, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+        users, _how = identities.find(info)
+        if users is not None and info.identities == "per-site":  # the broker users made for its sites
+            assert not set(identities.users_of(info)) & set(users.list())
+        assert [c for c in ("CEN", "P01") if lab_dir.pid(c)] == []
+        assert lab_dir.zygote_pid() is None and lab_dir.daemon_pid() is None
+        alive = subprocess.run(["pgrep", "-f", str(out / "lab")], capture_output=True, text=True, check=False).stdout
+        assert alive.strip() == "", alive
+        passed = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not passed and (out / "lab" / "lab.json").exists():  # what a failed run left on the shared broker
+            subprocess.run([sys.executable, "-m", "emulator", "--lab", str(out / "lab"), "down"], env=env,
+                           capture_output=True, timeout=120, check=False)
+
+
+
+def test_up_foreground_into_a_closed_pipe_brings_the_lab_down(tmp_path: Path, amqp_url: str) -> None:
+    """``smslab up --foreground | head``: the reader gone ends it as Ctrl-C does, the lab down."""
+    topology = tmp_path / "two.yaml"
+    topology.write_text("lab: fg\nsites:\n  - {code: CEN, type: central, clients: 0}\n"
+                        "  - {code: P01, type: primary, parent: CEN}\n")
+    lab = tmp_path / "lab"
+    env = dict(os.environ, SMSLAB_AMQP_URL=amqp_url)
+    proc = subprocess.Popen([sys.executable, "-m", "emulator", "--lab", str(lab), "up", str(topology), "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    lab_id = None
+    try:
+        while b"staying attached" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        lab_id = json.loads((lab / "lab.json").read_text())["lab_id"]
+        proc.stdout.close()
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert not lab.exists()
+        assert admin.queue_depths(amqp_url, lab_id, ["CEN", "P01"]) == {"CEN": -1, "P01": -1, "dead": -1}
+        alive = subprocess.run(["pgrep", "-f", str(lab)], capture_output=True, text=True, check=False).stdout
+        assert alive.strip() == "", alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if (lab / "lab.json").exists():  # what a failed test left on the shared broker
+            subprocess.run([sys.executable, "-m", "emulator", "--lab", str(lab), "down"], env=env,
+                           capture_output=True, timeout=120, check=False)

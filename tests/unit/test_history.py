@@ -235,3 +235,27 @@ def test_the_history_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path:
     shown.stdout.close()
     err = shown.stderr.read().decode()
     assert shown.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
+def test_history_follow_ends_when_its_reader_stops_even_if_nothing_new_comes(tmp_path: Path) -> None:
+    """``smslab history --follow | head -1`` on a quiet lab: the closed pipe is noticed without a
+    line to write into it; the command ends quietly (141, no traceback) instead of following forever."""
+    import subprocess
+    import sys
+
+    lab_dir, info = lab(tmp_path)
+    write(SiteStore(lab_dir.site_db("CEN")), "r1", 50)
+    history.merge(lab_dir, info)
+    shown = subprocess.Popen([sys.executable, "-m", "emulator", "--lab", str(lab_dir.path), "history", "--follow",
+                              "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert shown.stdout is not None and shown.stderr is not None
+    try:
+        assert shown.stdout.readline()
+        shown.stdout.close()
+        code = shown.wait(timeout=20)
+    finally:
+        if shown.poll() is None:
+            shown.kill()
+            shown.wait()
+    err = shown.stderr.read().decode()
+    assert code == 141 and "Traceback" not in err, err
