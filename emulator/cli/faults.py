@@ -102,7 +102,7 @@ def cmd_heal(args: argparse.Namespace, lab_dir: LabDir) -> int:
 def cmd_history(args: argparse.Namespace, lab_dir: LabDir) -> int:
     info = lab_dir.load()
     sites = {known_site(lab_dir, s) for s in args.site} if args.site else None
-    kinds = set(args.kind) if args.kind else None
+    kinds = {k.strip() for given in args.kind for k in given.split(',') if k.strip()} if args.kind else None
     unknown = sorted((kinds or set()) - set(history.KINDS))
     if unknown:
         raise ConfigError(f"unknown event kind(s): {', '.join(unknown)}",
@@ -212,6 +212,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s = add("history", cmd_history, "what happened: the sites' decisions and the harness's faults, merged")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--site", action="append", metavar="SITE", help="only events at or about SITE (repeatable)")
-    s.add_argument("--kind", action="append", metavar="KIND", help="only events of KIND (repeatable)")
+    s.add_argument("--kind", action="append", metavar="KIND", help="only events of KIND (repeatable, or KIND,KIND)")
     s.add_argument("--limit", type=count, metavar="N", help="only the last N events")
     add_json(s)

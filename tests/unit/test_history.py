@@ -198,10 +198,11 @@ def test_the_history_command_filters_by_site_and_kind_and_prints_json(
     assert {e["kind"] for e in run("--kind", "applied")} == {"applied"}
     assert [e["seq"] for e in run("--kind", "sent", "--limit", "2")] == [2, 3]
     assert [e["kind"] for e in run("--kind", "fault_on", "--kind", "fault_off")] == ["fault_on"]
+    assert [e["kind"] for e in run("--kind", "fault_on,fault_off")] == ["fault_on"]
     about_cen = run("--site", "CEN")  # at CEN, or on a link of CEN's
     assert len(about_cen) == 6 and all(e["site"] in ("CEN", "P01") for e in about_cen)
     assert {e["site"] for e in run("--site", "cen", "--kind", "sent")} == {"P01"}
-    for wrong in (["--site", "X99"], ["--kind", "nope"]):
+    for wrong in (["--site", "X99"], ["--kind", "nope"], ["--kind", "applied,nope"]):
         assert main(["--lab", str(lab_dir.path), "history", *wrong]) == 2
         assert "unknown" in capsys.readouterr().err
 
