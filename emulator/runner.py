@@ -626,7 +626,7 @@ def _finish(runner: Runner, run_dir: Path, lab_dir: LabDir, seed: int, replay: s
         final_ok = scenario.final in ("any", report.verdict)
         runner.outcomes.append(Outcome(len(scenario.steps) + 1, f"final verdict {scenario.final}", final_ok,
                                        "" if final_ok else f"the final verdict is {report.verdict}:"
-                                       f" {', '.join(sorted(report.kinds())) or 'nothing hard'}"))
+                                       f" {_why(report)}"))
         say(report.render(limit=10))
     if lab_dir.exists() and not keep_up:
         try:
@@ -679,3 +679,10 @@ def default_run_dir(scenario: Scenario, seed: int, root: Path | None = None) -> 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return (root or Path("smslab-runs")) / f"{scenario.scenario}-{stamp}-seed{seed}"
 
+
+def _why(report: checker.Report) -> str:
+    """What made a verdict: the kinds that count, else (unknown) what kept it open, with sites."""
+    if report.kinds():
+        return ", ".join(sorted(report.kinds()))
+    open_ = sorted({f"{v.kind} {v.site}" for v in report.violations if v.kind not in checker.NOTES})
+    return ", ".join(open_[:8]) + (f" and {len(open_) - 8} more" if len(open_) > 8 else "") or "nothing"

@@ -121,3 +121,15 @@ def test_smslab_sim_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
             proc.kill()
     assert code == 1 and proc.stderr.read() == b""
     assert (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_final_verdict_that_failed_says_what_made_it() -> None:
+    from emulator import checker, runner
+
+    def report(verdict: str, *violations: checker.Violation) -> checker.Report:
+        return checker.Report(verdict, list(violations), {})  # type: ignore[arg-type]
+
+    down = checker.Violation("down", "S01", "site is not running", hard=False)
+    assert runner._why(report("unknown", down)) == "down S01"  # was "nothing hard"
+    lost = checker.Violation("site_data_lost", "CEN", "...", hard=True)
+    assert runner._why(report("invalid", lost, down)) == "site_data_lost"
