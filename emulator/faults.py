@@ -377,8 +377,9 @@ def _verify_link_fault(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, timeout:
         seen = stats(lab_dir, spec.id).links
         pending = {name for name in pending if not (name in seen and seen[name].seen > 0)}
         if pending and not _spec_path(lab_dir, spec.id).exists():
+            down = sorted({n.split("->")[0] for n in pending if lab_dir.pid(n.split("->")[0]) is None})
             progress(f"fault {spec.id}: healed before a message crossed {', '.join(sorted(pending))}"
-                     " (nothing was sent there while it was on)")
+                     f" (nothing was sent there while it was on{': ' + ', '.join(down) + ' not running' if down else ''})")
             return
         if pending:
             time.sleep(0.1)
@@ -388,9 +389,10 @@ def _verify_link_fault(lab_dir: LabDir, info: LabInfo, spec: FaultSpec, timeout:
         heal(lab_dir, info, spec.id, verified=False)
         why = f" ({', '.join(down)} not running)" if down else ""
         raise LabError(f"fault {spec.id} did not take effect: no message crossed {', '.join(sorted(pending))}"
-                       f" within {wait:.0f}s{why}; it was healed",
+                       f" within {wait:g}s{why}; it was healed",
                        hint=(f"start {down[0]} first (smslab start {down[0]})" if down
-                             else f"is the lab's fault daemon running? see {lab_dir.daemon_log()}"))
+                             else f"give the link longer to carry a message (--verify S; an idle link sends one"
+                                  f" every idle_heartbeat), or see the fault daemon's log: {lab_dir.daemon_log()}"))
 
 
 def _on(lab_dir: LabDir, spec: FaultSpec, for_s: float | None) -> None:
