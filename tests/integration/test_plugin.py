@@ -38,6 +38,7 @@ def readme_example() -> str:
     return text[start:text.index("```", start)].strip() + "\n"
 
 
+@pytest.mark.slow  # half a minute: two recoveries on real processes; the slow suite runs it (.ci/run)
 def test_the_readme_example_passes_as_written(pytester: pytest.Pytester, amqp_url: str) -> None:
     """In a fresh directory outside the repository, with no examples/ of its own: the
     example's examples/lab.yaml is the one that ships with smslab."""

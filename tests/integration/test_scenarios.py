@@ -37,9 +37,10 @@ def assert_run_dir(out: Path, seed: int) -> dict[str, object]:
     return meta
 
 
-# the KB failure in the default run; the other three (half a minute each) in the slow suite
-@pytest.mark.parametrize("name", ["kb-failure-sms20", *(pytest.param(n, marks=pytest.mark.slow) for n in (
-    "kb-failure-hardened", "secondary-rebuilt", "central-recovered"))])
+# Half a minute each on real processes: the slow suite (.ci/run runs it after the default run);
+# the default run has every shipped scenario in the simulator (tests/unit/test_sim.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kb-failure-sms20", "kb-failure-hardened", "secondary-rebuilt", "central-recovered"])
 def test_a_shipped_scenario_passes(name: str, tmp_path: Path, amqp_url: str) -> None:
     out = tmp_path / "run"
     done = run(REPO / "scenarios" / f"{name}.yaml", out, amqp_url)

@@ -43,6 +43,16 @@ def kb_failure(tmp_path: Path, seed: int, name: str) -> sim.RunResult:
 # -- one seed, one run -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["kb-failure-sms20", "kb-failure-hardened", "secondary-rebuilt",
+                                  "central-recovered"])
+def test_every_shipped_scenario_passes_in_the_simulator(tmp_path: Path, name: str) -> None:
+    # the same files on real processes: tests/integration/test_scenarios.py (slow suite)
+    path = ROOT / "scenarios" / f"{name}.yaml"
+    result = sim.simulate(load_scenario(path), seed=1, run_dir=tmp_path / name, scenario_path=path, progress=quiet)
+    assert result.exit_code == 0, (result.error, result.failed)
+    assert all(o.ok for o in result.outcomes) and result.outcomes
+
+
 def test_the_same_seed_gives_the_same_history_and_the_same_stores_byte_for_byte(tmp_path: Path) -> None:
     first, again = kb_failure(tmp_path, 3, "a"), kb_failure(tmp_path, 3, "b")
     kb_failure(tmp_path, 4, "c")
