@@ -72,6 +72,7 @@ def test_with_no_way_to_get_a_broker_up_says_each_way(tmp_path: Path) -> None:
     assert not (tmp_path / "lab" / "lab.json").exists()
 
 
+@pytest.mark.slow  # a private node started and stopped (16 s); test_up_with_no_broker_running... in the default run
 def test_the_readme_first_command_with_nothing_on_localhost_starts_a_private_node(tmp_path: Path) -> None:
     """No override of where the local broker is looked for: in a fresh network namespace nothing
     answers on localhost:5672, so ``up`` takes the private node, ``down`` stops it, and no process

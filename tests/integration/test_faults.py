@@ -195,6 +195,7 @@ def test_a_crashed_fault_cli_leaves_the_link_cut_on_the_books_and_heal_undoes_it
     assert_every_link_exact(lab)
 
 
+@pytest.mark.slow  # 17 s; a disconnect --for in the default run: test_after_a_reconnect_the_site_keeps_producing_and_ticking
 def test_disconnect_for_a_while_then_the_site_reconnects_and_nothing_is_lost(lab: Lab) -> None:
     lab.up(topology_yaml(THREE, settings=SETTINGS))
     assert lab.control("P01", {"cmd": "ping"})["connects"] == 1

@@ -66,6 +66,7 @@ def test_the_two_minute_chaos_scenario_passes_and_keeps_its_schedule(tmp_path: P
     assert verdict["verdict"] == "valid", verdict["violations"][:5]
 
 
+@pytest.mark.slow  # a real lab for ten seconds; the same in the simulator: tests/unit/test_sim.py
 def test_a_failed_expectation_is_named_and_exits_1(tmp_path: Path, amqp_url: str) -> None:
     scenario = tmp_path / "wrong.yaml"
     scenario.write_text(f"""
@@ -84,6 +85,7 @@ steps:
     assert [e["ok"] for e in meta["expectations"]] == [False, True]  # type: ignore[attr-defined, union-attr]
 
 
+@pytest.mark.slow  # a real lab for ten seconds; the same in the simulator: tests/unit/test_sim.py
 def test_an_unknown_final_verdict_exits_2(tmp_path: Path, amqp_url: str) -> None:
     scenario = tmp_path / "idle.yaml"
     scenario.write_text("""

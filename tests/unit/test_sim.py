@@ -359,3 +359,44 @@ def test_smslab_sim_refuses_what_it_cannot_run(tmp_path: Path) -> None:
         done = smslab("sim", *args, cwd=tmp_path)
         assert done.returncode != 0 and expected in done.stdout + done.stderr, (args, done.stdout + done.stderr)
         assert "Traceback" not in done.stderr
+
+
+# -- exit codes, as smslab run gives them on real processes (tests/integration/test_scenarios.py) --
+
+
+def test_a_failed_expectation_is_named_and_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "wrong.yaml"
+    path.write_text(f"""
+scenario: wrong
+topology: {DEMO}
+steps:
+  - wait-envelopes: 50
+  - expect: {{check: invalid, within: 3}}
+  - wait-converged: 120
+""")
+    result = sim.simulate(load_scenario(path), seed=1, run_dir=tmp_path / "run", scenario_path=path, progress=quiet)
+    assert result.exit_code == 1
+    assert [o.ok for o in result.outcomes] == [False, True]
+    assert "expect check invalid" in result.outcomes[0].what
+
+
+def test_an_unknown_final_verdict_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "idle.yaml"
+    path.write_text("""
+scenario: idle
+topology:
+  lab: idle
+  defaults: {clients: 0, workload: {inventory_interval: 0, discovery_interval: 0, status_interval: 0,
+                                    object_interval: 0, scf_interval: 0}}
+  sites:
+    - {code: CEN, type: central, clients: 0}
+    - {code: P01, type: primary, parent: CEN}
+steps:
+  - wait: 1
+  - fault: {kind: partition, a: P01, b: CEN, for: 2}   # nothing is sent while it is on
+  - wait: 3
+""")
+    result = sim.simulate(load_scenario(path), seed=1, run_dir=tmp_path / "run", scenario_path=path, progress=quiet)
+    assert result.exit_code == 2
+    verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())
+    assert verdict["verdict"] == "unknown" and {v["kind"] for v in verdict["violations"]} == {"vacuous"}
