@@ -9,9 +9,11 @@ import os
 import re
 import select
 import signal
+import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -99,8 +101,6 @@ def watch_output(interval: float = 0.5) -> Callable[[], None]:
 
 
 def _is_pipe_or_socket(fd: int) -> bool:
-    import stat
-
     mode = os.fstat(fd).st_mode
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
@@ -111,13 +111,18 @@ def _terminated(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def end_like_ctrl_c() -> Callable[[], None]:
-    """SIGTERM (a CI job's timeout, `timeout`, kill) ends the command as Ctrl-C does (a run
-    takes its lab down and writes its run directory), and so does the reader of stdout going
-    away (``| head``): at the next line written, or noticed by ``watch_output`` while the
-    command prints nothing. Returns the function that stops the watch."""
+@contextmanager
+def ends_like_ctrl_c() -> Iterator[None]:
+    """While it is on, SIGTERM (a CI job's timeout, `timeout`, kill) ends the command as Ctrl-C
+    does (a run takes its lab down and writes its run directory), and so does the reader of
+    stdout going away (``| head``): at the next line written, or noticed by ``watch_output``
+    while the command prints nothing."""
     signal.signal(signal.SIGTERM, _terminated)
-    return watch_output()
+    stop_watch = watch_output()
+    try:
+        yield
+    finally:
+        stop_watch()
 
 
 def refuse_used_dir(path: Path, what: str = "the run directory", option: str = "--out") -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from emulator.cli.common import add_json, amqp_url, emit_json, end_like_ctrl_c, progress_for, refuse_used_dir
+from emulator.cli.common import add_json, amqp_url, emit_json, ends_like_ctrl_c, progress_for, refuse_used_dir
 from emulator.lab import LabDir
 from emulator.runner import default_run_dir, run_scenario
 from emulator.scenario import load_scenario
@@ -22,13 +22,10 @@ def cmd_run(args: argparse.Namespace, lab_dir: LabDir) -> int:
     # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does: the lab is
     # brought down and the run directory written, instead of sites left running. So does the
     # reader of stdout going away (smslab run ... | head).
-    stop_watch = end_like_ctrl_c()
-    try:
+    with ends_like_ctrl_c():
         result = run_scenario(scenario, seed=seed, run_dir=run_dir, amqp_url=amqp_url(args),
                               lab_dir=lab_dir if args.lab_given else None, scenario_path=path,
                               keep_up=args.keep_up, progress=progress_for(args))
-    finally:
-        stop_watch()
     if args.json:
         emit_json({"run_dir": str(result.run_dir), "seed": result.seed, "replay": result.replay,
                    "exit": result.exit_code, "verdict": result.verdict, "error": result.error,

@@ -13,7 +13,15 @@ from typing import Any
 
 import yaml
 
-from emulator.cli.common import add_json, emit_json, end_like_ctrl_c, note, progress_for, refuse_used_dir, say
+from emulator.cli.common import (
+    add_json,
+    emit_json,
+    ends_like_ctrl_c,
+    note,
+    progress_for,
+    refuse_used_dir,
+    say,
+)
 from emulator.errors import ConfigError
 from emulator.lab import LabDir
 from emulator.scenario import CHAOS_KINDS, Scenario, chaos_weights_problem, load_scenario, parse_scenario
@@ -138,13 +146,10 @@ def cmd_sim(args: argparse.Namespace, _lab_dir: LabDir) -> int:
     run_dir = Path(args.out) if args.out else Path("smslab-runs") / f"sim-{scenario.scenario}-{stamp}-seed{seed}"
     refuse_used_dir(run_dir)  # one run a directory, as smslab run: refused before anything is written
     started = time.monotonic()
-    stop_watch = end_like_ctrl_c()  # SIGTERM or stdout's reader gone: the run ends as on Ctrl-C, written
-    try:
+    with ends_like_ctrl_c():  # SIGTERM or stdout's reader gone: the run ends as on Ctrl-C, written
         result = sim.simulate(scenario, seed=seed, run_dir=run_dir,
                               scenario_path=Path(scenario_path) if scenario_path else None,
                               progress=progress_for(args), replay_extra=extra)
-    finally:
-        stop_watch()
     if scenario_path is None:
         result.replay = sim.replay_command(args.target, seed, extra)
     wall = time.monotonic() - started
@@ -195,11 +200,8 @@ def _sweep(args: argparse.Namespace, scenario: Scenario, scenario_path: str | No
         elif sys.stderr.isatty() and not args.json:
             print(f"\r{done}/{len(seeds)} seeds", end="", file=sys.stderr, flush=True)
 
-    stop_watch = end_like_ctrl_c()  # a sweep prints only its failing seeds: a reader gone is watched for
-    try:
+    with ends_like_ctrl_c():  # a sweep prints only its failing seeds: a reader gone is watched for
         result = sim.sweep(job, seeds, jobs=jobs, fail_fast=args.fail_fast, on_outcome=on_outcome)
-    finally:
-        stop_watch()
     if sys.stderr.isatty() and not args.json:
         print("\r", end="", file=sys.stderr)
     if args.json:

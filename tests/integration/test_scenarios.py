@@ -14,6 +14,7 @@ import pytest
 
 from broker import admin
 from emulator.testing import wait_for
+from tests.scenario_texts import IDLE_PARTITION, WRONG_EXPECTATION
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +70,7 @@ def test_the_two_minute_chaos_scenario_passes_and_keeps_its_schedule(tmp_path: P
 @pytest.mark.slow  # a real lab for ten seconds; the same in the simulator: tests/unit/test_sim.py
 def test_a_failed_expectation_is_named_and_exits_1(tmp_path: Path, amqp_url: str) -> None:
     scenario = tmp_path / "wrong.yaml"
-    scenario.write_text(f"""
-scenario: wrong
-topology: {REPO / "examples" / "lab.yaml"}
-steps:
-  - wait-envelopes: 50
-  - expect: {{check: invalid, within: 3}}
-  - wait-converged: 120   # the run goes on after a failed expectation; the final verdict on a still lab
-""")
+    scenario.write_text(WRONG_EXPECTATION)
     out = tmp_path / "run"
     done = run(scenario, out, amqp_url)
     assert done.returncode == 1, done.stdout[-3000:]
@@ -88,20 +82,7 @@ steps:
 @pytest.mark.slow  # a real lab for ten seconds; the same in the simulator: tests/unit/test_sim.py
 def test_an_unknown_final_verdict_exits_2(tmp_path: Path, amqp_url: str) -> None:
     scenario = tmp_path / "idle.yaml"
-    scenario.write_text("""
-scenario: idle
-topology:
-  lab: idle
-  defaults: {clients: 0, workload: {inventory_interval: 0, discovery_interval: 0, status_interval: 0,
-                                    object_interval: 0, scf_interval: 0}}
-  sites:
-    - {code: CEN, type: central, clients: 0}
-    - {code: P01, type: primary, parent: CEN}
-steps:
-  - wait: 1
-  - fault: {kind: partition, a: P01, b: CEN, for: 2}   # nothing is sent while it is on
-  - wait: 3
-""")
+    scenario.write_text(IDLE_PARTITION)
     out = tmp_path / "run"
     done = run(scenario, out, amqp_url)
     assert done.returncode == 2, done.stdout[-3000:]
@@ -134,16 +115,7 @@ def test_sigterm_brings_the_lab_down_and_keeps_the_run(tmp_path: Path, amqp_url:
     """A CI timeout (SIGTERM) in the middle of a run ends it as Ctrl-C does: the lab down, its
     broker objects gone, no site left running, the run directory written."""
     scenario = tmp_path / "long.yaml"
-    scenario.write_text("""
-scenario: long
-topology:
-  lab: long
-  sites:
-    - {code: CEN, type: central, clients: 0}
-    - {code: P01, type: primary, parent: CEN}
-steps:
-  - wait: 600
-""")
+    scenario.write_text(LONG)
     out = tmp_path / "run"
     env = dict(os.environ, SMSLAB_AMQP_URL=amqp_url)
     proc = subprocess.Popen([sys.executable, "-m", "emulator", "run", str(scenario), "--out", str(out)],

@@ -18,6 +18,7 @@ from emulator.lab import LabDir
 from emulator.scenario import load_scenario, parse_scenario
 from emulator.topology import load_topology
 from sites import runtime as site_runtime
+from tests.scenario_texts import IDLE_PARTITION, WRONG_EXPECTATION
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "lab.yaml"
@@ -366,14 +367,7 @@ def test_smslab_sim_refuses_what_it_cannot_run(tmp_path: Path) -> None:
 
 def test_a_failed_expectation_is_named_and_exits_1(tmp_path: Path) -> None:
     path = tmp_path / "wrong.yaml"
-    path.write_text(f"""
-scenario: wrong
-topology: {DEMO}
-steps:
-  - wait-envelopes: 50
-  - expect: {{check: invalid, within: 3}}
-  - wait-converged: 120
-""")
+    path.write_text(WRONG_EXPECTATION)
     result = sim.simulate(load_scenario(path), seed=1, run_dir=tmp_path / "run", scenario_path=path, progress=quiet)
     assert result.exit_code == 1
     assert [o.ok for o in result.outcomes] == [False, True]
@@ -382,20 +376,7 @@ steps:
 
 def test_an_unknown_final_verdict_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "idle.yaml"
-    path.write_text("""
-scenario: idle
-topology:
-  lab: idle
-  defaults: {clients: 0, workload: {inventory_interval: 0, discovery_interval: 0, status_interval: 0,
-                                    object_interval: 0, scf_interval: 0}}
-  sites:
-    - {code: CEN, type: central, clients: 0}
-    - {code: P01, type: primary, parent: CEN}
-steps:
-  - wait: 1
-  - fault: {kind: partition, a: P01, b: CEN, for: 2}   # nothing is sent while it is on
-  - wait: 3
-""")
+    path.write_text(IDLE_PARTITION)
     result = sim.simulate(load_scenario(path), seed=1, run_dir=tmp_path / "run", scenario_path=path, progress=quiet)
     assert result.exit_code == 2
     verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())
